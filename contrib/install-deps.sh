@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Install what slurm_mm needs on Debian 12 (Slurm 22.05) or Debian 13 (Slurm 24.11):
+# Slurm + munge from apt, CRIU 4.2.1 built from Debian sid's source into a
+# project-owned prefix, and a Python venv with slurm_mm installed.
+# Idempotent: every step checks whether its work is already done, so a second run
+# takes seconds. Run as root.
+set -euo pipefail
+
+PREFIX=${SLURM_MM_PREFIX:-/opt/slurm_mm}
+CRIU_VERSION=4.2.1
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+log() { printf 'install-deps: %s\n' "$*"; }
+die() { printf 'install-deps: error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "must run as root (installs packages and a CRIU into $PREFIX)"
+. /etc/os-release
+case "${VERSION_ID:-}" in
+    12|13) ;;
+    *) log "warning: tested on Debian 12 and 13 only, this is ${PRETTY_NAME:-unknown}" ;;
+esac
+
+APT_PKGS=(munge slurmctld slurmd slurm-client libslurm-dev slurm-wlm-basic-plugins-dev
+          python3-venv python3-dev gcc make pkg-config iproute2 procps util-linux
+          protobuf-c-compiler libprotobuf-c-dev libnl-3-dev libnet1-dev libcap-dev
+          libbsd-dev uuid-dev protobuf-compiler libprotobuf-dev python3-protobuf)
+missing=()
+for p in "${APT_PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    log "installing from apt: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >/dev/null
+    # --no-install-recommends keeps asciidoc/xmlto from pulling a TeX toolchain.
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# Debian's packages enable and start the daemons; the test cluster runs its own.
+for svc in slurmctld slurmd; do
+    pid=$(pgrep -x "$svc" -P 1 2>/dev/null || true)
+    [ -z "$pid" ] || { systemctl stop "$svc" 2>/dev/null || kill $pid 2>/dev/null || true; }
+done
+
+CRIU="$PREFIX/criu/sbin/criu"
+if [ -x "$CRIU" ] && "$CRIU" --version 2>/dev/null | grep -q "Version: $CRIU_VERSION"; then
+    log "CRIU $CRIU_VERSION already in $PREFIX/criu"
+else
+    log "building CRIU $CRIU_VERSION from Debian sid's source package"
+    work=$(mktemp -d /tmp/slurm_mm-criu.XXXXXX)
+    trap 'rm -rf "$work"' EXIT
+    chmod 0755 "$work"
+    mkdir -p "$work/apt/lists/partial" "$work/apt/sources.list.d"
+    echo "deb-src http://deb.debian.org/debian sid main" > "$work/apt/sources.list"
+    # A private apt config: the machine's sources stay untouched. Valid-Until is
+    # ignored because VM clocks here can run ahead of sid's Release file.
+    aptopts=(-o "Dir::Etc::SourceList=$work/apt/sources.list"
+             -o "Dir::Etc::SourceParts=$work/apt/sources.list.d"
+             -o "Dir::State::Lists=$work/apt/lists"
+             -o "Acquire::Check-Valid-Until=false" -o "APT::Get::Only-Source=true")
+    apt-get "${aptopts[@]}" update -q >/dev/null
+    # The .debian.tar.xz is missing on the mirror, so `apt-get source` fails: ask apt
+    # only for the orig tarball's address and fetch that one file.
+    url=$(cd "$work" && apt-get "${aptopts[@]}" source --print-uris "criu=$CRIU_VERSION-1" 2>/dev/null \
+          | awk -F"'" '/orig\.tar/ {print $2; exit}')
+    [ -n "$url" ] || die "criu=$CRIU_VERSION-1 not found in Debian sid's sources"
+    tarball="$work/$(basename "$url")"
+    python3 -c 'import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])' "$url" "$tarball"
+    tar -xf "$tarball" -C "$work"
+    src=$(find "$work" -maxdepth 1 -type d -name "criu-$CRIU_VERSION*" | head -1)
+    [ -n "$src" ] || die "unpacked CRIU source not found in $work"
+    make -C "$src" -j"$(nproc)" criu >"$work/build.log" 2>&1 || { tail -20 "$work/build.log"; die "CRIU build failed"; }
+    install -D -m 0755 "$src/criu/criu" "$CRIU"
+    "$CRIU" --version | grep -q "Version: $CRIU_VERSION" || die "installed CRIU does not report $CRIU_VERSION"
+    log "CRIU $CRIU_VERSION installed as $CRIU"
+fi
+
+VENV="$PREFIX/venv"
+if [ ! -x "$VENV/bin/python" ]; then
+    log "creating $VENV"
+    # Debian's python3, not a user's pyenv: job users must be able to exec it.
+    /usr/bin/python3 -m venv "$VENV"
+fi
+stamp="$VENV/.slurm_mm-installed"
+want=$(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1)-$REPO
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    log "installing slurm_mm (editable) and test tools into $VENV"
+    "$VENV/bin/pip" install -q --upgrade pip >/dev/null
+    "$VENV/bin/pip" install -q -e "$REPO[test]" >"$PREFIX/pip.log" 2>&1 || { tail -20 "$PREFIX/pip.log"; die "pip install failed (log: $PREFIX/pip.log)"; }
+    echo "$want" > "$stamp"
+fi
+chmod -R go+rX "$PREFIX"
+log "ok: $("$CRIU" --version | head -1), Slurm $(dpkg-query -W -f="\${Version}" slurmd), python $("$VENV/bin/python" -V 2>&1)"

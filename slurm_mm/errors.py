@@ -1,0 +1,110 @@
+"""Error types of slurm_mm.
+
+Every failure a user or admin can meet is one of these types, carrying the value that
+was wrong. The CLI prints `str(error)` as one line and exits with `error.exit_code`;
+nothing here may format a traceback.
+"""
+
+from __future__ import annotations
+
+
+class SlurmMMError(Exception):
+    """Base of all slurm_mm errors: a one-line message and an exit code."""
+
+    exit_code = 1
+
+    def __str__(self) -> str:
+        # One line, always: multi-line causes (CRIU logs) live in `detail`.
+        return " ".join(super().__str__().split())
+
+
+class ConfigError(SlurmMMError):
+    """The configuration file or a config value is invalid."""
+
+    exit_code = 2
+
+
+class UsageError(SlurmMMError):
+    """A command-line argument or SPANK option value is invalid."""
+
+    exit_code = 2
+
+
+class UnsafePath(SlurmMMError):
+    """A path is a symlink, contains `..`, or is writable by someone it must not be."""
+
+    exit_code = 3
+
+
+class ImageError(SlurmMMError):
+    """Base for problems with a stored checkpoint image."""
+
+    exit_code = 4
+
+
+class ImageCorrupt(ImageError):
+    """An image's files do not match its manifest (size, checksum, missing file)."""
+
+
+class ImageRefused(ImageError):
+    """An image is well-formed but must not be restored here (owner, epoch, node)."""
+
+
+class NoImage(ImageError):
+    """A job has no complete, verified image."""
+
+
+class StaleEpoch(ImageError):
+    """A writer with an older epoch (restart count) tried to commit: fenced off."""
+
+
+class StoreBusy(ImageError):
+    """Another writer holds the job's store lock."""
+
+
+class CheckpointFailed(SlurmMMError):
+    """A checkpoint did not complete; the job keeps running. Carries CRIU's log excerpt."""
+
+    exit_code = 5
+
+    def __init__(self, message: str, log_excerpt: str = "") -> None:
+        super().__init__(message)
+        self.log_excerpt = log_excerpt
+
+
+class RestoreFailed(CheckpointFailed):
+    """A restore did not complete. Carries CRIU's log excerpt."""
+
+    exit_code = 6
+
+
+class NodeIncompatible(RestoreFailed):
+    """This node cannot take the image (GPU model/count/memory, CRIU or driver too old)."""
+
+
+class GpuError(SlurmMMError):
+    """A CUDA driver checkpoint call failed or timed out."""
+
+    exit_code = 7
+
+
+class GpuTimeout(GpuError):
+    """A CUDA driver call did not return within its watchdog limit."""
+
+
+class NotEnrolled(SlurmMMError):
+    """The job was not submitted with --checkpoint-interval."""
+
+    exit_code = 8
+
+
+class PermissionDenied(SlurmMMError):
+    """The caller does not own the job or image it asked about."""
+
+    exit_code = 9
+
+
+class SlurmError(SlurmMMError):
+    """A Slurm command failed or returned something unreadable."""
+
+    exit_code = 10
