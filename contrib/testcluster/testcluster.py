@@ -1,0 +1,509 @@
+#!/opt/slurm_mm/venv/bin/python
+"""A real Slurm cluster on one machine for slurm_mm's tests and demo.
+
+munged + slurmctld + three slurmd (n1..n3, Debian's MULTIPLE_SLURMD build) with
+proctrack/cgroup, two partitions (`low`: preemptible, `high`), the slurm_mm SPANK
+plugin, Prolog/Epilog, a node agent per node, and a directory standing in for the
+shared parallel filesystem. Everything lives under one state directory; `stop` kills
+the daemons by PID file and removes the cgroups they made. Never touches the
+machine's own /etc/slurm.
+
+    testcluster.py start [--preempt-mode requeue|suspend]   testcluster.py stop
+    testcluster.py status                                   testcluster.py env
+    testcluster.py kill-node n1                             testcluster.py start-node n1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PREFIX = Path(os.environ.get("SLURM_MM_PREFIX", "/opt/slurm_mm"))
+PYTHON = PREFIX / "venv" / "bin" / "python"
+NODES = ("n1", "n2", "n3")
+CTLD_PORT = 17817
+NODE_PORTS = {name: 17818 + i for i, name in enumerate(NODES)}
+USER = "mmuser"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("SLURM_MM_CLUSTER_DIR", "/tmp/slurm_mm-cluster"))
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Paths of one cluster instance; every file it makes is under `state`."""
+
+    state: Path
+
+    @property
+    def etc(self) -> Path:
+        return self.state / "etc"
+
+    @property
+    def slurm_conf(self) -> Path:
+        return self.etc / "slurm.conf"
+
+    @property
+    def mm_config(self) -> Path:
+        return self.etc / "slurm_mm.yaml"
+
+    @property
+    def shared(self) -> Path:
+        """Stands in for the shared parallel filesystem."""
+        return self.state / "shared"
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.shared / "checkpoints"
+
+    @property
+    def run(self) -> Path:
+        return self.state / "run"
+
+    @property
+    def log(self) -> Path:
+        return self.state / "log"
+
+    @property
+    def munge_socket(self) -> Path:
+        return self.state / "munge" / "munge.socket.2"
+
+    def env(self) -> dict[str, str]:
+        """Environment for Slurm commands and slurm_mm tools talking to this cluster."""
+        env = dict(os.environ)
+        env["SLURM_CONF"] = str(self.slurm_conf)
+        env["SLURM_MM_CONFIG"] = str(self.mm_config)
+        env["PATH"] = f"{PREFIX / 'venv' / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}"
+        return env
+
+    def pid_file(self, daemon: str) -> Path:
+        return self.run / f"{daemon}.pid"
+
+
+# ---------------------------------------------------------------- configuration
+
+def slurm_version() -> tuple[int, int]:
+    out = subprocess.run(["slurmd", "-V"], capture_output=True, text=True, check=True).stdout
+    major, minor = out.split()[1].split(".")[:2]
+    return int(major), int(minor)
+
+
+def write_configs(c: Cluster, preempt_mode: str) -> None:
+    for d in (c.etc, c.run, c.log, c.state / "ctld", c.shared, c.state / "staging"):
+        d.mkdir(parents=True, exist_ok=True)
+    for n in NODES:
+        (c.state / "spool" / n).mkdir(parents=True, exist_ok=True)
+    os.chmod(c.state, 0o755)
+    os.chmod(c.shared, 0o755)
+    c.checkpoint_root.mkdir(exist_ok=True)
+    os.chmod(c.checkpoint_root, 0o711)
+
+    version = slurm_version()
+    # 22.05 spells the preemption-signal switch in SlurmctldParameters; 23.02+ in
+    # PreemptParameters (24.11 still accepts the old one, FACTS.md).
+    signal_param = (
+        "SlurmctldParameters=preempt_send_user_signal"
+        if version < (23, 2)
+        else "PreemptParameters=send_user_signal"
+    )
+    suspend = preempt_mode == "suspend"
+    host = socket.gethostname()
+    nodes = "\n".join(
+        f"NodeName={n} NodeAddr=127.0.0.1 NodeHostname={host} Port={NODE_PORTS[n]} "
+        "CPUs=1 RealMemory=2000 State=UNKNOWN"
+        for n in NODES
+    )
+    c.slurm_conf.write_text(f"""\
+# Written by contrib/testcluster/testcluster.py: a slurm_mm test cluster.
+ClusterName=slurmmm
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={CTLD_PORT}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+# Short credential expiry: a requeued job may start again after ~11 s, not 121 s.
+AuthInfo=socket={c.munge_socket},cred_expire=10
+StateSaveLocation={c.state / 'ctld'}
+SlurmdSpoolDir={c.state / 'spool'}/%n
+SlurmctldPidFile={c.pid_file('slurmctld')}
+SlurmdPidFile={c.run}/slurmd-%n.pid
+SlurmctldLogFile={c.log}/slurmctld.log
+SlurmdLogFile={c.log}/slurmd-%n.log
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/cgroup
+TaskPlugin=task/cgroup
+SlurmdParameters=config_overrides
+JobCompType=jobcomp/none
+AccountingStorageType=accounting_storage/none
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=2
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+PreemptType=preempt/partition_prio
+PreemptMode={'SUSPEND,GANG' if suspend else 'REQUEUE'}
+{signal_param}
+JobRequeue=1
+SlurmdTimeout=10
+ReturnToService=2
+KillWait=10
+MinJobAge=600
+InactiveLimit=0
+MpiDefault=none
+Prolog={c.etc / 'prolog'}
+Epilog={c.etc / 'epilog'}
+PlugStackConfig={c.etc / 'plugstack.conf'}
+{nodes}
+PartitionName=low Nodes={','.join(NODES)} Default=YES PriorityTier=1 PreemptMode={'SUSPEND' if suspend else 'REQUEUE'} GraceTime=20 MaxTime=INFINITE State=UP
+PartitionName=high Nodes={','.join(NODES)} PriorityTier=10 PreemptMode=OFF MaxTime=INFINITE State=UP
+""")
+    (c.etc / "cgroup.conf").write_text(
+        "CgroupPlugin=autodetect\nConstrainCores=no\nConstrainRAMSpace=no\nConstrainDevices=no\n"
+    )
+    spank = REPO / "spank" / "slurm_mm_spank.so"
+    (c.etc / "plugstack.conf").write_text(
+        f"required {spank} min_interval=5s run_wrapper={PREFIX / 'venv' / 'bin' / 'slurm-mm-run'}"
+        f" agent_socket={c.run}/agent-%n.sock\n"
+    )
+    for hook in ("prolog", "epilog"):
+        script = c.etc / hook
+        # Slurm builds the prolog's environment itself: pin the config here.
+        script.write_text(
+            "#!/bin/sh\n"
+            f"SLURM_MM_CONFIG={c.mm_config}; export SLURM_MM_CONFIG\n"
+            f"exec {PYTHON} {REPO / 'prolog_epilog' / hook}\n"
+        )
+        script.chmod(0o755)
+    c.mm_config.write_text(f"""\
+# slurm_mm configuration of the test cluster (see docs/admin-guide.md).
+checkpoint_root: {c.checkpoint_root}
+staging_dir: {c.state / 'staging'}
+run_dir: {c.run}
+criu_path: {PREFIX / 'criu' / 'sbin' / 'criu'}
+libexec_dir: {PREFIX / 'libexec'}
+keep_images: 3
+compression_level: 3
+min_interval: 5
+""")
+
+
+# ---------------------------------------------------------------- daemons
+
+def read_pid(path: Path) -> int | None:
+    try:
+        pid = int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if pid_alive(pid) else None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie is dead for our purposes.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def stop_pid(pid_file: Path, timeout: float = 15.0) -> None:
+    pid = read_pid(pid_file)
+    if pid is None:
+        pid_file.unlink(missing_ok=True)
+        return
+    os.kill(pid, signal.SIGTERM)
+    try:
+        wait_for(lambda: not pid_alive(pid), timeout, f"pid {pid} ({pid_file.name}) to exit")
+    except TimeoutError:
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not pid_alive(pid), 5, f"pid {pid} to die")
+    pid_file.unlink(missing_ok=True)
+
+
+def start_munge(c: Cluster) -> None:
+    mdir = c.state / "munge"
+    mdir.mkdir(exist_ok=True)
+    os.chmod(mdir, 0o755)  # non-root clients must reach the socket (FACTS.md)
+    key = mdir / "munge.key"
+    if not key.exists():
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o400)
+    if read_pid(c.pid_file("munged")):
+        return
+    subprocess.run(
+        ["munged", "--force", f"--key-file={key}", f"--socket={c.munge_socket}",
+         f"--pid-file={c.pid_file('munged')}", f"--log-file={c.log / 'munged.log'}",
+         f"--seed-file={mdir / 'munged.seed'}"],
+        check=True,
+    )
+    wait_for(c.munge_socket.exists, 10, "munged socket")
+
+
+def start_ctld(c: Cluster) -> None:
+    if read_pid(c.pid_file("slurmctld")):
+        return
+    subprocess.run(["slurmctld", "-i"], env=c.env(), check=True)
+    wait_for(lambda: read_pid(c.pid_file("slurmctld")) is not None, 15, "slurmctld")
+
+
+def start_node(c: Cluster, node: str) -> None:
+    if read_pid(c.run / f"slurmd-{node}.pid"):
+        return
+    subprocess.run(["slurmd", "-N", node], env=c.env(), check=True)
+    wait_for(lambda: read_pid(c.run / f"slurmd-{node}.pid") is not None, 15, f"slurmd {node}")
+    start_agent(c, node)
+
+
+def start_agent(c: Cluster, node: str) -> None:
+    """The node agent (issue 4) runs beside each slurmd, as on a real node."""
+    if not (REPO / "slurm_mm" / "agent" / "__main__.py").exists():
+        return
+    pid_file = c.pid_file(f"agent-{node}")
+    if read_pid(pid_file):
+        return
+    log = open(c.log / f"agent-{node}.log", "ab")
+    proc = subprocess.Popen(
+        [str(PYTHON), "-m", "slurm_mm.agent", "--node", node, "--pid-file", str(pid_file)],
+        env=c.env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+    )
+    log.close()
+    sock = c.run / f"agent-{node}.sock"
+    wait_for(lambda: sock.exists() or proc.poll() is not None, 15, f"agent {node}")
+    if proc.poll() is not None:
+        raise RuntimeError(f"agent for {node} exited with {proc.returncode}; see {c.log}/agent-{node}.log")
+
+
+def node_states(c: Cluster) -> dict[str, str]:
+    out = subprocess.run(
+        ["sinfo", "-h", "-N", "-o", "%N %t"], env=c.env(), capture_output=True, text=True
+    )
+    states: dict[str, str] = {}
+    for line in out.stdout.splitlines():
+        name, state = line.split()
+        states[name] = state
+    return states
+
+
+def ensure_user() -> None:
+    try:
+        pwd.getpwnam(USER)
+    except KeyError:
+        subprocess.run(["useradd", "-m", "-s", "/bin/bash", USER], check=True)
+
+
+def build_spank() -> None:
+    subprocess.run(["make", "-s", "-C", str(REPO / "spank")], check=True)
+
+
+def start(c: Cluster, preempt_mode: str = "requeue") -> None:
+    if read_pid(c.pid_file("slurmctld")):
+        raise RuntimeError(f"a test cluster is already running in {c.state}; stop it first")
+    busy = [port for port in (CTLD_PORT, *NODE_PORTS.values()) if port_in_use(port)]
+    if busy:
+        raise RuntimeError(f"ports {busy} are in use: is another test cluster running? "
+                           "(stop it with: testcluster.py --state-dir DIR stop)")
+    ensure_user()
+    build_spank()
+    write_configs(c, preempt_mode)
+    start_munge(c)
+    start_ctld(c)
+    for node in NODES:
+        start_node(c, node)
+    wait_for(lambda: all(s == "idle" for s in node_states(c).values())
+             and len(node_states(c)) == len(NODES), 30, "3 idle nodes")
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def kill_node(c: Cluster, node: str) -> None:
+    """Hard node failure: slurmd, the node agent and every job process on it die."""
+    for daemon in (f"slurmd-{node}", f"agent-{node}"):
+        pid = read_pid(c.run / f"{daemon}.pid")
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+    for pid in cgroup_pids(node):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def node_cgroups(node: str) -> list[Path]:
+    return sorted(CGROUP_ROOT.glob(f"*/slurm_{node}"))
+
+
+def cgroup_pids(node: str) -> list[int]:
+    pids: set[int] = set()
+    for root in node_cgroups(node):
+        for procs in root.rglob("cgroup.procs"):
+            try:
+                pids.update(int(p) for p in procs.read_text().split())
+            except OSError:
+                pass
+    return sorted(pids)
+
+
+def remove_cgroups(node: str) -> None:
+    for pid in cgroup_pids(node):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for root in node_cgroups(node):
+        dirs = sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+        for d in dirs + [root]:
+            for _ in range(20):
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.1)
+
+
+def stop(c: Cluster) -> None:
+    # slurmds first: stopping slurmctld first can stall the stop ~10 s (FACTS.md).
+    for node in NODES:
+        stop_pid(c.run / f"slurmd-{node}.pid")
+        stop_pid(c.pid_file(f"agent-{node}"))
+    stop_pid(c.pid_file("slurmctld"))
+    stop_pid(c.pid_file("munged"))
+    for node in NODES:
+        remove_cgroups(node)
+
+
+def status(c: Cluster) -> dict:
+    daemons = {"munged": c.pid_file("munged"), "slurmctld": c.pid_file("slurmctld")}
+    for n in NODES:
+        daemons[f"slurmd-{n}"] = c.run / f"slurmd-{n}.pid"
+        daemons[f"agent-{n}"] = c.pid_file(f"agent-{n}")
+    return {name: read_pid(p) for name, p in daemons.items()}
+
+
+# ---------------------------------------------------------------- jobs (tests + demo)
+
+def sbatch(c: Cluster, script: str, *options: str, user: str = USER, cwd: Path | None = None,
+           check: bool = True) -> subprocess.CompletedProcess:
+    """Submit `script` (text) as `user`, like a user at a login node would."""
+    home = Path(pwd.getpwnam(user).pw_dir)
+    cwd = cwd or home
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "USER": user, "LANG": "C.UTF-8",
+           "SLURM_CONF": str(c.slurm_conf)}
+    proc = subprocess.run(
+        ["runuser", "-u", user, "--", "env", "-i", *(f"{k}={v}" for k, v in env.items()),
+         "sbatch", "--parsable", *options],
+        input=script, capture_output=True, text=True, cwd=cwd, timeout=60,
+    )
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"sbatch failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+def job_id(proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout.strip().split(";")[0]
+
+
+def job_info(c: Cluster, job: str) -> dict[str, str]:
+    """`scontrol show job -o` as a dict (works on Slurm 22.05 and 24.11)."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], env=c.env(),
+                         capture_output=True, text=True, timeout=30)
+    info: dict[str, str] = {}
+    for token in out.stdout.split():
+        key, sep, value = token.partition("=")
+        if sep and key not in info:
+            info[key] = value
+    return info
+
+
+def wait_job(c: Cluster, job: str, states: set[str], timeout: float,
+             node_not: str | None = None) -> dict[str, str]:
+    """Wait until the job is in one of `states` (and, if given, not on `node_not`)."""
+    last: dict[str, str] = {}
+
+    def reached() -> bool:
+        nonlocal last
+        last = job_info(c, job)
+        return last.get("JobState") in states and (
+            node_not is None or last.get("BatchHost") != node_not)
+    try:
+        wait_for(reached, timeout, f"job {job} to reach {sorted(states)}", interval=0.5)
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc}; last seen {last.get('JobState')} on {last.get('BatchHost')}"
+                           f" reason {last.get('Reason')}") from None
+    return last
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--state-dir", type=Path, default=default_state_dir())
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_start = sub.add_parser("start")
+    p_start.add_argument("--preempt-mode", choices=("requeue", "suspend"), default="requeue")
+    sub.add_parser("stop")
+    sub.add_parser("status")
+    sub.add_parser("env")
+    for name in ("kill-node", "start-node"):
+        sub.add_parser(name).add_argument("node", choices=NODES)
+    args = parser.parse_args(argv)
+    c = Cluster(args.state_dir)
+    try:
+        if args.command == "start":
+            start(c, args.preempt_mode)
+            print(f"test cluster up in {c.state}: nodes {', '.join(NODES)} idle")
+            print(f"use it with: export SLURM_CONF={c.slurm_conf} SLURM_MM_CONFIG={c.mm_config}")
+        elif args.command == "stop":
+            stop(c)
+            print(f"test cluster in {c.state} stopped")
+        elif args.command == "status":
+            print(json.dumps(status(c), indent=2))
+        elif args.command == "env":
+            print(f"export SLURM_CONF={c.slurm_conf} SLURM_MM_CONFIG={c.mm_config}")
+        elif args.command == "kill-node":
+            kill_node(c, args.node)
+        elif args.command == "start-node":
+            start_node(c, args.node)
+    except (subprocess.CalledProcessError, TimeoutError, RuntimeError, OSError) as exc:
+        print(f"testcluster: error: {exc} (logs: {c.log})", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""slurm_mm's configuration: one YAML file, validated on load.
+
+The file is `/etc/slurm_mm/config.yaml`, or `$SLURM_MM_CONFIG` for tools run by admins
+and tests. Root-run code reads it too, so it must be root-owned and not writable by
+others; an unknown key, a wrong type or an impossible value is a one-line ConfigError
+naming key and value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from slurm_mm.errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/slurm_mm/config.yaml")
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Upper bounds (seconds) so that no step can hang a job or the node agent."""
+
+    checkpoint: float = 600.0
+    restore: float = 600.0
+    gpu_call: float = 300.0
+    lock: float = 60.0
+
+
+@dataclass(frozen=True)
+class Config:
+    checkpoint_root: Path = Path("/shared/slurm_mm/checkpoints")
+    staging_dir: Path = Path("/var/tmp/slurm_mm")
+    run_dir: Path = Path("/run/slurm_mm")
+    criu_path: Path = Path("/opt/slurm_mm/criu/sbin/criu")
+    libexec_dir: Path = Path("/opt/slurm_mm/libexec")
+    keep_images: int = 3
+    compression_level: int = 3
+    compression_threads: int = 0
+    min_interval: int = 60
+    async_checkpoints: bool = True
+    staging_min_free_ratio: float = 0.1
+    log_level: str = "info"
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+_PATH_KEYS = {"checkpoint_root", "staging_dir", "run_dir", "criu_path", "libexec_dir"}
+_LOG_LEVELS = {"debug", "info", "warning", "error"}
+
+
+def config_path() -> Path:
+    """Where the config lives: $SLURM_MM_CONFIG, else /etc/slurm_mm/config.yaml."""
+    return Path(os.environ.get("SLURM_MM_CONFIG", DEFAULT_PATH))
+
+
+def load(path: Path | None = None, *, require_safe_owner: bool = False) -> Config:
+    """Load and validate a config file. A missing default file gives the defaults."""
+    path = path or config_path()
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if path == DEFAULT_PATH:
+            return Config()
+        raise ConfigError(f"config file '{path}' does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot open config file '{path}': {exc.strerror}") from None
+    with os.fdopen(fd, "r", encoding="utf-8") as handle:
+        if require_safe_owner:
+            _check_owner(path, os.fstat(handle.fileno()))
+        try:
+            data = yaml.safe_load(handle)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file '{path}'{where}: not valid YAML") from None
+    return from_mapping(data or {}, source=str(path))
+
+
+def _check_owner(path: Path, st: os.stat_result) -> None:
+    if st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(
+            f"config file '{path}' must be owned by root and not group/other-writable"
+        )
+
+
+def from_mapping(data: Any, *, source: str = "config") -> Config:
+    """Build a Config from parsed YAML, rejecting unknown keys and bad values."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of key: value")
+    values: dict[str, Any] = {}
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for key, raw in data.items():
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown key '{key}'")
+        if key == "timeouts":
+            values[key] = _timeouts(raw, source)
+        else:
+            values[key] = _value(key, raw, fields[key].default, source)
+    return Config(**values)
+
+
+def _timeouts(raw: Any, source: str) -> Timeouts:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: 'timeouts' must be a mapping, got {raw!r}")
+    names = {f.name for f in dataclasses.fields(Timeouts)}
+    out = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key 'timeouts.{key}'")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"{source}: 'timeouts.{key}' must be a positive number, got {value!r}")
+        out[key] = float(value)
+    return Timeouts(**out)
+
+
+def _value(key: str, raw: Any, default: Any, source: str) -> Any:
+    if key in _PATH_KEYS:
+        if not isinstance(raw, str) or not raw.startswith("/"):
+            raise ConfigError(f"{source}: '{key}' must be an absolute path, got {raw!r}")
+        if ".." in Path(raw).parts:
+            raise ConfigError(f"{source}: '{key}' must not contain '..', got {raw!r}")
+        return Path(raw)
+    if isinstance(default, bool):
+        if not isinstance(raw, bool):
+            raise ConfigError(f"{source}: '{key}' must be true or false, got {raw!r}")
+        return raw
+    if isinstance(default, int):
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ConfigError(f"{source}: '{key}' must be an integer, got {raw!r}")
+        _check_range(key, raw, source)
+        return raw
+    if isinstance(default, float):
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise ConfigError(f"{source}: '{key}' must be a number, got {raw!r}")
+        if not 0.0 <= raw < 1.0:
+            raise ConfigError(f"{source}: '{key}' must be in [0, 1), got {raw!r}")
+        return float(raw)
+    if key == "log_level":
+        if raw not in _LOG_LEVELS:
+            raise ConfigError(f"{source}: 'log_level' must be one of {sorted(_LOG_LEVELS)}, got {raw!r}")
+        return raw
+    raise ConfigError(f"{source}: unsupported key '{key}'")  # pragma: no cover - guarded above
+
+
+_RANGES = {
+    "keep_images": (1, 1000),
+    "compression_level": (1, 22),
+    "compression_threads": (0, 256),
+    "min_interval": (1, 365 * 86400),
+}
+
+
+def _check_range(key: str, value: int, source: str) -> None:
+    low, high = _RANGES[key]
+    if not low <= value <= high:
+        raise ConfigError(f"{source}: '{key}' must be between {low} and {high}, got {value}")
+
+
+def dump(config: Config) -> str:
+    """YAML text for a Config (the test cluster writes its own file with this)."""
+    data = dataclasses.asdict(config)
+    for key in _PATH_KEYS:
+        data[key] = str(data[key])
+    return yaml.safe_dump(data, sort_keys=False)

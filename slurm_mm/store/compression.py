@@ -1,0 +1,121 @@
+"""Streaming zstd compression with checksums, for one image file at a time.
+
+Files are read and written in fixed-size chunks (never whole), hashed with SHA-256 over
+their raw bytes as they stream, and compressed only when a sample of their start shows it
+pays: GPU memory and already-compressed data would otherwise cost CPU time during a
+preemption grace period for nothing. Knows file descriptors, not paths or images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import zstandard
+
+from slurm_mm.store.safe_fs import write_all
+
+CHUNK = 4 << 20
+SAMPLE = 1 << 20
+# Store raw unless compression saves at least this share of the sample.
+MIN_SAVING = 0.10
+
+ByteCounter = Callable[[int], None]
+
+
+class Mismatch(Exception):
+    """A stored file does not decode to what its manifest says (the caller names the file)."""
+
+
+class Cancelled(Exception):
+    """Another file of the same image already failed; stop early."""
+
+
+@dataclass(frozen=True)
+class Stored:
+    size: int
+    stored_size: int
+    sha256: str
+
+
+def worth_compressing(fd: int, level: int) -> bool:
+    """Compress a sample of the file's start and see whether it shrinks enough."""
+    sample = os.pread(fd, SAMPLE, 0)
+    if not sample:
+        return False
+    packed = zstandard.ZstdCompressor(level=level).compress(sample)
+    return len(packed) <= len(sample) * (1 - MIN_SAVING)
+
+
+def zstd_threads(threads: int) -> int:
+    """Our setting (0 = one worker per CPU) as zstandard's (-1 = one per CPU)."""
+    return -1 if threads == 0 else threads
+
+
+def store(src: int, dst: int, *, compress: bool, level: int, threads: int,
+          on_bytes: ByteCounter | None = None) -> Stored:
+    """Copy src to dst (both fds at offset 0), compressed or raw, hashing the raw bytes."""
+    digest = hashlib.sha256()
+    size = 0
+    buf = bytearray(CHUNK)
+    reader = io.FileIO(src, "rb", closefd=False)
+    sink = io.FileIO(dst, "wb", closefd=False)
+    writer = None
+    if compress:
+        cctx = zstandard.ZstdCompressor(level=level, threads=zstd_threads(threads), write_checksum=True)
+        writer = cctx.stream_writer(sink, write_size=CHUNK, closefd=False)
+    while True:
+        n = reader.readinto(buf)
+        if not n:
+            break
+        chunk = memoryview(buf)[:n]
+        digest.update(chunk)
+        if writer is not None:
+            writer.write(chunk)
+        else:
+            write_all(dst, chunk)
+        size += n
+        if on_bytes:
+            on_bytes(n)
+    if writer is not None:
+        writer.close()  # ends the frame; closefd=False keeps dst open for fsync
+    return Stored(size=size, stored_size=os.fstat(dst).st_size, sha256=digest.hexdigest())
+
+
+def check(src: int, dst: int | None, *, compressed: bool, size: int, sha256: str,
+          on_bytes: ByteCounter | None = None, cancelled: Callable[[], bool] | None = None) -> None:
+    """Decode a stored file, writing raw bytes to dst (None: only check), and raise Mismatch
+    unless it yields exactly `size` bytes with `sha256`. Stops as soon as the output runs
+    past `size`, so a hostile frame cannot fill the disk."""
+    digest = hashlib.sha256()
+    done = 0
+    raw = io.FileIO(src, "rb", closefd=False)
+    try:
+        if compressed:
+            # The default window limit (128 MiB) bounds the decoder's memory on hostile input.
+            stream = zstandard.ZstdDecompressor().stream_reader(raw, read_size=CHUNK, closefd=False)
+        else:
+            stream = raw
+        while True:
+            if cancelled and cancelled():
+                raise Cancelled()
+            chunk = stream.read(CHUNK)
+            if not chunk:
+                break
+            done += len(chunk)
+            if done > size:
+                raise Mismatch(f"decodes to more than the {size} bytes in the manifest")
+            digest.update(chunk)
+            if dst is not None:
+                write_all(dst, chunk)
+            if on_bytes:
+                on_bytes(len(chunk))
+    except zstandard.ZstdError as exc:
+        raise Mismatch(f"is not valid zstd ({exc})") from None
+    if done != size:
+        raise Mismatch(f"decodes to {done} bytes, manifest says {size}")
+    if digest.hexdigest() != sha256:
+        raise Mismatch(f"has sha256 {digest.hexdigest()[:16]}..., manifest says {sha256[:16]}...")

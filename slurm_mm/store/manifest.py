@@ -1,0 +1,227 @@
+"""The manifest of a checkpoint image: what the image holds and how to check it.
+
+A manifest is read back from a shared filesystem, so parsing treats it as hostile input:
+strict JSON (no duplicate keys, NaN or unknown fields), exact types, bounded sizes, file
+names that are single safe path components. Anything else is ImageCorrupt with one line
+naming the bad value, never a traceback. This module knows nothing of directories or
+processes; the store decides where a manifest lives.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, NoReturn
+
+from slurm_mm.errors import ImageCorrupt
+from slurm_mm.store.safe_fs import name_problem, show
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_FILES = 100_000
+# 16 TiB per file: far above any node's memory, low enough that a hostile size cannot
+# make a restore fill the filesystem before its checksum fails.
+MAX_FILE_SIZE = 1 << 44
+TRIGGERS = ("periodic", "preempt", "drain", "manual", "suspend")
+
+_MAX_ID = 0xFFFFFFFE  # (uid_t)-1 means "no change" to chown: never a real owner
+_MAX_TEXT = 256
+_HEX = frozenset("0123456789abcdef")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One image file: its raw size and checksum, and how it is stored."""
+
+    name: str
+    size: int
+    stored_size: int
+    sha256: str
+    compressed: bool
+
+    @property
+    def stored_name(self) -> str:
+        """Name on disk. The suffix is always added, so no file can collide with another
+        stored name or with manifest.json."""
+        return self.name + (".zst" if self.compressed else ".raw")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything needed to check and restore one image. Build it through from_json() or
+    the store's commit(), which validate; the constructor itself does not."""
+
+    job_id: str
+    epoch: int
+    uid: int
+    gid: int
+    node: str
+    created: float
+    trigger: str
+    files: tuple[FileEntry, ...]
+    gpu: dict[str, Any] | None
+    criu_version: str
+    extra: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def total_size(self) -> int:
+        """Raw bytes a restore writes."""
+        return sum(f.size for f in self.files)
+
+    @property
+    def stored_size(self) -> int:
+        """Bytes the image takes on the store."""
+        return sum(f.stored_size for f in self.files)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["files"] = [asdict(f) for f in self.files]
+        return json.dumps(data, indent=1, sort_keys=True, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes, *, source: str = "manifest") -> Manifest:
+        """Parse and validate; ImageCorrupt naming `source` and the bad value otherwise."""
+        try:
+            data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        except RecursionError:
+            raise ImageCorrupt(f"{source}: JSON nested too deeply") from None
+        except UnicodeDecodeError as exc:
+            raise ImageCorrupt(f"{source}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        except ValueError as exc:  # json.JSONDecodeError and our hooks
+            raise ImageCorrupt(f"{source}: not valid JSON: {exc}") from None
+        return cls.from_dict(data, source=source)
+
+    @classmethod
+    def from_dict(cls, data: object, *, source: str = "manifest",
+                  error: type[Exception] = ImageCorrupt) -> Manifest:
+        """Validate a decoded manifest. `error` lets commit() report its own bad arguments
+        as a usage error with the same checks."""
+        check = _Checker(source, error)
+        data = check.mapping(data, "manifest")
+        check.keys(data, "manifest", _MANIFEST_KEYS)
+        version = check.integer(data, "format_version", 0, 1 << 31)
+        if version != FORMAT_VERSION:
+            check.fail(f"format_version {show(version)} is not {FORMAT_VERSION}")
+        job_id = data["job_id"]
+        problem = name_problem(job_id, kind="job id")
+        if problem:
+            check.fail(problem)
+        trigger = data["trigger"]
+        if trigger not in TRIGGERS:
+            check.fail(f"trigger {show(trigger)} is not one of {', '.join(TRIGGERS)}")
+        created = data["created"]
+        if isinstance(created, bool) or not isinstance(created, (int, float)) or not math.isfinite(created) \
+                or created < 0:
+            check.fail(f"created {show(created)} is not a time in seconds")
+        gpu = data["gpu"]
+        if gpu is not None and not isinstance(gpu, dict):
+            check.fail(f"gpu {show(gpu)} is not an object or null")
+        extra = data["extra"]
+        if not isinstance(extra, dict):
+            check.fail(f"extra {show(extra)} is not an object")
+        raw_files = data["files"]
+        if not isinstance(raw_files, list):
+            check.fail(f"files {show(raw_files)} is not a list")
+        if len(raw_files) > MAX_FILES:
+            check.fail(f"files has {len(raw_files)} entries, more than {MAX_FILES}")
+        files = tuple(check.file_entry(entry, i) for i, entry in enumerate(raw_files))
+        seen: set[str] = set()
+        for f in files:
+            if f.name in seen:
+                check.fail(f"file {show(f.name)} is listed twice")
+            seen.add(f.name)
+        return cls(
+            format_version=version,
+            job_id=job_id,
+            epoch=check.integer(data, "epoch", 0, 1 << 31),
+            uid=check.integer(data, "uid", 0, _MAX_ID),
+            gid=check.integer(data, "gid", 0, _MAX_ID),
+            node=check.text(data, "node"),
+            created=float(created),
+            trigger=trigger,
+            files=files,
+            gpu=gpu,
+            criu_version=check.text(data, "criu_version", allow_empty=True),
+            extra=extra,
+        )
+
+
+_MANIFEST_KEYS = frozenset(
+    ("format_version", "job_id", "epoch", "uid", "gid", "node", "created", "trigger", "files", "gpu",
+     "criu_version", "extra"))
+_FILE_KEYS = frozenset(("name", "size", "stored_size", "sha256", "compressed"))
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {show(key)}")
+        result[key] = value
+    return result
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed")
+
+
+class _Checker:
+    """Field checks that raise `error` with a message prefixed by the manifest's source."""
+
+    def __init__(self, source: str, error: type[Exception]) -> None:
+        self.source = source
+        self.error = error
+
+    def fail(self, message: str) -> NoReturn:
+        raise self.error(f"{self.source}: {message}")
+
+    def mapping(self, value: object, what: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            self.fail(f"{what} is {show(value)}, not an object")
+        return value  # type: ignore[return-value]
+
+    def keys(self, data: dict[str, Any], what: str, expected: frozenset[str]) -> None:
+        missing = sorted(expected - data.keys())
+        if missing:
+            self.fail(f"{what} lacks {missing[0]!r}")
+        unknown = sorted(data.keys() - expected)
+        if unknown:
+            self.fail(f"{what} has unknown field {show(unknown[0])}")
+
+    def integer(self, data: dict[str, Any], key: str, low: int, high: int, what: str = "") -> int:
+        value = data[key]
+        label = f"{what}{key}"
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(f"{label} {show(value)} is not an integer")
+        if not low <= value <= high:
+            self.fail(f"{label} {show(value)} is out of range [{low}, {high}]")
+        return value
+
+    def text(self, data: dict[str, Any], key: str, *, allow_empty: bool = False) -> str:
+        value = data[key]
+        if not isinstance(value, str) or (not value and not allow_empty) or len(value) > _MAX_TEXT \
+                or not value.isprintable():
+            self.fail(f"{key} {show(value)} is not a printable string of at most {_MAX_TEXT} characters")
+        return value
+
+    def file_entry(self, entry: object, index: int) -> FileEntry:
+        what = f"files[{index}]"
+        entry = self.mapping(entry, what)
+        self.keys(entry, what, _FILE_KEYS)
+        problem = name_problem(entry["name"])
+        if problem:
+            self.fail(f"{what}: {problem}")
+        sha = entry["sha256"]
+        if not isinstance(sha, str) or len(sha) != 64 or not _HEX.issuperset(sha):
+            self.fail(f"{what}.sha256 {show(sha)} is not 64 lowercase hex digits")
+        compressed = entry["compressed"]
+        if not isinstance(compressed, bool):
+            self.fail(f"{what}.compressed {show(compressed)} is not true or false")
+        size = self.integer(entry, "size", 0, MAX_FILE_SIZE, f"{what}.")
+        stored = self.integer(entry, "stored_size", 0, MAX_FILE_SIZE, f"{what}.")
+        if not compressed and stored != size:
+            self.fail(f"{what}.stored_size {stored} differs from size {size} for a raw file")
+        return FileEntry(name=entry["name"], size=size, stored_size=stored, sha256=sha, compressed=compressed)

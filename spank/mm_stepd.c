@@ -1,0 +1,65 @@
+/*
+ * slurmstepd side (runs as the job's user): tell the job its interval and wrap the
+ * batch task so that slurm_mm starts (or restores) it under its supervision.
+ */
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+#include <slurm/slurm.h>
+#include <slurm/spank.h>
+
+#include "mm_plugin.h"
+
+static int is_batch_step(spank_t sp)
+{
+	uint32_t stepid = 0;
+	if (spank_get_item(sp, S_JOB_STEPID, &stepid) != ESPANK_SUCCESS)
+		return 0;
+	return stepid == SLURM_BATCH_SCRIPT;
+}
+
+int mm_stepd_user_init(spank_t sp)
+{
+	char buf[32];
+	if (mm_interval <= 0)
+		return 0;
+	snprintf(buf, sizeof(buf), "%ld", mm_interval);
+	if (spank_setenv(sp, "SLURM_MM_CHECKPOINT_INTERVAL", buf, 1) != ESPANK_SUCCESS) {
+		slurm_error("slurm_mm: could not set SLURM_MM_CHECKPOINT_INTERVAL");
+		return -1;
+	}
+	return 0;
+}
+
+/*
+ * The task is about to exec its batch script. Point argv[0] at slurm_mm's run
+ * wrapper and hand it the script's path in SLURM_MM_SCRIPT: everything else Slurm
+ * does before the exec (cgroups, stdio, task prolog, environment) stays as it is.
+ */
+int mm_stepd_task_init(spank_t sp)
+{
+	static char wrapper[sizeof(mm_cfg.run_wrapper)];
+	int argc = 0;
+	char **argv = NULL;
+
+	if (mm_interval <= 0 || !is_batch_step(sp))
+		return 0;
+	if (spank_get_item(sp, S_JOB_ARGV, &argc, &argv) != ESPANK_SUCCESS || argc < 1) {
+		slurm_error("slurm_mm: cannot read the batch script's argv; job runs unprotected");
+		return 0;
+	}
+	if (access(mm_cfg.run_wrapper, X_OK) != 0) {
+		slurm_error("slurm_mm: run wrapper %s is missing; job runs unprotected",
+			    mm_cfg.run_wrapper);
+		return 0;
+	}
+	if (spank_setenv(sp, "SLURM_MM_SCRIPT", argv[0], 1) != ESPANK_SUCCESS ||
+	    spank_setenv(sp, "SLURM_MM_AGENT_SOCKET", mm_cfg.agent_socket, 1) != ESPANK_SUCCESS) {
+		slurm_error("slurm_mm: cannot pass the batch script path; job runs unprotected");
+		return 0;
+	}
+	snprintf(wrapper, sizeof(wrapper), "%s", mm_cfg.run_wrapper);
+	argv[0] = wrapper;
+	return 0;
+}
