@@ -79,13 +79,25 @@ if [ ! -x "$VENV/bin/python" ]; then
     # Debian's python3, not a user's pyenv: job users must be able to exec it.
     /usr/bin/python3 -m venv "$VENV"
 fi
+# A regular (not editable) install: job users run slurm-mm-run from this venv, and
+# the checkout may sit where they cannot read (CI clones anywhere). Reinstall when
+# the package's sources change.
 stamp="$VENV/.slurm_mm-installed"
-want=$(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1)-$REPO
+want=$(cd "$REPO" && find pyproject.toml slurm_mm -type f \( -name '*.py' -o -name '*.toml' \) \
+       -not -path '*/__pycache__/*' | sort | xargs sha256sum | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    log "installing slurm_mm (editable) and test tools into $VENV"
-    "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-    "$VENV/bin/pip" install -q -e "$REPO[test]" >"$PREFIX/pip.log" 2>&1 || { tail -20 "$PREFIX/pip.log"; die "pip install failed (log: $PREFIX/pip.log)"; }
+    log "installing slurm_mm and test tools into $VENV"
+    "$VENV/bin/pip" install -q --upgrade pip >"$PREFIX/pip.log" 2>&1 || true
+    "$VENV/bin/pip" install -q --force-reinstall --no-deps "$REPO" >>"$PREFIX/pip.log" 2>&1 &&
+    "$VENV/bin/pip" install -q "$REPO[test,gpu]" >>"$PREFIX/pip.log" 2>&1 ||
+        { tail -20 "$PREFIX/pip.log"; die "pip install failed (log: $PREFIX/pip.log)"; }
     echo "$want" > "$stamp"
+fi
+# Native parts are built against what is installed here: the SPANK plugin must match
+# the running Slurm (24.11 refuses a 22.05 build).
+make -s -C "$REPO/spank"
+if [ -f "$REPO/slurm_mm/native/Makefile" ]; then
+    make -s -C "$REPO/slurm_mm/native" install PREFIX="$PREFIX"
 fi
 chmod -R go+rX "$PREFIX"
 log "ok: $("$CRIU" --version | head -1), Slurm $(dpkg-query -W -f="\${Version}" slurmd), python $("$VENV/bin/python" -V 2>&1)"

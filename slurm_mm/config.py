@@ -37,6 +37,8 @@ class Config:
     checkpoint_root: Path = Path("/shared/slurm_mm/checkpoints")
     staging_dir: Path = Path("/var/tmp/slurm_mm")
     run_dir: Path = Path("/run/slurm_mm")
+    # %n = node name; must match agent_socket= in plugstack.conf.
+    agent_socket: Path = Path("/run/slurm_mm/agent.sock")
     criu_path: Path = Path("/opt/slurm_mm/criu/sbin/criu")
     libexec_dir: Path = Path("/opt/slurm_mm/libexec")
     keep_images: int = 3
@@ -49,7 +51,7 @@ class Config:
     timeouts: Timeouts = field(default_factory=Timeouts)
 
 
-_PATH_KEYS = {"checkpoint_root", "staging_dir", "run_dir", "criu_path", "libexec_dir"}
+_PATH_KEYS = {"checkpoint_root", "staging_dir", "run_dir", "agent_socket", "criu_path", "libexec_dir"}
 _LOG_LEVELS = {"debug", "info", "warning", "error"}
 
 
@@ -159,6 +161,11 @@ def _check_range(key: str, value: int, source: str) -> None:
     low, high = _RANGES[key]
     if not low <= value <= high:
         raise ConfigError(f"{source}: '{key}' must be between {low} and {high}, got {value}")
+
+
+def agent_socket(config: Config, node: str) -> Path:
+    """The node agent's socket on `node` (test clusters run one agent per node name)."""
+    return Path(str(config.agent_socket).replace("%n", node))
 
 
 def dump(config: Config) -> str:

@@ -193,6 +193,7 @@ PartitionName=high Nodes={','.join(NODES)} PriorityTier=10 PreemptMode=OFF MaxTi
 checkpoint_root: {c.checkpoint_root}
 staging_dir: {c.state / 'staging'}
 run_dir: {c.run}
+agent_socket: {c.run}/agent-%n.sock
 criu_path: {PREFIX / 'criu' / 'sbin' / 'criu'}
 libexec_dir: {PREFIX / 'libexec'}
 keep_images: 3
@@ -291,7 +292,8 @@ def start_agent(c: Cluster, node: str) -> None:
         return
     log = open(c.log / f"agent-{node}.log", "ab")
     proc = subprocess.Popen(
-        [str(PYTHON), "-m", "slurm_mm.agent", "--node", node, "--pid-file", str(pid_file)],
+        [str(PYTHON), "-m", "slurm_mm.agent", "--node", node, "--pid-file", str(pid_file),
+         "--poll-interval", "1"],
         env=c.env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
     )
     log.close()

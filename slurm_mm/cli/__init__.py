@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from slurm_mm import __version__
 from slurm_mm.errors import SlurmMMError
 
-from . import config_cmd
+from . import config_cmd, image_cmds, job_cmds
 
-COMMAND_MODULES = [config_cmd]
+COMMAND_MODULES = [job_cmds, image_cmds, config_cmd]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,52 @@
+"""`python -m slurm_mm.agent --node NAME`: run the node agent (as root, beside slurmd)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from slurm_mm import config
+from slurm_mm.errors import SlurmMMError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="slurm-mm-agent", description=__doc__)
+    parser.add_argument("--node", default=os.uname().nodename, help="Slurm node name (default: hostname)")
+    parser.add_argument("--socket", type=Path, help="socket path (default: config agent_socket)")
+    parser.add_argument("--pid-file", type=Path)
+    parser.add_argument("--poll-interval", type=float, default=5.0,
+                        help="seconds between polls of Slurm for preemption and drains")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format=f"%(asctime)s slurm_mm-agent[{args.node}] %(levelname)s %(message)s")
+    if os.geteuid() != 0:
+        print("slurm-mm-agent: error: must run as root", file=sys.stderr)
+        return 1
+    try:
+        cfg = config.load(require_safe_owner=True)
+        from slurm_mm.agent.job_engine import JobEngine  # noqa: PLC0415
+        from slurm_mm.agent.node_agent import NodeAgent  # noqa: PLC0415
+        from slurm_mm.slurm.client import connect  # noqa: PLC0415
+        from slurm_mm.store import ImageStore  # noqa: PLC0415
+
+        store = ImageStore(cfg.checkpoint_root, level=cfg.compression_level,
+                           threads=cfg.compression_threads, keep=cfg.keep_images,
+                           lock_timeout=cfg.timeouts.lock)
+        agent = NodeAgent(args.node, cfg, connect(), store, JobEngine(cfg),
+                          poll_interval=args.poll_interval)
+    except SlurmMMError as exc:
+        print(f"slurm-mm-agent: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if args.pid_file:
+        args.pid_file.write_text(f"{os.getpid()}\n")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    agent.serve(args.socket or config.agent_socket(cfg, args.node))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

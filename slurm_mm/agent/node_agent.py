@@ -1,0 +1,227 @@
+"""The agent's server: accepts requests, authenticates them, runs job supervisors.
+
+Requests (agent/protocol.py): `start` from a batch task (slurm-mm-run, which then
+relays its signals on the same connection), `checkpoint` from `slurm-mm checkpoint`
+(the job's owner or root), `status`. A watcher polls Slurm for jobs of this node that
+were selected for preemption and for a node drain asked by `slurm-mm drain`, so that
+no notice depends on the job having `--signal` set (FACTS.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import signal
+import socket
+import stat
+import threading
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from slurm_mm.agent import auth, protocol
+from slurm_mm.agent.cgroups import step_cgroup_procs
+from slurm_mm.agent.supervisor import JobSupervisor, LaunchRequest
+from slurm_mm.config import Config
+from slurm_mm.errors import NotEnrolled, PermissionDenied, SlurmMMError
+from slurm_mm.slurm.client import SlurmClient
+
+log = logging.getLogger(__name__)
+DRAIN_PREFIX = "slurm_mm:"
+
+
+class NodeAgent:
+    def __init__(self, node: str, config: Config, slurm: SlurmClient, store: Any, engine: Any,
+                 poll_interval: float = 2.0) -> None:
+        self.node = node
+        self.config = config
+        self.slurm = slurm
+        self.store = store
+        self.engine = engine
+        self.poll_interval = poll_interval
+        self.jobs: dict[str, JobSupervisor] = {}
+        self.jobs_lock = threading.Lock()
+        self.stopping = threading.Event()
+
+    # ------------------------------------------------------------ helpers for supervisors
+
+    def staging(self, job_id: str, name: str) -> Path:
+        """A fresh root-only directory on node-local staging space."""
+        base = self.config.staging_dir / job_id
+        base.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = os.lstat(base)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
+            raise PermissionDenied(f"staging directory {base} is not a root-owned directory")
+        path = base / name
+        path.mkdir(mode=0o700)
+        return path
+
+    def forget(self, job_id: str) -> None:
+        with self.jobs_lock:
+            self.jobs.pop(job_id, None)
+
+    # ------------------------------------------------------------ server
+
+    def serve(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        server.bind(str(path))
+        os.chmod(path, 0o666)  # anyone may connect; SO_PEERCRED decides what they get
+        server.listen(64)
+        threading.Thread(target=self._watch, name="watch", daemon=True).start()
+        log.info("agent for %s listening on %s", self.node, path)
+        while not self.stopping.is_set():
+            conn, _ = server.accept()
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        fds: list[int] = []
+        try:
+            pid, uid, _gid = protocol.peer_credentials(conn)
+            message, fds = protocol.recv(conn)
+            op = message["op"]
+            if op == "start":
+                self._start(conn, pid, uid, message, fds)
+                fds = []  # owned by the supervisor now
+            elif op == "checkpoint":
+                protocol.send(conn, self._checkpoint_request(uid, message))
+            elif op == "status":
+                protocol.send(conn, {"op": "status", "node": self.node, "jobs": self.status(uid)})
+            else:
+                protocol.send(conn, {"op": "error", "message": f"unknown request '{op}'"})
+        except SlurmMMError as exc:
+            self._reply_error(conn, str(exc))
+        except (protocol.ProtocolError, EOFError, OSError, KeyError, TypeError, ValueError) as exc:
+            log.warning("bad request: %s", exc)
+            self._reply_error(conn, f"bad request: {exc}")
+        finally:
+            for fd in fds:
+                os.close(fd)
+            conn.close()
+
+    @staticmethod
+    def _reply_error(conn: socket.socket, text: str) -> None:
+        try:
+            protocol.send(conn, {"op": "error", "message": text})
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------ start
+
+    def _start(self, conn: socket.socket, pid: int, uid: int, message: dict, fds: list[int]) -> None:
+        job_id = str(message.get("job_id", ""))
+        try:
+            job = auth.authorize_batch_step(pid, uid, job_id, self.node, self.slurm)
+            request = self._launch_request(job, uid, pid, message, fds)
+        except SlurmMMError as exc:
+            log.warning("refused start of job %s from pid %d uid %d: %s", job_id, pid, uid, exc)
+            protocol.send(conn, {"op": "refused", "message": str(exc)})
+            for fd in fds:
+                os.close(fd)
+            return
+        supervisor = JobSupervisor(self, request, conn)
+        with self.jobs_lock:
+            self.jobs[job_id] = supervisor
+        try:
+            mode = supervisor.start()
+        except SlurmMMError as exc:
+            self.forget(job_id)
+            protocol.send(conn, {"op": "refused", "message": str(exc)})
+            return
+        protocol.send(conn, {"op": "started", "mode": mode})
+        while True:  # relayed signals until the batch task goes away
+            try:
+                relayed, extra = protocol.recv(conn)
+            except (EOFError, OSError, protocol.ProtocolError):
+                return
+            for fd in extra:
+                os.close(fd)
+            if relayed.get("op") == "signal" and isinstance(relayed.get("signal"), int):
+                supervisor.on_signal(relayed["signal"])
+
+    def _launch_request(self, job, uid: int, pid: int, message: dict, fds: list[int]) -> LaunchRequest:
+        argv, env, cwd = message.get("argv"), message.get("env"), message.get("cwd")
+        if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
+            raise PermissionDenied("start request has no valid argv")
+        if not (isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
+            raise PermissionDenied("start request has no valid environment")
+        if not isinstance(cwd, str) or not cwd.startswith("/"):
+            raise PermissionDenied("start request has no valid working directory")
+        if len(fds) != 3:
+            raise PermissionDenied(f"start request carried {len(fds)} descriptors, expected 3")
+        user = pwd.getpwuid(uid)
+        gid = job.group_id or user.pw_gid
+        try:
+            interval = int(env.get("SLURM_MM_CHECKPOINT_INTERVAL", "0"))
+        except ValueError:
+            interval = 0
+        if 0 < interval < self.config.min_interval:
+            interval = self.config.min_interval
+        return LaunchRequest(job=job, uid=uid, gid=gid, groups=os.getgrouplist(user.pw_name, gid),
+                             argv=argv, env=env, cwd=cwd, stdio=fds,
+                             cgroup_procs=step_cgroup_procs(pid), interval=interval)
+
+    # ------------------------------------------------------------ triggers
+
+    def _checkpoint_request(self, uid: int, message: dict) -> dict:
+        job_id = str(message.get("job_id", ""))
+        job = self.slurm.job(job_id)
+        auth.authorize_owner_or_root(uid, job)
+        supervisor = self.jobs.get(job_id)
+        if supervisor is None:
+            raise NotEnrolled(f"job {job_id} is not an enrolled job running on {self.node}")
+        trigger = str(message.get("trigger") or "manual")
+        if trigger not in ("manual", "drain") or (trigger == "drain" and uid != 0):
+            raise PermissionDenied(f"trigger '{trigger}' is not allowed")
+        image = supervisor.checkpoint(trigger, requeue=bool(message.get("requeue")))
+        if image is None:
+            raise SlurmMMError(f"checkpoint of job {job_id} failed: {supervisor.record.last_error or 'job not running'}")
+        return {"op": "checkpointed", "image": image.path.name, "trigger": trigger,
+                "requeued": supervisor.record.state == "requeued"}
+
+    def on_job_signal(self, supervisor: JobSupervisor, signum: int) -> None:
+        if signum in (signal.SIGUSR1, signal.SIGTERM) and self._being_preempted(supervisor.job_id):
+            threading.Thread(target=supervisor.checkpoint, args=("preempt",), daemon=True).start()
+            return
+        if signum == signal.SIGTSTP:  # SUSPEND: move GPU state out before the freeze
+            self.engine.suspend_gpu(supervisor.tree)
+            return
+        if signum == signal.SIGCONT:
+            self.engine.resume_gpu(supervisor.tree)
+        supervisor.forward(signum)
+
+    def _being_preempted(self, job_id: str) -> bool:
+        try:
+            job = self.slurm.job(job_id)
+        except SlurmMMError:
+            return False
+        return job.preempt_time > 0 and job.preempt_time >= job.start_time
+
+    def _watch(self) -> None:
+        """Poll Slurm: preemption notices and slurm_mm drains for this node's jobs."""
+        while not self.stopping.wait(self.poll_interval):
+            with self.jobs_lock:
+                running = {j: s for j, s in self.jobs.items() if s.record.state == "running"}
+            if not running:
+                continue
+            try:
+                node = self.slurm.node(self.node)
+                preempted = {j.job_id for j in self.slurm.jobs(self.node)
+                             if j.preempt_time > 0 and j.preempt_time >= j.start_time}
+            except SlurmMMError as exc:
+                log.warning("cannot poll Slurm: %s", exc)
+                continue
+            draining = node.draining and node.reason.startswith(DRAIN_PREFIX)
+            for job_id, supervisor in running.items():
+                trigger = "preempt" if job_id in preempted else "drain" if draining else None
+                if trigger:
+                    threading.Thread(target=supervisor.checkpoint, args=(trigger,), daemon=True).start()
+
+    # ------------------------------------------------------------ status
+
+    def status(self, uid: int) -> list[dict]:
+        with self.jobs_lock:
+            records = [s.record for s in self.jobs.values()]
+        return [dict(asdict(r), node=self.node) for r in records if uid in (0, r.uid)]

@@ -1,0 +1,76 @@
+"""Messages between the node agent and its clients over a unix socket.
+
+A message is a 4-byte big-endian length and a JSON object; file descriptors (the job's
+stdin/stdout/stderr) travel with a message as SCM_RIGHTS. The agent trusts nothing in
+a message that SO_PEERCRED and /proc do not confirm (see auth.py).
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import socket
+import struct
+from typing import Any
+
+MAX_MESSAGE = 4 * 1024 * 1024  # a job's argv + environment fit easily
+MAX_FDS = 8
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not a well-formed message."""
+
+
+def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
+    payload = json.dumps(message).encode()
+    data = struct.pack(">I", len(payload)) + payload
+    if fds:
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        sent = sock.sendmsg([data], ancillary)
+        data = data[sent:]
+    if data:
+        sock.sendall(data)
+
+
+def _recv_exact(sock: socket.socket, size: int, fds: list[int]) -> bytes:
+    chunks, remaining = [], size
+    while remaining:
+        fd_space = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+        data, ancdata, _flags, _addr = sock.recvmsg(remaining, fd_space)
+        for level, kind, cdata in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                got = array.array("i")
+                got.frombytes(cdata[: len(cdata) - (len(cdata) % got.itemsize)])
+                fds.extend(got)
+        if not data:
+            raise EOFError("peer closed the connection")
+        chunks.append(data)
+        remaining -= len(data)
+    return b"".join(chunks)
+
+
+def recv(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    """One message and the fds that came with it (the caller owns and closes them)."""
+    fds: list[int] = []
+    (size,) = struct.unpack(">I", _recv_exact(sock, 4, fds))
+    if size > MAX_MESSAGE:
+        raise ProtocolError(f"message of {size} bytes exceeds {MAX_MESSAGE}")
+    payload = _recv_exact(sock, size, fds)
+    try:
+        message = json.loads(payload)
+    except json.JSONDecodeError:
+        raise ProtocolError("message is not JSON") from None
+    if not isinstance(message, dict) or not isinstance(message.get("op"), str):
+        raise ProtocolError("message has no 'op'")
+    return message, fds
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the peer, from the kernel (SO_PEERCRED), not from the peer."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)
+
+
+def socket_path(template: str, node: str) -> str:
+    """Expand %n (node name) in a socket path, as plugstack.conf's agent_socket allows."""
+    return template.replace("%n", node)

@@ -1,0 +1,251 @@
+"""One enrolled job on this node: start or restore it, checkpoint it, report its exit.
+
+All checkpoint triggers of a job (periodic, preemption, drain, manual) go through
+`checkpoint()`, which holds the job's lock: they are serialised (invariant 5). A
+checkpoint that fails leaves the job running (the engine rolls back; invariant 2).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from slurm_mm.agent import protocol
+from slurm_mm.errors import ImageError, SlurmMMError
+from slurm_mm.slurm.client import Job
+
+if TYPE_CHECKING:
+    from slurm_mm.agent.node_agent import NodeAgent
+
+log = logging.getLogger(__name__)
+
+# Triggers after which the job stops (and is requeued) rather than running on.
+STOPPING = {"preempt", "drain"}
+
+
+@dataclass
+class LaunchRequest:
+    """What the batch task asked for; only argv/env/cwd come from the user."""
+
+    job: Job
+    uid: int
+    gid: int
+    groups: list[int]
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    stdio: list[int]
+    cgroup_procs: list[Path]
+    interval: int
+
+
+@dataclass
+class Progress:
+    phase: str = "idle"
+    trigger: str = ""
+    started: float = 0.0
+    bytes_done: int = 0
+    bytes_total: int = 0
+
+
+@dataclass
+class JobRecord:
+    """What `slurm-mm status` shows about a job on this node."""
+
+    job_id: str
+    uid: int
+    interval: int
+    mode: str = ""
+    state: str = "starting"
+    last_image: dict[str, Any] = field(default_factory=dict)
+    progress: Progress = field(default_factory=Progress)
+    last_error: str = ""
+
+
+class JobSupervisor:
+    def __init__(self, agent: NodeAgent, request: LaunchRequest, conn: socket.socket) -> None:
+        self.agent = agent
+        self.req = request
+        self.conn = conn
+        self.job_id = request.job.job_id
+        self.epoch = request.job.restart_count
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.tree: Any = None
+        self.record = JobRecord(self.job_id, request.uid, request.interval)
+        self.send_lock = threading.Lock()
+
+    # ------------------------------------------------------------ messages
+
+    def tell(self, text: str) -> None:
+        """A line in the job's own stderr, where its user looks first."""
+        log.info("job %s: %s", self.job_id, text)
+        try:
+            os.write(self.req.stdio[2], f"slurm_mm: {text}\n".encode())
+        except OSError:
+            pass
+
+    def _send(self, message: dict[str, Any]) -> None:
+        with self.send_lock:
+            try:
+                protocol.send(self.conn, message)
+            except OSError:
+                pass
+
+    # ------------------------------------------------------------ start
+
+    def start(self) -> str:
+        """Restore the newest usable image of an earlier run, else launch the script."""
+        store = self.agent.store
+        store.prepare_job(self.job_id, self.req.uid, self.req.gid)
+        store.advance_epoch(self.job_id, self.epoch)
+        mode = "launched"
+        if self.epoch > 0:
+            for image in self._candidate_images():
+                try:
+                    self.tree = self._restore(image)
+                except (ImageError, SlurmMMError) as exc:
+                    self.tell(f"cannot restore {image.path.name}: {exc}; trying an older image")
+                    continue
+                mode = "restored"
+                self.tell(f"restored from {image.path.name} (taken {_age(image.manifest.created)} ago "
+                          f"on {image.manifest.node}, trigger {image.manifest.trigger})")
+                break
+            else:
+                self.tell("no usable image of an earlier run: starting the job script from the beginning")
+        if self.tree is None:
+            self.tree = self.agent.engine.launch(self.req)
+        self.record.mode = mode
+        self.record.state = "running"
+        threading.Thread(target=self._wait_exit, name=f"wait-{self.job_id}", daemon=True).start()
+        if self.req.interval > 0:
+            threading.Thread(target=self._periodic, name=f"periodic-{self.job_id}", daemon=True).start()
+        return mode
+
+    def _candidate_images(self):
+        for image in self.agent.store.images(self.job_id):
+            m = image.manifest
+            if m.epoch >= self.epoch:
+                log.warning("job %s: skipping %s: epoch %d is not older than %d",
+                            self.job_id, image.path.name, m.epoch, self.epoch)
+                continue
+            if m.uid != self.req.uid or m.gid != self.req.gid:
+                self.tell(f"refusing {image.path.name}: recorded owner {m.uid}:{m.gid} is not the job's "
+                          f"{self.req.uid}:{self.req.gid}")
+                continue
+            yield image
+
+    def _restore(self, image):
+        staging = self.agent.staging(self.job_id, f"restore-{image.seq}")
+        try:
+            self.record.progress = Progress("extracting", "restore", time.time())
+            self.agent.store.extract(image, staging, progress=self._progress)
+            self.record.progress.phase = "restoring"
+            return self.agent.engine.restore(staging, self.req, image.manifest)
+        finally:
+            self.record.progress = Progress()
+            shutil.rmtree(staging, ignore_errors=True)
+
+    # ------------------------------------------------------------ running
+
+    def _progress(self, done: int, total: int) -> None:
+        self.record.progress.bytes_done = done
+        self.record.progress.bytes_total = total
+
+    def _wait_exit(self) -> None:
+        status = self.tree.wait()
+        self.stopped.set()
+        with self.lock:  # a stopping checkpoint decides what the job's end means
+            if self.record.state in ("checkpointed", "requeued"):
+                log.info("job %s: tree stopped after checkpoint (status %s)", self.job_id, status)
+                return
+            self.record.state = "exited"
+        log.info("job %s: exited with %s", self.job_id, status)
+        self._send({"op": "exit", "status": status})
+        self.agent.forget(self.job_id)
+
+    def _periodic(self) -> None:
+        while not self.stopped.wait(self.req.interval):
+            self.checkpoint("periodic")
+
+    def on_signal(self, signum: int) -> None:
+        """A signal Slurm sent the batch task, relayed by slurm-mm-run."""
+        self.agent.on_job_signal(self, signum)
+
+    def forward(self, signum: int) -> None:
+        if self.tree is not None and not self.stopped.is_set():
+            self.tree.signal(signum)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def checkpoint(self, trigger: str, requeue: bool = False) -> Any | None:
+        """Take an image now; for preempt/drain (or `requeue`) the job stops and is requeued."""
+        stopping = requeue or trigger in STOPPING
+        with self.lock:
+            if self.record.state != "running" or self.stopped.is_set():
+                return None
+            self.record.progress = Progress("dumping", trigger, time.time())
+            staging = self.agent.staging(self.job_id, f"dump-{int(time.time() * 1000)}")
+            try:
+                image = self._dump_and_commit(staging, trigger, stopping)
+            except SlurmMMError as exc:
+                self.record.last_error = str(exc)
+                self.tell(f"{trigger} checkpoint failed: {exc}" + self._fallback_note(stopping))
+                return None
+            finally:
+                self.record.progress = Progress()
+                shutil.rmtree(staging, ignore_errors=True)
+            m = image.manifest
+            self.record.last_image = {"name": image.path.name, "created": m.created, "trigger": m.trigger,
+                                      "size": sum(f.stored_size for f in m.files)}
+            if stopping:
+                self.record.state = "checkpointed"
+        if stopping:
+            self.tell(f"checkpointed to {image.path.name} for {trigger}; requeueing")
+            self._requeue()
+        return image
+
+    def _fallback_note(self, stopping: bool) -> str:
+        if not stopping:
+            return "; the job keeps running"
+        last = self.record.last_image.get("name")
+        if last:
+            return f"; the job will resume from the last periodic image {last}"
+        return "; no earlier image exists: a requeued run starts from the beginning"
+
+    def _dump_and_commit(self, staging: Path, trigger: str, stopping: bool):
+        engine, store = self.agent.engine, self.agent.store
+        dumped = engine.dump(self.tree, staging, leave_running=not stopping)
+        try:
+            self.record.progress.phase = "writing"
+            image = store.commit(
+                self.job_id, staging, epoch=self.epoch, uid=self.req.uid, gid=self.req.gid,
+                node=self.agent.node, trigger=trigger, gpu=dumped.gpu_inventory,
+                criu_version=engine.criu_version, extra=dumped.extra, progress=self._progress)
+        except SlurmMMError:
+            if stopping:
+                engine.resume_stopped(self.tree)  # nothing lost: the job runs on
+            raise
+        if stopping:
+            engine.kill_stopped(self.tree)
+        store.gc(self.job_id)
+        return image
+
+    def _requeue(self) -> None:
+        try:
+            self.agent.slurm.requeue(self.job_id)
+            self.record.state = "requeued"
+        except SlurmMMError as exc:
+            self.tell(f"requeue failed ({exc}); Slurm's own preemption or the admin must requeue it")
+
+
+def _age(created: float) -> str:
+    seconds = max(0, int(time.time() - created))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"

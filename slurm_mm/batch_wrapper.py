@@ -1,0 +1,86 @@
+"""`slurm-mm-run`: the batch task of an enrolled job (runs as the job's user).
+
+The SPANK plugin points the batch task's argv[0] here and passes the real script in
+SLURM_MM_SCRIPT. This process stays the batch step's task: it hands its stdin/stdout/
+stderr and the job's command to the node agent, which starts the job in its own PID
+namespace (or restores it from an image), relays the signals Slurm sends it (Slurm
+signals only slurmstepd's direct children, FACTS.md) and exits with the job's exit
+status. It holds no privilege and decides nothing about images.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from types import FrameType
+
+from slurm_mm.agent import protocol
+
+RELAYED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+           signal.SIGUSR2, signal.SIGTSTP, signal.SIGCONT, signal.SIGALRM)
+DEFAULT_SOCKET = "/run/slurm_mm/agent.sock"
+
+
+def say(text: str) -> None:
+    print(f"slurm_mm: {text}", file=sys.stderr, flush=True)
+
+
+def run_unprotected(argv: list[str], why: str) -> None:
+    say(f"{why}; the job runs without checkpoints")
+    os.execv(argv[0], argv)
+
+
+def connect(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.connect(path)
+    return sock
+
+
+def main() -> int:
+    script = os.environ.get("SLURM_MM_SCRIPT")
+    if not script:
+        say("SLURM_MM_SCRIPT is not set: slurm-mm-run is started by the slurm_mm SPANK plugin")
+        return 1
+    argv = [script, *sys.argv[1:]]
+    node = os.environ.get("SLURMD_NODENAME", "")
+    path = protocol.socket_path(os.environ.get("SLURM_MM_AGENT_SOCKET", DEFAULT_SOCKET), node)
+    try:
+        sock = connect(path)
+    except OSError as exc:
+        run_unprotected(argv, f"node agent not reachable at {path} ({exc.strerror})")
+        return 1  # not reached
+    env = {k: v for k, v in os.environ.items() if k not in ("SLURM_MM_SCRIPT", "SLURM_MM_AGENT_SOCKET")}
+    request = {"op": "start", "job_id": os.environ.get("SLURM_JOB_ID", ""), "argv": argv,
+               "env": env, "cwd": os.getcwd()}
+    protocol.send(sock, request, fds=[0, 1, 2])
+    reply, fds = protocol.recv(sock)
+    for fd in fds:
+        os.close(fd)
+    if reply["op"] == "refused":
+        say(f"error: {reply.get('message', 'the node agent refused the job')}")
+        return 1
+
+    def relay(signum: int, _frame: FrameType | None) -> None:
+        try:
+            protocol.send(sock, {"op": "signal", "signal": signum})
+        except OSError:
+            pass
+
+    for sig in RELAYED:
+        signal.signal(sig, relay)
+    while True:
+        try:
+            message, fds = protocol.recv(sock)
+        except (EOFError, OSError, protocol.ProtocolError) as exc:
+            say(f"error: lost the node agent ({exc}); the job cannot be supervised")
+            return 1
+        for fd in fds:
+            os.close(fd)
+        if message["op"] == "exit":
+            return int(message.get("status", 1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

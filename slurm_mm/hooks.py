@@ -1,0 +1,90 @@
+"""Slurm Prolog and Epilog for enrolled jobs (run as root by slurmd).
+
+Prolog: prepare the job's checkpoint directory (root-owned, readable by the owner),
+advance the epoch fence to this run's restart count (so an older copy of the job can
+never commit again), and on a requeued run name the image that will be restored.
+Epilog: a job that completed (exit 0) has its images removed; any other end keeps
+them, trimmed to the retention count, and the node-local staging is removed.
+Trusts only slurmd's environment (SLURM_JOB_*, SPANK_* set by the SPANK plugin in
+sbatch) and a root-owned config. Never fails the job or drains the node for its own
+errors: it logs them and exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+
+from slurm_mm import config
+from slurm_mm.errors import SlurmMMError
+from slurm_mm.store import ImageStore
+
+log = logging.getLogger("slurm_mm.hooks")
+
+
+def _enrolled(env: dict[str, str]) -> bool:
+    return env.get("SPANK_SLURM_MM_INTERVAL", "0") not in ("", "0")
+
+
+def _store(cfg: config.Config) -> ImageStore:
+    return ImageStore(cfg.checkpoint_root, level=cfg.compression_level,
+                      threads=cfg.compression_threads, keep=cfg.keep_images,
+                      lock_timeout=cfg.timeouts.lock)
+
+
+def prolog(env: dict[str, str]) -> None:
+    job, uid, gid = env["SLURM_JOB_ID"], int(env["SLURM_JOB_UID"]), int(env["SLURM_JOB_GID"])
+    epoch = int(env.get("SLURM_JOB_RESTART_COUNT") or 0)
+    store = _store(config.load(require_safe_owner=True))
+    store.prepare_job(job, uid, gid)
+    store.advance_epoch(job, epoch)
+    if epoch == 0:
+        return
+    # Manifest-level choice only: the agent verifies checksums while it extracts, so the
+    # prolog does not read the whole image a second time before the job can start.
+    image = next((i for i in store.images(job) if i.manifest.epoch < epoch), None)
+    if image is None:
+        log.warning("job %s run %d: no usable image; the script starts from the beginning", job, epoch)
+    else:
+        log.warning("job %s run %d: will restore %s (trigger %s, epoch %d)", job, epoch,
+                    image.path.name, image.manifest.trigger, image.manifest.epoch)
+
+
+def epilog(env: dict[str, str]) -> None:
+    job = env["SLURM_JOB_ID"]
+    cfg = config.load(require_safe_owner=True)
+    shutil.rmtree(cfg.staging_dir / job, ignore_errors=True) if job.isdigit() else None
+    store = _store(cfg)
+    if env.get("SLURM_JOB_EXIT_CODE", "") == "0":
+        store.remove_job(job)
+        log.warning("job %s completed: its images were removed", job)
+    else:
+        removed = store.gc(job)
+        log.warning("job %s ended (exit %s): images kept, %d old ones removed", job,
+                    env.get("SLURM_JOB_EXIT_CODE", "?"), len(removed))
+
+
+def run(hook) -> int:
+    logging.basicConfig(level=logging.INFO, format=f"slurm_mm {hook.__name__}: %(message)s")
+    env = dict(os.environ)
+    if not _enrolled(env) or not env.get("SLURM_JOB_ID", "").isdigit():
+        return 0  # a job without --checkpoint-interval is untouched by slurm_mm
+    try:
+        hook(env)
+    except (SlurmMMError, KeyError, ValueError, OSError) as exc:
+        log.error("job %s: %s", env.get("SLURM_JOB_ID"), exc)
+    return 0
+
+
+def prolog_main() -> int:
+    return run(prolog)
+
+
+def epilog_main() -> int:
+    return run(epilog)
+
+
+if __name__ == "__main__":
+    sys.exit(run(prolog if sys.argv[1:] == ["prolog"] else epilog))

@@ -1,0 +1,181 @@
+"""Slurm access behind one small client.
+
+By default it runs Slurm's own commands (`squeue --json`, `sinfo --json`, `scontrol`),
+reading both JSON shapes seen on these machines: 22.05 (data_parser v0.0.38: plain
+strings and integers) and 24.11 (v0.0.42: `job_state` is a list, numbers are
+`{set, infinite, number}` objects). pyslurm is used when it is installed and matches
+the running Slurm. Nothing else in slurm_mm calls Slurm. It knows Slurm, never CRIU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from slurm_mm.errors import SlurmError
+
+log = logging.getLogger(__name__)
+COMMAND_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: str
+    user_id: int
+    group_id: int
+    state: str  # RUNNING, PENDING, COMPLETED, ... (first state flag)
+    batch_host: str
+    restart_count: int
+    preempt_time: int  # unix time the job was selected for preemption; 0 = never
+    start_time: int  # unix time this run started
+    nodes: str
+    partition: str
+    requeue: bool
+    exit_code: int | None
+    work_dir: str
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    state: str  # lower case base state: idle, allocated, mixed, down, ...
+    flags: tuple[str, ...]  # DRAIN, ...
+    reason: str
+
+    @property
+    def draining(self) -> bool:
+        return "DRAIN" in self.flags or "drain" in self.state
+
+
+class SlurmClient(Protocol):
+    def job(self, job_id: str) -> Job: ...
+    def jobs(self, node: str | None = None) -> list[Job]: ...
+    def node(self, name: str) -> Node: ...
+    def requeue(self, job_id: str) -> None: ...
+    def drain(self, node: str, reason: str) -> None: ...
+
+
+def _number(value: Any) -> int:
+    """An integer from 22.05's plain ints or 24.11's {set, infinite, number} objects."""
+    if isinstance(value, dict):
+        return int(value.get("number", 0)) if value.get("set", True) and not value.get("infinite") else 0
+    if value in (None, ""):
+        return 0
+    return int(value)
+
+
+def _state(value: Any) -> str:
+    if isinstance(value, list):
+        return value[0] if value else "UNKNOWN"
+    return str(value)
+
+
+def _exit_code(value: Any) -> int | None:
+    if isinstance(value, dict):  # 24.11: {"status": [...], "return_code": {...}}
+        return _number(value.get("return_code", 0))
+    return None if value is None else int(value)
+
+
+def job_from_json(data: dict[str, Any]) -> Job:
+    """Build a Job from one entry of `squeue --json`'s "jobs" (either version)."""
+    try:
+        return Job(
+            job_id=str(_number(data["job_id"])),
+            user_id=_number(data["user_id"]),
+            group_id=_number(data.get("group_id", 0)),
+            state=_state(data["job_state"]),
+            batch_host=str(data.get("batch_host") or ""),
+            restart_count=_number(data.get("restart_cnt", 0)),
+            preempt_time=_number(data.get("preempt_time", 0)),
+            start_time=_number(data.get("start_time", 0)),
+            nodes=str(data.get("nodes") or ""),
+            partition=str(data.get("partition") or ""),
+            requeue=bool(data.get("requeue", False)),
+            exit_code=_exit_code(data.get("exit_code")),
+            work_dir=str(data.get("current_working_directory") or ""),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SlurmError(f"unreadable job record from squeue: {exc!r}") from None
+
+
+def node_from_json(data: dict[str, Any]) -> Node:
+    state = data.get("state", "unknown")
+    flags = list(data.get("state_flags", []))
+    if isinstance(state, list):  # 24.11: ["IDLE", "DRAIN"]
+        flags += state[1:]
+        state = state[0] if state else "unknown"
+    return Node(name=str(data["name"]), state=str(state).lower(),
+                flags=tuple(str(f).upper() for f in flags), reason=str(data.get("reason") or ""))
+
+
+class CommandClient:
+    """Talks to Slurm through its command-line tools (the default backend)."""
+
+    def _run(self, *argv: str) -> str:
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+        except FileNotFoundError:
+            raise SlurmError(f"'{argv[0]}' not found: is Slurm installed?") from None
+        except subprocess.TimeoutExpired:
+            raise SlurmError(f"'{' '.join(argv)}' did not answer within {COMMAND_TIMEOUT:.0f}s") from None
+        if proc.returncode != 0:
+            message = " ".join(proc.stderr.split()) or f"exit status {proc.returncode}"
+            raise SlurmError(f"'{' '.join(argv[:3])}' failed: {message}")
+        return proc.stdout
+
+    def _json(self, *argv: str) -> dict[str, Any]:
+        out = self._run(*argv)
+        try:
+            data = json.loads(out)
+        except json.JSONDecodeError:
+            raise SlurmError(f"'{' '.join(argv[:2])}' returned invalid JSON") from None
+        if not isinstance(data, dict):
+            raise SlurmError(f"'{' '.join(argv[:2])}' returned unexpected JSON")
+        return data
+
+    def job(self, job_id: str) -> Job:
+        if not job_id.isdigit():
+            raise SlurmError(f"invalid job id '{job_id}'")
+        data = self._json("squeue", "--json", "--states=all", "-j", job_id)
+        jobs = [job_from_json(j) for j in data.get("jobs", [])]
+        for job in jobs:
+            if job.job_id == job_id:
+                return job
+        raise SlurmError(f"job {job_id} not found")
+
+    def jobs(self, node: str | None = None) -> list[Job]:
+        argv = ["squeue", "--json"]
+        if node:
+            argv += ["-w", node]
+        jobs = [job_from_json(j) for j in self._json(*argv).get("jobs", [])]
+        # squeue -w matches any node of a job; slurm_mm cares about the batch host.
+        return [j for j in jobs if node is None or j.batch_host == node]
+
+    def node(self, name: str) -> Node:
+        data = self._json("sinfo", "--json", "-n", name)
+        for entry in data.get("nodes", []):
+            if entry.get("name") == name:
+                return node_from_json(entry)
+        raise SlurmError(f"node '{name}' not found")
+
+    def requeue(self, job_id: str) -> None:
+        self._run("scontrol", "requeue", job_id)
+
+    def drain(self, node: str, reason: str) -> None:
+        self._run("scontrol", "update", f"NodeName={node}", "State=DRAIN", f"Reason={reason}")
+
+
+def connect() -> SlurmClient:
+    """pyslurm when it is installed and built for the running Slurm, else the commands."""
+    try:
+        from slurm_mm.slurm.pyslurm_client import PyslurmClient  # noqa: PLC0415
+    except ImportError:
+        return CommandClient()
+    try:
+        return PyslurmClient()
+    except SlurmError as exc:
+        log.info("pyslurm not usable (%s); using Slurm's commands", exc)
+        return CommandClient()
