@@ -102,7 +102,10 @@ def check(src: int, dst: int | None, *, compressed: bool, size: int, sha256: str
         while True:
             if cancelled and cancelled():
                 raise Cancelled()
-            chunk = stream.read(CHUNK)
+            try:
+                chunk = stream.read(CHUNK)
+            except OSError as exc:  # a read error of the image, not of dst
+                raise Mismatch(f"cannot be read ({exc.strerror})") from None
             if not chunk:
                 break
             done += len(chunk)

@@ -85,6 +85,9 @@ class Manifest:
     def from_json(cls, text: str | bytes, *, source: str = "manifest") -> Manifest:
         """Parse and validate; ImageCorrupt naming `source` and the bad value otherwise."""
         try:
+            if isinstance(text, bytes):
+                # Decode ourselves: json.loads would guess UTF-16/32 from the first bytes.
+                text = text.decode("utf-8")
             data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
         except RecursionError:
             raise ImageCorrupt(f"{source}: JSON nested too deeply") from None

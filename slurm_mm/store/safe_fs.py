@@ -20,9 +20,10 @@ import shutil
 import stat
 from pathlib import Path
 
-from slurm_mm.errors import UnsafePath
+from slurm_mm.errors import PermissionDenied, UnsafePath
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+PATH_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO planted where a file is expected must not hang root.
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -93,13 +94,22 @@ def _refuse_open_error(exc: OSError, name: str, dir_fd: int | None, path: Path |
     raise exc
 
 
-def open_dir(name: str | Path, *, dir_fd: int | None, path: Path | str) -> int:
+def open_dir(name: str | Path, *, dir_fd: int | None, path: Path | str, search_only: bool = False) -> int:
     """Open directory `name` (relative to dir_fd) without following a symlink; check its owner/mode.
 
-    `path` is only used in messages.
+    `path` is only used in messages. search_only: a directory we may search but not read
+    (the 0711 checkpoint root, for a job's owner) is opened O_PATH, good as a dir_fd only.
+    PermissionDenied if we may not read it.
     """
     try:
-        fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+        try:
+            fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+        except PermissionError:
+            if not search_only:
+                raise
+            fd = os.open(name, PATH_FLAGS, dir_fd=dir_fd)
+    except PermissionError:
+        raise PermissionDenied(f"{path}: permission denied") from None
     except OSError as exc:
         _refuse_open_error(exc, str(name), dir_fd, path)
         raise
@@ -119,6 +129,8 @@ def open_read(name: str, *, dir_fd: int, path: Path | str, check_owner: bool = T
     """
     try:
         fd = os.open(name, READ_FLAGS, dir_fd=dir_fd)
+    except PermissionError:
+        raise PermissionDenied(f"{path}: permission denied") from None
     except OSError as exc:
         _refuse_open_error(exc, name, dir_fd, path)
         raise
