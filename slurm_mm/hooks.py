@@ -3,8 +3,10 @@
 Prolog: prepare the job's checkpoint directory (root-owned, readable by the owner),
 advance the epoch fence to this run's restart count (so an older copy of the job can
 never commit again), and on a requeued run name the image that will be restored.
-Epilog: a job that completed (exit 0) has its images removed; any other end keeps
-them, trimmed to the retention count, and the node-local staging is removed.
+Epilog: a job that completed has its images removed; any other end keeps them, trimmed
+to the retention count, and the node-local staging is removed. "Completed" is the node
+agent's word (a root-owned marker it leaves when the job's own tree exited 0): Slurm
+reports exit code 0 for a requeued job too, so the epilog cannot tell by itself.
 Trusts only slurmd's environment (SLURM_JOB_*, SPANK_* set by the SPANK plugin in
 sbatch) and a root-owned config. Never fails the job or drains the node for its own
 errors: it logs them and exits 0.
@@ -34,6 +36,11 @@ def _store(cfg: config.Config) -> ImageStore:
                       lock_timeout=cfg.timeouts.lock)
 
 
+def completion_marker(cfg: config.Config, job_id: str):
+    """Node-local, root-owned: written by the agent when job_id's tree exited 0."""
+    return cfg.run_dir / "completed" / job_id
+
+
 def prolog(env: dict[str, str]) -> None:
     job, uid, gid = env["SLURM_JOB_ID"], int(env["SLURM_JOB_UID"]), int(env["SLURM_JOB_GID"])
     epoch = int(env.get("SLURM_JOB_RESTART_COUNT") or 0)
@@ -57,8 +64,10 @@ def epilog(env: dict[str, str]) -> None:
     cfg = config.load(require_safe_owner=True)
     shutil.rmtree(cfg.staging_dir / job, ignore_errors=True) if job.isdigit() else None
     store = _store(cfg)
-    if env.get("SLURM_JOB_EXIT_CODE", "") == "0":
+    marker = completion_marker(cfg, job)
+    if marker.is_file() and not marker.is_symlink():
         store.remove_job(job)
+        marker.unlink()
         log.warning("job %s completed: its images were removed", job)
     else:
         removed = store.gc(job)

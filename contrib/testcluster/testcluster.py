@@ -123,7 +123,7 @@ def write_configs(c: Cluster, preempt_mode: str) -> None:
     host = socket.gethostname()
     nodes = "\n".join(
         f"NodeName={n} NodeAddr=127.0.0.1 NodeHostname={host} Port={NODE_PORTS[n]} "
-        "CPUs=1 RealMemory=2000 State=UNKNOWN"
+        "CPUs=2 RealMemory=2000 State=UNKNOWN"
         for n in NODES
     )
     c.slurm_conf.write_text(f"""\
@@ -167,10 +167,12 @@ MpiDefault=none
 Prolog={c.etc / 'prolog'}
 Epilog={c.etc / 'epilog'}
 PlugStackConfig={c.etc / 'plugstack.conf'}
+CliFilterPlugins=cli_filter/lua
 {nodes}
 PartitionName=low Nodes={','.join(NODES)} Default=YES PriorityTier=1 PreemptMode={'SUSPEND' if suspend else 'REQUEUE'} GraceTime=20 MaxTime=INFINITE State=UP
 PartitionName=high Nodes={','.join(NODES)} PriorityTier=10 PreemptMode=OFF MaxTime=INFINITE State=UP
 """)
+    shutil.copy(REPO / "contrib" / "slurm" / "cli_filter.lua", c.etc / "cli_filter.lua")
     (c.etc / "cgroup.conf").write_text(
         "CgroupPlugin=autodetect\nConstrainCores=no\nConstrainRAMSpace=no\nConstrainDevices=no\n"
     )

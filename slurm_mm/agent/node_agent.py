@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import shutil
 import signal
 import socket
 import stat
@@ -46,15 +47,18 @@ class NodeAgent:
 
     # ------------------------------------------------------------ helpers for supervisors
 
-    def staging(self, job_id: str, name: str) -> Path:
-        """A fresh root-only directory on node-local staging space."""
+    def staging(self, job_id: str, name: str, create: bool = True) -> Path:
+        """A fresh root-only directory on node-local staging space (or its free name)."""
         base = self.config.staging_dir / job_id
         base.mkdir(parents=True, exist_ok=True, mode=0o700)
         st = os.lstat(base)
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
             raise PermissionDenied(f"staging directory {base} is not a root-owned directory")
         path = base / name
-        path.mkdir(mode=0o700)
+        if path.exists():
+            shutil.rmtree(path)  # a leftover of a crashed agent
+        if create:
+            path.mkdir(mode=0o700)
         return path
 
     def forget(self, job_id: str) -> None:

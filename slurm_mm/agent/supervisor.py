@@ -143,7 +143,7 @@ class JobSupervisor:
             yield image
 
     def _restore(self, image):
-        staging = self.agent.staging(self.job_id, f"restore-{image.seq}")
+        staging = self.agent.staging(self.job_id, f"restore-{image.seq}", create=False)
         try:
             self.record.progress = Progress("extracting", "restore", time.time())
             self.agent.store.extract(image, staging, progress=self._progress)
@@ -160,16 +160,32 @@ class JobSupervisor:
         self.record.progress.bytes_total = total
 
     def _wait_exit(self) -> None:
-        status = self.tree.wait()
+        tree = self.tree
+        status = tree.wait()
         self.stopped.set()
         with self.lock:  # a stopping checkpoint decides what the job's end means
+            if self.tree is not tree:
+                return  # restored in place after a failed commit: a new waiter took over
             if self.record.state in ("checkpointed", "requeued"):
                 log.info("job %s: tree stopped after checkpoint (status %s)", self.job_id, status)
                 return
             self.record.state = "exited"
         log.info("job %s: exited with %s", self.job_id, status)
+        if status == 0:
+            self._mark_completed()
         self._send({"op": "exit", "status": status})
         self.agent.forget(self.job_id)
+
+    def _mark_completed(self) -> None:
+        """Tell the epilog the job completed, so its images can go (hooks.py)."""
+        from slurm_mm.hooks import completion_marker  # noqa: PLC0415
+
+        marker = completion_marker(self.agent.config, self.job_id)
+        try:
+            marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            marker.write_text(f"{self.epoch}\n")
+        except OSError as exc:
+            log.warning("job %s: cannot write %s: %s", self.job_id, marker, exc)
 
     def _periodic(self) -> None:
         while not self.stopped.wait(self.req.interval):
@@ -229,14 +245,28 @@ class JobSupervisor:
                 self.job_id, staging, epoch=self.epoch, uid=self.req.uid, gid=self.req.gid,
                 node=self.agent.node, trigger=trigger, gpu=dumped.gpu_inventory,
                 criu_version=engine.criu_version, extra=dumped.extra, progress=self._progress)
-        except SlurmMMError:
-            if stopping:
-                engine.resume_stopped(self.tree)  # nothing lost: the job runs on
+        except SlurmMMError as exc:
+            if stopping:  # the dump ended the tree: bring it back from the local image
+                self._restore_in_place(staging, exc)
             raise
-        if stopping:
-            engine.kill_stopped(self.tree)
         store.gc(self.job_id)
         return image
+
+    def _restore_in_place(self, staging: Path, cause: SlurmMMError) -> None:
+        """Nothing lost when the store refuses an image: the job resumes here from it."""
+        self.stopped.wait(30)  # the waiter sees the dumped tree end
+        manifest = type("LocalImage", (), {"gpu": None})()
+        try:
+            self.tree = self.agent.engine.restore(staging, self.req, manifest)
+        except SlurmMMError as exc:
+            self.tell(f"could not store the image ({cause}) nor resume the job here ({exc}); "
+                      "requeueing it to resume from its last stored image")
+            self.record.state = "checkpointed"
+            threading.Thread(target=self._requeue, daemon=True).start()
+            return
+        self.stopped.clear()
+        threading.Thread(target=self._wait_exit, name=f"wait-{self.job_id}", daemon=True).start()
+        self.tell(f"could not store the image ({cause}); the job resumed on this node")
 
     def _requeue(self) -> None:
         try:

@@ -1,0 +1,87 @@
+"""The engine as the node agent uses it: a job's launch request in, a process tree out.
+
+Adapts the engine's process-level API (launcher, checkpoint_tree, restore_tree, the GPU
+checkpointer) to LaunchRequests and manifests; knows no Slurm and no image layout.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slurm_mm.config import Config
+from slurm_mm.engine import gpu_inventory
+from slurm_mm.engine.checkpoint import checkpoint_tree
+from slurm_mm.engine.criu import Criu
+from slurm_mm.engine.gpu import open_checkpointer
+from slurm_mm.engine.launcher import launch
+from slurm_mm.engine.restore import restore_tree
+from slurm_mm.errors import GpuError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Dumped:
+    """What a dump tells the store's manifest."""
+
+    gpu_inventory: dict[str, Any] | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class JobEngine:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.criu = Criu(cfg.criu_path, libexec=cfg.libexec_dir, timeout=cfg.timeouts.checkpoint)
+        self.criu_version = self.criu.version()
+        self.gpu = open_checkpointer()  # None on nodes without the CUDA checkpoint API
+
+    def launch(self, req) -> Any:
+        return launch(req.argv, uid=req.uid, gid=req.gid, groups=req.groups, env=req.env,
+                      cwd=req.cwd, stdin=req.stdio[0], stdout=req.stdio[1], stderr=req.stdio[2],
+                      join_cgroups=[str(p) for p in req.cgroup_procs], libexec=self.cfg.libexec_dir)
+
+    def restore(self, images: Path, req, manifest) -> Any:
+        options: dict[str, Any] = {}
+        if manifest.gpu:
+            here = gpu_inventory.check_compatible(manifest.gpu)
+            if here is not None:
+                options["gpu_pairs"] = gpu_inventory.gpu_pairs(manifest.gpu, here)
+        return restore_tree(images, stdin=req.stdio[0], stdout=req.stdio[1], stderr=req.stdio[2],
+                            join_cgroups=[str(p) for p in req.cgroup_procs], owner_uid=req.uid,
+                            owner_gids=req.groups, gpu=self.gpu if manifest.gpu else None,
+                            gpu_resume_options=options, criu=self.criu,
+                            timeout=self.cfg.timeouts.restore)
+
+    def dump(self, tree: Any, images: Path, *, leave_running: bool) -> Dumped:
+        result = checkpoint_tree(tree.init_pid, images, leave_running=leave_running, gpu=self.gpu,
+                                 criu=self.criu, timeout=self.cfg.timeouts.checkpoint)
+        inventory = None
+        if result.gpu_pids:
+            found = gpu_inventory.read_inventory()
+            inventory = found.to_dict() if found else None
+        return Dumped(inventory, {"timings": result.timings, "image_bytes": result.image_bytes,
+                                  "gpu_pids": result.gpu_pids})
+
+    def suspend_gpu(self, tree: Any) -> None:
+        """SUSPEND preemption: GPU memory to host before Slurm's freezer stops the tree."""
+        if self.gpu is None or tree is None:
+            return
+        from slurm_mm.engine.proctree import tree_pids  # noqa: PLC0415
+
+        try:
+            tree.gpu_suspended = self.gpu.suspend(tree_pids(tree.init_pid))
+        except GpuError as exc:
+            log.error("GPU suspend of pid %d failed: %s", tree.init_pid, exc)
+
+    def resume_gpu(self, tree: Any) -> None:
+        pids = getattr(tree, "gpu_suspended", None)
+        if self.gpu is None or not pids:
+            return
+        try:
+            self.gpu.resume(pids)
+            tree.gpu_suspended = []
+        except GpuError as exc:
+            log.error("GPU resume of pid %d failed: %s", tree.init_pid, exc)

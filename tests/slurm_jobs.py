@@ -1,0 +1,68 @@
+"""Helpers for integration tests that run the self-checking chain job on the cluster."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+from pathlib import Path
+
+from conftest import testcluster as tc
+from workloads.chain_job import chain
+
+WORKLOAD = Path(__file__).parent / "workloads" / "chain_job.py"
+
+
+def submit_chain(cluster, job_dir: Path, steps: int, delay: float, *options: str,
+                 interval: str | None = "5s", exit_code: int = 0, name: str = "chain") -> str:
+    """Submit the chain job as the test user; its files live in job_dir/<name>.*"""
+    shutil.copy(WORKLOAD, job_dir / "chain_job.py")
+    user = pwd.getpwnam(tc.USER)
+    os.chown(job_dir / "chain_job.py", user.pw_uid, user.pw_gid)
+    script = (f"#!/bin/sh\nexec /usr/bin/python3 {job_dir}/chain_job.py {steps} {delay} "
+              f"{job_dir}/{name}.log {exit_code}\n")
+    opts = list(options) + ["-o", str(job_dir / f"{name}.out"), "-J", name]
+    if interval:
+        opts.append(f"--checkpoint-interval={interval}")
+    return tc.job_id(tc.sbatch(cluster, script, *opts, cwd=job_dir))
+
+
+def logged_steps(job_dir: Path, name: str = "chain") -> list[int]:
+    path = job_dir / f"{name}.log"
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def output(job_dir: Path, name: str = "chain") -> str:
+    path = job_dir / f"{name}.out"
+    return path.read_text() if path.exists() else ""
+
+
+def assert_correct_result(job_dir: Path, steps: int, name: str = "chain") -> None:
+    """The job's own verdict: its in-memory hash chain equals an uninterrupted run's."""
+    lines = [l for l in output(job_dir, name).splitlines() if l.startswith("result=")]
+    assert len(lines) == 1, output(job_dir, name)
+    assert lines[0].split()[0] == f"result={chain(steps)}"
+    assert f"steps={steps}" in lines[0]
+
+
+def assert_no_lost_or_repeated_steps(job_dir: Path, steps: int, name: str = "chain") -> None:
+    assert logged_steps(job_dir, name) == list(range(1, steps + 1))
+
+
+def image_names(cluster, job: str) -> list[str]:
+    path = cluster.checkpoint_root / job
+    return sorted(p.name for p in path.glob("ckpt-*")) if path.is_dir() else []
+
+
+def as_user(cluster, *argv: str, user: str = tc.USER) -> subprocess.CompletedProcess:
+    env = {"PATH": "/opt/slurm_mm/venv/bin:/usr/bin:/bin", "SLURM_CONF": str(cluster.slurm_conf),
+           "SLURM_MM_CONFIG": str(cluster.mm_config), "HOME": pwd.getpwnam(user).pw_dir}
+    return subprocess.run(["runuser", "-u", user, "--", "env", "-i",
+                           *(f"{k}={v}" for k, v in env.items()), *argv],
+                          capture_output=True, text=True, timeout=300, cwd="/")
+
+
+def user_processes(pattern: str) -> list[str]:
+    out = subprocess.run(["pgrep", "-a", "-u", tc.USER, "-f", pattern], capture_output=True, text=True)
+    return out.stdout.splitlines()

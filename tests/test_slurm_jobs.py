@@ -1,0 +1,146 @@
+"""Enrolled jobs on the real 3-node cluster: periodic images, requeue, preemption,
+drain, node failure, scancel, exit codes. Every job is the self-checking chain job:
+its final hash equals an uninterrupted run's only if no work was lost or repeated."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from conftest import testcluster as tc
+from slurm_jobs import (as_user, assert_correct_result, assert_no_lost_or_repeated_steps,
+                        image_names, logged_steps, output, submit_chain, user_processes)
+
+pytestmark = pytest.mark.cluster
+
+
+def scontrol(cluster, *args: str) -> None:
+    subprocess.run(["scontrol", *args], env=cluster.env(), check=True, capture_output=True)
+
+
+def test_periodic_images_while_job_keeps_running(cluster, job_dir):
+    job = submit_chain(cluster, job_dir, steps=60, delay=0.25, interval="5s")
+    tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)
+    tc.wait_for(lambda: len(image_names(cluster, job)) >= 2, 30, "two periodic images")
+    assert tc.job_info(cluster, job)["JobState"] == "RUNNING"
+    info = tc.wait_job(cluster, job, {"COMPLETED", "FAILED"}, timeout=60)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0"
+    assert_correct_result(job_dir, 60)
+    assert_no_lost_or_repeated_steps(job_dir, 60)  # leave-running dumps cost no step
+    # A completed job's images are removed by the epilog.
+    tc.wait_for(lambda: not (cluster.checkpoint_root / job).exists(), 20, "images removed")
+
+
+def test_owner_checkpoint_requeue_resumes_without_lost_work(cluster, job_dir):
+    job = submit_chain(cluster, job_dir, steps=80, delay=0.25, interval="10m")
+    tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)
+    tc.wait_for(lambda: len(logged_steps(job_dir)) >= 10, 30, "10 steps")
+    res = as_user(cluster, "slurm-mm", "checkpoint", job, "--requeue")
+    assert res.returncode == 0, res.stderr
+    assert "checkpointed and requeued" in res.stdout
+    tc.wait_for(lambda: tc.job_info(cluster, job).get("Restarts") == "1", 30, "requeue")
+    info = tc.wait_job(cluster, job, {"COMPLETED", "FAILED"}, timeout=120)
+    assert info["JobState"] == "COMPLETED"
+    assert "slurm_mm: restored from ckpt-" in output(job_dir)
+    assert_correct_result(job_dir, 80)
+    assert_no_lost_or_repeated_steps(job_dir, 80)
+
+
+def test_preempted_job_resumes_on_another_node(cluster, job_dir):
+    job = submit_chain(cluster, job_dir, 120, 0.25, "-p", "low", interval="10m")
+    node = tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)["BatchHost"]
+    tc.wait_for(lambda: len(logged_steps(job_dir)) >= 10, 30, "10 steps")
+    urgent = tc.job_id(tc.sbatch(cluster, "#!/bin/sh\nsleep 45\n", "-p", "high", "-w", node,
+                                 "--exclusive", "-o", "/dev/null", cwd=job_dir))
+    try:
+        info = tc.wait_job(cluster, job, {"RUNNING"}, timeout=120, node_not=node)
+        assert info["Restarts"] == "1"
+        info = tc.wait_job(cluster, job, {"COMPLETED", "FAILED"}, timeout=120)
+    finally:
+        subprocess.run(["scancel", urgent], env=cluster.env())
+    assert info["JobState"] == "COMPLETED"
+    assert "for preempt" in output(job_dir)
+    assert_correct_result(job_dir, 120)
+    assert_no_lost_or_repeated_steps(job_dir, 120)
+
+
+def test_drain_moves_two_enrolled_jobs_off_the_node(cluster, job_dir):
+    jobs = [submit_chain(cluster, job_dir, 100, 0.25, "-w", "n1", interval="10m", name=f"j{i}")
+            for i in range(2)]
+    for job in jobs:
+        assert tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)["BatchHost"] == "n1"
+    tc.wait_for(lambda: all(len(logged_steps(job_dir, f"j{i}")) >= 8 for i in range(2)), 30, "progress")
+    try:
+        res = subprocess.run(["slurm-mm", "drain", "n1", "--reason", "disk swap", "--timeout", "60"],
+                             env=cluster.env(), capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "requeued" in res.stdout
+        node = tc.node_states(cluster)["n1"]
+        assert node in ("drain", "drng", "drained"), node
+        for i, job in enumerate(jobs):
+            info = tc.wait_job(cluster, job, {"COMPLETED", "FAILED"}, timeout=150)
+            assert info["JobState"] == "COMPLETED" and info["BatchHost"] != "n1", info
+            assert "for drain" in output(job_dir, f"j{i}")
+            assert_correct_result(job_dir, 100, f"j{i}")
+            assert_no_lost_or_repeated_steps(job_dir, 100, f"j{i}")
+    finally:
+        scontrol(cluster, "update", "NodeName=n1", "State=RESUME")
+
+
+def test_node_failure_resumes_from_last_periodic_image(cluster, job_dir):
+    job = submit_chain(cluster, job_dir, steps=160, delay=0.25, interval="5s")
+    node = tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)["BatchHost"]
+    tc.wait_for(lambda: len(image_names(cluster, job)) >= 2, 30, "periodic images")
+    steps_before = len(logged_steps(job_dir))
+    tc.kill_node(cluster, node)
+    try:
+        info = tc.wait_job(cluster, job, {"RUNNING"}, timeout=120, node_not=node)
+        assert info["Restarts"] == "1"
+        info = tc.wait_job(cluster, job, {"COMPLETED", "FAILED"}, timeout=120)
+    finally:
+        tc.start_node(cluster, node)
+        scontrol(cluster, "update", f"NodeName={node}", "State=RESUME")
+    assert info["JobState"] == "COMPLETED"
+    assert "slurm_mm: restored from ckpt-" in output(job_dir)
+    assert_correct_result(job_dir, 160)
+    steps = logged_steps(job_dir)
+    # Work after the last image was redone (<= one interval), nothing skipped.
+    assert sorted(set(steps)) == list(range(1, 161))
+    assert len(steps) - 160 <= 5 / 0.25 + 4 and steps_before > 0
+
+
+def test_scancel_kills_a_restored_job(cluster, job_dir):
+    job = submit_chain(cluster, job_dir, steps=400, delay=0.25, interval="10m")
+    tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)
+    tc.wait_for(lambda: len(logged_steps(job_dir)) >= 4, 30, "progress")
+    assert as_user(cluster, "slurm-mm", "checkpoint", job, "--requeue").returncode == 0
+    tc.wait_for(lambda: "restored from" in output(job_dir), 60, "restore")
+    assert user_processes(f"{job_dir}/chain_job.py")
+    assert as_user(cluster, "scancel", job).returncode == 0
+    info = tc.wait_job(cluster, job, {"CANCELLED"}, timeout=30)
+    assert info["JobState"] == "CANCELLED"
+    tc.wait_for(lambda: not user_processes(f"{job_dir}/chain_job.py"), 20, "restored tree to die")
+
+
+def test_exit_code_passes_through(cluster, job_dir):
+    job = submit_chain(cluster, job_dir, steps=4, delay=0.1, exit_code=3, interval="10m")
+    info = tc.wait_job(cluster, job, {"COMPLETED", "FAILED"}, timeout=60)
+    assert info["JobState"] == "FAILED"
+    assert info["ExitCode"] == "3:0"
+    assert_correct_result(job_dir, 4)
+    assert (cluster.checkpoint_root / job).exists()  # a job that failed keeps its images dir
+
+
+def test_job_without_option_is_untouched(cluster, job_dir):
+    script = "#!/bin/sh\ncat /proc/$$/status | grep -E '^(NSpid|PPid)'\nps -o comm= -p $PPID\n"
+    job = tc.job_id(tc.sbatch(cluster, script, "-o", str(job_dir / "plain.out"), cwd=job_dir))
+    info = tc.wait_job(cluster, job, {"COMPLETED", "FAILED"}, timeout=60)
+    assert info["JobState"] == "COMPLETED"
+    text = (job_dir / "plain.out").read_text()
+    assert "slurmstepd" in text          # the script's parent is Slurm's, not mm-init
+    assert "slurm_mm" not in text
+    nspid = [l for l in text.splitlines() if l.startswith("NSpid")][0].split()[1:]
+    assert len(nspid) == 1               # no PID namespace of slurm_mm's
+    assert not (cluster.checkpoint_root / job).exists()
