@@ -47,13 +47,11 @@ GiB = 1 << 30
 # Used to size watchdogs when nothing tells how much GPU memory a process holds.
 FALLBACK_GPU_BYTES = 80 * GiB
 
-# Answers of cuCheckpointProcessGetState for a PID the driver does not know as a CUDA
-# process (measured on driver 580: see docs/gpu-validation.md).
-CUDA_ERROR_INVALID_VALUE = 1
+# cuCheckpointProcessGetState's answers, measured on driver 580 (docs/gpu-validation.md):
+# a live process without CUDA gives NOT_INITIALIZED, a PID that does not exist
+# OPERATING_SYSTEM (which other OS failures give too, so it counts only if the PID is gone).
 CUDA_ERROR_NOT_INITIALIZED = 3
-CUDA_ERROR_NOT_FOUND = 500
-CUDA_ERROR_NOT_SUPPORTED = 801
-NOT_A_CUDA_PROCESS = {CUDA_ERROR_INVALID_VALUE, CUDA_ERROR_NOT_INITIALIZED, CUDA_ERROR_NOT_FOUND}
+CUDA_ERROR_OPERATING_SYSTEM = 304
 
 
 class CudaState(enum.Enum):
@@ -316,7 +314,8 @@ class GpuCheckpointer:
         """A checkpointer, or None when this node has no usable CUDA checkpoint API.
 
         None means: libcuda.so.1 missing, cuInit failing (no GPU), or a driver without
-        the cuCheckpointProcess* entry points. The reason is logged at INFO.
+        the cuCheckpointProcess* entry points. The reason is logged at INFO. A driver
+        that hangs at cuInit is not "no GPU": that raises GpuTimeout.
         """
         checkpointer = cls(**kwargs)
         worker = checkpointer._new_worker()
@@ -402,7 +401,9 @@ class GpuCheckpointer:
         try:
             answer = self._call("state", pid)
         except CudaCallFailed as exc:
-            if exc.code in NOT_A_CUDA_PROCESS:
+            if exc.code == CUDA_ERROR_NOT_INITIALIZED:
+                return None
+            if exc.code == CUDA_ERROR_OPERATING_SYSTEM and not os.path.exists(f"/proc/{pid}"):
                 return None
             raise
         try:
@@ -417,9 +418,11 @@ class GpuCheckpointer:
     def suspend(self, pids: Iterable[int]) -> list[int]:
         """Lock and checkpoint every CUDA process among `pids`; all or nothing.
 
-        Must run while the processes run (not stopped or frozen). Returns the PIDs now
-        checkpointed; on failure every touched process is back to running and GpuError
-        (GpuTimeout for a hung call) is raised with what went wrong.
+        Must run while the processes run: on driver 580 every call, GetState included,
+        hangs on a stopped process. Returns the PIDs now checkpointed; on failure every
+        touched process is back to running and GpuError (GpuTimeout for a hung call) is
+        raised with what went wrong. After a GpuTimeout whose rollback could not finish
+        ("rollback incomplete"), call resume(pids) once the tree runs again.
         """
         self.last_timings = {}
         pids = list(dict.fromkeys(pids))
@@ -446,7 +449,7 @@ class GpuCheckpointer:
 
         to_lock = [p for p in candidates if states[p] is CudaState.RUNNING]
         started = time.monotonic()
-        locked, failed = self._each("lock", to_lock)
+        _, failed = self._each("lock", to_lock)
         self.last_timings["lock_s"] = time.monotonic() - started
         if failed:
             self._roll_back(candidates, failed, "lock")
@@ -473,18 +476,25 @@ class GpuCheckpointer:
         cls = GpuTimeout if isinstance(first, GpuTimeout) else GpuError
         raise cls(f"GPU {step} failed for pid {first_pid}: {first}; {outcome}") from first
 
-    def resume(self, pids: Iterable[int], gpu_bytes: Mapping[int, int] | None = None) -> list[int]:
+    def resume(
+        self,
+        pids: Iterable[int],
+        *,
+        gpu_bytes: Mapping[int, int] | None = None,
+        gpu_pairs: Sequence[tuple[str, str]] = (),
+    ) -> list[int]:
         """Restore then unlock every process among `pids` the driver holds locked or checkpointed.
 
         Works on the processes of a suspend() as on processes `criu restore` brought back
         (state "checkpointed", no /dev/nvidia* open). They must be running (thawed).
-        `gpu_bytes` (pid -> bytes, e.g. from the manifest) sizes the watchdogs. Returns the
+        `gpu_bytes` (pid -> bytes, e.g. from the manifest) sizes the watchdogs; `gpu_pairs`
+        (gpu_inventory.gpu_pairs(recorded, here)) moves them onto other GPUs. Returns the
         PIDs resumed; raises GpuError naming those that could not be.
         """
         self.last_timings = {}
         if gpu_bytes:
             self._bytes.update(gpu_bytes)
-        return self._to_running(list(dict.fromkeys(pids)))
+        return self._to_running(list(dict.fromkeys(pids)), gpu_pairs)
 
     def _to_running(self, pids: list[int], gpu_pairs: Sequence[tuple[str, str]] = ()) -> list[int]:
         states = {}
@@ -518,11 +528,6 @@ class GpuCheckpointer:
         for pid in unlocked:
             self._bytes.pop(pid, None)
         return unlocked
-
-    def resume_remapped(self, pids: Iterable[int], gpu_pairs: Sequence[tuple[str, str]]) -> list[int]:
-        """resume() onto other GPUs: `gpu_pairs` from gpu_inventory.gpu_pairs(recorded, here)."""
-        self.last_timings = {}
-        return self._to_running(list(dict.fromkeys(pids)), gpu_pairs)
 
 
 def open_checkpointer(**kwargs) -> GpuCheckpointer | None:

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import signal
 import sys
+import threading
+import time
 
 LIBCUDA = "libcuda.so.1"
 CUDA_SUCCESS = 0
-PR_SET_PDEATHSIG = 1
 
 # The checkpoint entry points, in the order a driver gained them (550 on Linux).
 SYMBOLS = (
@@ -133,11 +135,17 @@ class Driver:
 
 def _die_with_parent() -> None:
     # An orphaned worker could finish a lock nobody will undo: go when the parent goes.
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+    # Not PR_SET_PDEATHSIG: that fires when the parent *thread* ends, and slurm_mm
+    # starts workers from short-lived pool threads. The watcher runs while the main
+    # thread is inside the driver, since ctypes releases the GIL around foreign calls.
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _send(message: dict) -> None:
