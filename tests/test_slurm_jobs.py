@@ -16,8 +16,14 @@ from slurm_jobs import (as_user, assert_correct_result, assert_no_lost_or_repeat
 pytestmark = pytest.mark.cluster
 
 
-def scontrol(cluster, *args: str) -> None:
-    subprocess.run(["scontrol", *args], env=cluster.env(), check=True, capture_output=True)
+def scontrol(cluster, *args: str, check: bool = True) -> None:
+    subprocess.run(["scontrol", *args], env=cluster.env(), check=check, capture_output=True)
+
+
+def resume_node(cluster, node: str) -> None:
+    """Back to service (no-op if it already is: RESUME on an idle node is refused)."""
+    scontrol(cluster, "update", f"NodeName={node}", "State=RESUME", check=False)
+    tc.wait_for(lambda: tc.node_states(cluster).get(node) in ("idle", "mix", "alloc"), 60, f"{node} back")
 
 
 def test_periodic_images_while_job_keeps_running(cluster, job_dir):
@@ -67,10 +73,16 @@ def test_preempted_job_resumes_on_another_node(cluster, job_dir):
 
 
 def test_drain_moves_two_enrolled_jobs_off_the_node(cluster, job_dir):
-    jobs = [submit_chain(cluster, job_dir, 100, 0.25, "-w", "n1", interval="10m", name=f"j{i}")
-            for i in range(2)]
-    for job in jobs:
-        assert tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)["BatchHost"] == "n1"
+    # Park n2 and n3 so both jobs start on n1 without being pinned to it (-w would
+    # follow them through the requeue).
+    scontrol(cluster, "update", "NodeName=n2,n3", "State=DRAIN", "Reason=test-parking")
+    try:
+        jobs = [submit_chain(cluster, job_dir, 100, 0.25, interval="10m", name=f"j{i}") for i in range(2)]
+        for job in jobs:
+            assert tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)["BatchHost"] == "n1"
+    finally:
+        resume_node(cluster, "n2")
+        resume_node(cluster, "n3")
     tc.wait_for(lambda: all(len(logged_steps(job_dir, f"j{i}")) >= 8 for i in range(2)), 30, "progress")
     try:
         res = subprocess.run(["slurm-mm", "drain", "n1", "--reason", "disk swap", "--timeout", "60"],
@@ -86,7 +98,7 @@ def test_drain_moves_two_enrolled_jobs_off_the_node(cluster, job_dir):
             assert_correct_result(job_dir, 100, f"j{i}")
             assert_no_lost_or_repeated_steps(job_dir, 100, f"j{i}")
     finally:
-        scontrol(cluster, "update", "NodeName=n1", "State=RESUME")
+        resume_node(cluster, "n1")
 
 
 def test_node_failure_resumes_from_last_periodic_image(cluster, job_dir):
@@ -101,7 +113,7 @@ def test_node_failure_resumes_from_last_periodic_image(cluster, job_dir):
         info = tc.wait_job(cluster, job, {"COMPLETED", "FAILED"}, timeout=120)
     finally:
         tc.start_node(cluster, node)
-        scontrol(cluster, "update", f"NodeName={node}", "State=RESUME")
+        resume_node(cluster, node)
     assert info["JobState"] == "COMPLETED"
     assert "slurm_mm: restored from ckpt-" in output(job_dir)
     assert_correct_result(job_dir, 160)

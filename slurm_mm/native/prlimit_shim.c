@@ -5,8 +5,9 @@
  * Without that capability the kernel lets a process read another's rlimits only
  * when the caller's REAL uid/gid equal the target's real, effective and saved ids
  * (check_prlimit_permission). `criu dump` of a user-owned process then fails with
- * "Can't get rlimit 0: Operation not permitted". CRIU 4.2.1 reads them through
- * glibc's prlimit64() (its only rlimit import), so this wraps prlimit64()/prlimit():
+ * "Can't get rlimit 0: Operation not permitted". CRIU 4.2.1 reads them with
+ * syscall(__NR_prlimit64, ...) (cr-dump.c, dump_task_rlimits) and calls prlimit64()
+ * elsewhere, so this wraps syscall() for that one number, and prlimit64()/prlimit():
  * when the real call fails with EPERM for another process, it sets criu's real
  * uid/gid to the target's for that one call (the effective uid stays 0, so no
  * capability is dropped), retries, and puts the real ids back.
@@ -19,23 +20,35 @@
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <unistd.h>
 
-typedef int (*prlimit64_fn)(pid_t, __rlimit_resource_t, const struct rlimit64 *,
-			    struct rlimit64 *);
+typedef long (*syscall_fn)(long, ...);
 
-static prlimit64_fn real_prlimit64(void)
+static syscall_fn real_syscall(void)
 {
-	static prlimit64_fn fn;
+	static syscall_fn fn;
 
 	if (!fn)
-		fn = (prlimit64_fn)dlsym(RTLD_NEXT, "prlimit64");
+		fn = (syscall_fn)dlsym(RTLD_NEXT, "syscall");
 	return fn;
+}
+
+static long raw_prlimit64(pid_t pid, int resource, const void *new_limit, void *old_limit)
+{
+	syscall_fn fn = real_syscall();
+
+	if (!fn) {
+		errno = ENOSYS;
+		return -1;
+	}
+	return fn(SYS_prlimit64, (long)pid, (long)resource, (long)new_limit, (long)old_limit);
 }
 
 /* The target's real uid and gid, from the "Uid:" and "Gid:" lines of /proc/PID/status. */
@@ -64,19 +77,14 @@ static int target_ids(pid_t pid, uid_t *uid, gid_t *gid)
 	return 0;
 }
 
-int prlimit64(pid_t pid, __rlimit_resource_t resource, const struct rlimit64 *new_limit,
-	      struct rlimit64 *old_limit)
+static long prlimit_as_target(pid_t pid, int resource, const void *new_limit, void *old_limit)
 {
-	prlimit64_fn fn = real_prlimit64();
 	uid_t ruid, euid, suid, tuid;
 	gid_t rgid, egid, sgid, tgid;
-	int ret, err;
+	long ret;
+	int err;
 
-	if (!fn) {
-		errno = ENOSYS;
-		return -1;
-	}
-	ret = fn(pid, resource, new_limit, old_limit);
+	ret = raw_prlimit64(pid, resource, new_limit, old_limit);
 	if (ret == 0 || errno != EPERM || pid == 0 || pid == getpid())
 		return ret;
 	err = errno;
@@ -95,12 +103,18 @@ int prlimit64(pid_t pid, __rlimit_resource_t resource, const struct rlimit64 *ne
 		errno = err;
 		return -1;
 	}
-	ret = fn(pid, resource, new_limit, old_limit);
+	ret = raw_prlimit64(pid, resource, new_limit, old_limit);
 	err = errno;
 	if (setresuid(ruid, (uid_t)-1, (uid_t)-1) || setresgid(rgid, (gid_t)-1, (gid_t)-1))
 		abort();
 	errno = err;
 	return ret;
+}
+
+int prlimit64(pid_t pid, __rlimit_resource_t resource, const struct rlimit64 *new_limit,
+	      struct rlimit64 *old_limit)
+{
+	return (int)prlimit_as_target(pid, (int)resource, new_limit, old_limit);
 }
 
 /* On 64-bit glibc prlimit is the same call; callers may link either name. */
@@ -111,4 +125,28 @@ int prlimit(pid_t pid, __rlimit_resource_t resource, const struct rlimit *new_li
 		       "prlimit and prlimit64 differ on this platform");
 	return prlimit64(pid, resource, (const struct rlimit64 *)new_limit,
 			 (struct rlimit64 *)old_limit);
+}
+
+/*
+ * Every other syscall() goes straight through. Like glibc's own syscall(), this
+ * takes six arguments whatever the number needs: extra ones are ignored by the kernel.
+ */
+long syscall(long number, ...)
+{
+	syscall_fn fn = real_syscall();
+	va_list ap;
+	long a[6];
+	int i;
+
+	va_start(ap, number);
+	for (i = 0; i < 6; i++)
+		a[i] = va_arg(ap, long);
+	va_end(ap);
+	if (number == SYS_prlimit64)
+		return prlimit_as_target((pid_t)a[0], (int)a[1], (const void *)a[2], (void *)a[3]);
+	if (!fn) {
+		errno = ENOSYS;
+		return -1;
+	}
+	return fn(number, a[0], a[1], a[2], a[3], a[4], a[5]);
 }

@@ -1,0 +1,273 @@
+"""The CRIU binary, driven with the flags real jobs need.
+
+Knows CRIU's command line, its logs and its --inherit-fd keys; never Slurm, never the
+store's layout (it is handed a directory). Runs as root: the command line and the
+environment of criu are built here from arguments, never taken from the job's
+environment or from files the job's user can write.
+
+Flags and why (measured on this VM, FACTS.md):
+- `--file-locks`: jobs hold flock/fcntl locks (restored, still held).
+- `--tcp-established` + `--network-lock skip`: jobs have TCP connections; there is no
+  iptables binary for CRIU's default network lock (and CRIU here has no nftables).
+- `--ext-unix-sk`: a job may be connected to a unix socket outside its tree (syslog).
+- `--manage-cgroups=ignore`: the image carries no cgroup paths; a restored tree stays
+  in the cgroups its restorer joined (the new job's), never the old job's.
+- no `--shell-job`: the tree is a session leader in its own PID namespace (mm-init).
+- restore with `-d --restore-sibling --pidfile F`: the restored init is a child of
+  the caller, whose waitpid() then gets the job's real exit status.
+- `dump` runs with LD_PRELOAD=libmm_prlimit.so where root lacks CAP_SYS_RESOURCE
+  (this VM); restore needs nothing extra.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from slurm_mm.engine import cgroups, native
+from slurm_mm.errors import CheckpointFailed, NodeIncompatible, RestoreFailed
+
+DEFAULT_CRIU = Path("/opt/slurm_mm/criu/sbin/criu")
+MIN_VERSION = (4, 2)  # older CRIUs fail here (FACTS.md: 3.17 vdso, 4.1.1 TCP)
+
+COMMON_FLAGS = (
+    "--file-locks",
+    "--tcp-established",
+    "--network-lock",
+    "skip",
+    "--ext-unix-sk",
+    "--manage-cgroups=ignore",
+)
+SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# Harmless on hosts without CAP_SYS_RESOURCE: criu only fails to raise its own fd limit.
+_NOISE = re.compile(r"Can't setup RLIMIT_NOFILE for self")
+
+
+def log_excerpt(log_path: str | os.PathLike, max_lines: int = 15) -> str:
+    """The lines of a CRIU log that say what went wrong (errors, warnings, BUGs).
+
+    Falls back to the log's tail when it has none; "" when there is no log.
+    """
+    try:
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return ""
+    picked = [
+        l for l in lines
+        if ("Error" in l or "BUG" in l or "Warn" in l) and not _NOISE.search(l)
+    ]
+    return "\n".join((picked or lines)[-max_lines:])
+
+
+def _headline(excerpt: str) -> str:
+    """The first error line of an excerpt (the cause; later ones are its consequences),
+    without CRIU's timestamp and source location."""
+    errors = [l for l in excerpt.splitlines() if "Error" in l or "BUG" in l] or excerpt.splitlines()[-1:]
+    if not errors:
+        return "no log"
+    line = re.sub(r"^(\(\s*[\d.]+\)|pie:\s*\d+:)\s*", "", errors[0])
+    return re.sub(r"^(Error|Warn)\s*\([^)]*\):\s*", "", line).strip()
+
+
+@dataclass(frozen=True)
+class DumpStats:
+    seconds: float  # wall time of `criu dump` (the tree is frozen for most of it)
+    log_path: Path
+
+
+class Criu:
+    """One CRIU installation.
+
+    `prlimit_shim`: "auto" preloads libmm_prlimit.so for dumps when this process lacks
+    CAP_SYS_RESOURCE; a path forces that library; None never preloads.
+    `env`: extra environment for criu (e.g. LD_LIBRARY_PATH for a carried CRIU).
+    `timeout`: seconds any criu command may take before it is killed.
+    """
+
+    def __init__(
+        self,
+        binary: str | os.PathLike = DEFAULT_CRIU,
+        *,
+        prlimit_shim: str | os.PathLike | None = "auto",
+        libexec: str | os.PathLike | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 900.0,
+    ) -> None:
+        self.binary = Path(binary)
+        self.timeout = timeout
+        self.extra_env = dict(env or {})
+        if prlimit_shim == "auto":
+            self.prlimit_shim = None if native.has_cap_sys_resource() else native.find(native.PRLIMIT_SHIM, libexec)
+        else:
+            self.prlimit_shim = Path(prlimit_shim) if prlimit_shim else None
+        self._version: str | None = None
+
+    def _env(self, *, preload: bool) -> dict[str, str]:
+        env = {"PATH": SAFE_PATH, "LANG": "C"}
+        env.update(self.extra_env)
+        if preload and self.prlimit_shim:
+            env["LD_PRELOAD"] = str(self.prlimit_shim)
+        return env
+
+    def _run(self, args: Sequence[str], *, preload: bool = False, timeout: float | None = None,
+             **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(self.binary), *args],
+            env=self._env(preload=preload),
+            cwd="/",
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=self.timeout if timeout is None else timeout,
+            **kw,
+        )
+
+    def version(self) -> str:
+        """CRIU's version, e.g. "4.2.1"; NodeIncompatible if criu is missing or unreadable."""
+        if self._version is None:
+            try:
+                out = self._run(["--version"], timeout=30).stdout
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise NodeIncompatible(f"cannot run {self.binary}: {exc}") from None
+            m = re.search(r"Version:\s*(\S+)", out)
+            if not m:
+                raise NodeIncompatible(f"{self.binary} --version says nothing of a version: {out.strip()!r}")
+            self._version = m.group(1)
+        return self._version
+
+    def version_tuple(self) -> tuple[int, ...]:
+        return tuple(int(x) for x in re.findall(r"\d+", self.version())[:3])
+
+    def check(self) -> None:
+        """`criu check` and the minimum version; NodeIncompatible with CRIU's words if not."""
+        if self.version_tuple()[:2] < MIN_VERSION:
+            raise NodeIncompatible(
+                f"CRIU {self.version()} at {self.binary} is too old (need >= {'.'.join(map(str, MIN_VERSION))})"
+            )
+        try:
+            res = self._run(["check"], timeout=60)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise NodeIncompatible(f"criu check failed to run: {exc}") from None
+        if res.returncode != 0:
+            text = (res.stdout + res.stderr).strip()
+            raise NodeIncompatible(f"criu check failed: {_headline(text)}", text[-2000:])
+
+    def dump(
+        self,
+        pid: int,
+        images_dir: str | os.PathLike,
+        *,
+        leave_running: bool,
+        log_path: str | os.PathLike | None = None,
+        extra_args: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> DumpStats:
+        """Dump the tree rooted at `pid` into `images_dir` (which must exist).
+
+        Without `leave_running` CRIU kills the tree once its image is written. On failure
+        CheckpointFailed carries CRIU's log excerpt; CRIU then lets the tree run on.
+        """
+        images_dir = Path(images_dir)
+        log_path = Path(log_path) if log_path else images_dir / "dump.log"
+        args = ["dump", "--tree", str(pid), "--images-dir", str(images_dir),
+                "--log-file", str(log_path), "-v4", *COMMON_FLAGS]
+        if leave_running:
+            args.append("--leave-running")
+        args.extend(extra_args)
+        started = time.monotonic()
+        try:
+            res = self._run(args, preload=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise CheckpointFailed(
+                f"criu dump of pid {pid} timed out after {timeout or self.timeout:.0f} s",
+                log_excerpt(log_path),
+            ) from None
+        except OSError as exc:
+            raise CheckpointFailed(f"cannot run {self.binary}: {exc}") from None
+        seconds = time.monotonic() - started
+        if res.returncode != 0:
+            excerpt = log_excerpt(log_path) or (res.stdout + res.stderr).strip()[-2000:]
+            raise CheckpointFailed(
+                f"criu dump of pid {pid} failed (exit {res.returncode}): {_headline(excerpt)}", excerpt
+            )
+        return DumpStats(seconds, log_path)
+
+    def restore(
+        self,
+        images_dir: str | os.PathLike,
+        *,
+        inherit_fds: Mapping[int, str] | None = None,
+        join_cgroups: Sequence[str | os.PathLike] = (),
+        log_path: str | os.PathLike | None = None,
+        action_script: str | None = None,
+        extra_args: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> int:
+        """Restore the tree in `images_dir`; returns the host PID of its root.
+
+        The root becomes a child of THIS process (--restore-sibling): reap it with
+        os.waitpid. `inherit_fds` maps an fd open in this process to the CRIU key of
+        the file it replaces (--inherit-fd fd[N]:KEY), e.g. the new job's stdout.
+        `join_cgroups`: cgroup directories criu (hence the restored tree) joins before
+        it runs. `action_script`: a shell command for criu's --action-script.
+        """
+        images_dir = Path(images_dir)
+        fds = dict(inherit_fds or {})
+        with tempfile.TemporaryDirectory(prefix="slurm_mm-restore-") as work:
+            pidfile = Path(work) / "root.pid"
+            log_path = Path(log_path) if log_path else images_dir / "restore.log"
+            args = ["restore", "--images-dir", str(images_dir), "--work-dir", work,
+                    "--log-file", str(log_path), "-v4", "--restore-detached",
+                    "--restore-sibling", "--pidfile", str(pidfile), *COMMON_FLAGS]
+            for fd, key in sorted(fds.items()):
+                args += ["--inherit-fd", f"fd[{fd}]:{key}"]
+            if action_script:
+                args += ["--action-script", action_script]
+            args.extend(extra_args)
+            try:
+                res = self._run(args, timeout=timeout, pass_fds=tuple(fds),
+                                preexec_fn=cgroups.joiner(join_cgroups) if join_cgroups else None)
+            except subprocess.TimeoutExpired:
+                raise RestoreFailed(
+                    f"criu restore from {images_dir} timed out after {timeout or self.timeout:.0f} s",
+                    log_excerpt(log_path),
+                ) from None
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise RestoreFailed(f"cannot run {self.binary} for restore: {exc}") from None
+            if res.returncode != 0:
+                excerpt = log_excerpt(log_path) or (res.stdout + res.stderr).strip()[-2000:]
+                raise RestoreFailed(
+                    f"criu restore from {images_dir} failed (exit {res.returncode}): {_headline(excerpt)}",
+                    excerpt,
+                )
+            try:
+                return int(pidfile.read_text().strip())
+            except (OSError, ValueError):
+                raise RestoreFailed(f"criu restore from {images_dir} wrote no root pid", log_excerpt(log_path)) from None
+
+
+@dataclass
+class ImageFiles:
+    """Names and sizes of the files CRIU wrote in an images directory."""
+
+    files: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def scan(cls, images_dir: str | os.PathLike) -> ImageFiles:
+        out = {}
+        for entry in os.scandir(images_dir):
+            if entry.is_file(follow_symlinks=False):
+                out[entry.name] = entry.stat(follow_symlinks=False).st_size
+        return cls(out)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.files.values())

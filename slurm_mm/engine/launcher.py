@@ -1,0 +1,185 @@
+"""Starting a job's command as a tree that CRIU can dump and restore anywhere.
+
+The command runs under mm-init (slurm_mm/native/mm_init.c): a root-owned init of a new
+PID namespace and session, with the command itself dropped to the job user's uid, gid
+and groups. This module builds mm-init's command line and hands back the namespace
+init's host PID, which is what `checkpoint_tree()` dumps.
+
+Runs as root. It trusts its arguments (uid, gid, command, fds) from its caller; it never
+passes its own environment or stdio to the job unless told to, and never runs the
+command as root unless `allow_root` says so.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import select
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from slurm_mm.engine import cgroups as cgroups_mod
+from slurm_mm.engine import native
+from slurm_mm.errors import SlurmMMError, UsageError
+
+
+class LaunchFailed(SlurmMMError):
+    """The job's tree could not be started (mm-init refused or died before its init ran)."""
+
+    exit_code = 11
+
+
+def exit_code(status: int) -> int:
+    """A waitpid() status as a shell exit code: the code, or 128+N when killed by signal N."""
+    if os.WIFEXITED(status):
+        return os.WEXITSTATUS(status)
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return 255
+
+
+@dataclass
+class LaunchedTree:
+    """A running job tree: mm-init's outer process and the namespace init's host PID."""
+
+    outer: subprocess.Popen
+    init_pid: int
+
+    @property
+    def outer_pid(self) -> int:
+        return self.outer.pid
+
+    def poll(self) -> int | None:
+        """The job's exit code if it has ended, else None."""
+        rc = self.outer.poll()
+        return None if rc is None else (128 - rc if rc < 0 else rc)
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the job to end; its exit code (128+N if killed by signal N).
+
+        After a checkpoint that did not leave the job running this is 137: CRIU killed
+        the tree. Raises subprocess.TimeoutExpired after `timeout` seconds.
+        """
+        rc = self.outer.wait(timeout)
+        return 128 - rc if rc < 0 else rc
+
+    def signal(self, sig: int) -> None:
+        """Send `sig` to the job: mm-init relays it to PID 1, which relays it to the app."""
+        try:
+            self.outer.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        """SIGKILL the namespace init: the kernel then kills every process of the tree."""
+        try:
+            os.kill(self.init_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _groups_of(uid: int, gid: int) -> list[int]:
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return [gid]
+    return sorted(set(os.getgrouplist(name, gid)))
+
+
+def _default_env(uid: int) -> dict[str, str]:
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin"}
+    try:
+        pw = pwd.getpwuid(uid)
+    except KeyError:
+        return env
+    env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name, SHELL=pw.pw_shell or "/bin/sh")
+    return env
+
+
+def launch(
+    argv: Sequence[str],
+    *,
+    uid: int,
+    gid: int,
+    groups: Sequence[int] | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike | None = None,
+    stdin: int | None = None,
+    stdout: int | None = None,
+    stderr: int | None = None,
+    join_cgroups: Sequence[str | os.PathLike] = (),
+    allow_root: bool = False,
+    libexec: str | os.PathLike | None = None,
+    start_timeout: float = 10.0,
+) -> LaunchedTree:
+    """Start `argv` as user `uid`/`gid` in a new PID namespace under mm-init.
+
+    `groups`: supplementary groups (default: the user's, from the group database).
+    `env`: the command's whole environment (default: PATH, HOME, USER, LOGNAME, SHELL of
+    the user; never this process's environment). `cwd`: the command's directory,
+    entered as the user. `stdin`/`stdout`/`stderr`: fds for the job (None: /dev/null;
+    use O_APPEND files for output, FACTS.md). `join_cgroups`: cgroups the whole tree
+    starts in. Returns once the namespace init exists; the command's own failure to
+    start (not found: exit 127) shows in the exit code.
+    """
+    if not argv:
+        raise UsageError("launch: empty command")
+    if (uid == 0) and not allow_root:
+        raise UsageError("launch: refusing to run a job as root (uid 0) without allow_root")
+    mm_init = native.find(native.MM_INIT, libexec)
+    groups = list(groups) if groups is not None else _groups_of(uid, gid)
+    cmd = [str(mm_init), "--uid", str(uid), "--gid", str(gid),
+           "--groups", ",".join(str(g) for g in groups)]
+    if cwd is not None:
+        cmd += ["--chdir", os.fspath(cwd)]
+    if allow_root:
+        cmd.append("--allow-root")
+
+    rfd, wfd = os.pipe2(os.O_CLOEXEC)
+    try:
+        cmd += ["--pid-fd", str(wfd), "--", *argv]
+        devnull = subprocess.DEVNULL
+        try:
+            outer = subprocess.Popen(
+                cmd,
+                stdin=devnull if stdin is None else stdin,
+                stdout=devnull if stdout is None else stdout,
+                stderr=devnull if stderr is None else stderr,
+                env=dict(env) if env is not None else _default_env(uid),
+                cwd="/",
+                pass_fds=(wfd,),
+                close_fds=True,
+                start_new_session=True,  # our terminal's signals are not the job's
+                preexec_fn=cgroups_mod.joiner(join_cgroups) if join_cgroups else None,
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise LaunchFailed(f"cannot start {mm_init}: {exc}") from None
+        os.close(wfd)
+        wfd = -1
+        init_pid = _read_pid(rfd, outer, start_timeout)
+    finally:
+        os.close(rfd)
+        if wfd >= 0:
+            os.close(wfd)
+    return LaunchedTree(outer, init_pid)
+
+
+def _read_pid(rfd: int, outer: subprocess.Popen, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    data = b""
+    while not data.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        ready, _, _ = select.select([rfd], [], [], max(left, 0))
+        if not ready:
+            outer.kill()
+            outer.wait()
+            raise LaunchFailed(f"mm-init gave no init pid within {timeout:.0f} s")
+        chunk = os.read(rfd, 64)
+        if not chunk:
+            rc = outer.wait()
+            raise LaunchFailed(f"mm-init exited with {rc} before starting the job's init (see the job's stderr)")
+        data += chunk
+    return int(data)

@@ -1,0 +1,44 @@
+"""Where the engine's native programs are: mm-init and libmm_prlimit.so.
+
+Root runs these, so they are looked up only in root-controlled places: the installed
+libexec directory, then the package's own build directory (a development checkout,
+`make -C slurm_mm/native`). Never PATH, never the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from slurm_mm.errors import ConfigError
+
+INSTALLED_LIBEXEC = Path("/opt/slurm_mm/libexec")
+BUILD_DIR = Path(__file__).resolve().parent.parent / "native"
+
+MM_INIT = "mm-init"
+PRLIMIT_SHIM = "libmm_prlimit.so"
+
+# CAP_SYS_RESOURCE: without it, root cannot read a user process's rlimits.
+CAP_SYS_RESOURCE = 24
+
+
+def find(name: str, libexec: str | os.PathLike | None = None) -> Path:
+    """The path of native program `name`; ConfigError if it was not built/installed."""
+    places = [Path(libexec).absolute()] if libexec else [INSTALLED_LIBEXEC, BUILD_DIR]
+    for place in places:
+        candidate = place / name
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        f"{name} not found in {', '.join(str(p) for p in places)} "
+        "(build it: make -C slurm_mm/native install)"
+    )
+
+
+def has_cap_sys_resource() -> bool:
+    """Whether this process's effective capabilities include CAP_SYS_RESOURCE."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_SYS_RESOURCE & 1)
+    return False

@@ -1,0 +1,252 @@
+"""Restoring a job's process tree from a checkpoint made by checkpoint_tree().
+
+`criu restore` brings the tree back as a child of the calling process (so its waitpid
+gets the job's real exit status), inside the cgroups it is told to join (the new job's),
+with the job's stdin/stdout/stderr replaced by fds it is handed (the new job's output),
+then GPU state is restored and unlocked (after the tree runs: the CUDA API hangs on
+stopped processes).
+
+Runs as root. It does not trust the image directory: engine.json only names files to
+replace, and with `owner_uid` every restored thread is checked before it runs its first
+instruction (owner_check.py at CRIU's pre-resume stage): anything but the owner (and
+the root mm-init as namespace init) gets the tree killed and ImageRefused raised.
+Image integrity itself (who wrote it) is the store's business.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shlex
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from slurm_mm.engine import proctree
+from slurm_mm.engine.checkpoint import METADATA, GpuCheckpointing
+from slurm_mm.engine.criu import Criu
+from slurm_mm.engine.launcher import exit_code
+from slurm_mm.errors import GpuError, ImageCorrupt, ImageRefused, RestoreFailed
+
+OWNER_CHECK = Path(__file__).with_name("owner_check.py")
+STDIO_ROLES = {0: "stdin", 1: "stdout", 2: "stderr"}
+
+
+@dataclass
+class RestoredTree:
+    """A restored job tree; its init is a child of this process."""
+
+    init_pid: int
+    ns_pids: dict[int, int]  # PID inside the job's namespace -> host PID
+    gpu_pids: list[int]  # host PIDs whose GPU state was restored
+    timings: dict[str, float] = field(default_factory=dict)
+    _status: int | None = None
+
+    def poll(self) -> int | None:
+        """The job's exit code if it has ended (reaping it), else None."""
+        if self._status is None:
+            pid, status = os.waitpid(self.init_pid, os.WNOHANG)
+            if pid == 0:
+                return None
+            self._status = status
+        return exit_code(self._status)
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the job to end; its exit code (128+N if killed by signal N).
+
+        Raises TimeoutError after `timeout` seconds (None: wait as long as it runs).
+        """
+        if self._status is None and timeout is None:
+            _, self._status = os.waitpid(self.init_pid, 0)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            code = self.poll()
+            if code is not None:
+                return code
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"restored job (pid {self.init_pid}) still running after {timeout} s")
+            time.sleep(0.02)
+
+    def signal(self, sig: int) -> None:
+        """Send `sig` to the namespace init, which relays it to the app's process group."""
+        if self._status is None:
+            try:
+                os.kill(self.init_pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        """SIGKILL the namespace init: the kernel kills the rest of the namespace."""
+        self.signal(signal.SIGKILL)
+
+
+def read_metadata(images_dir: str | os.PathLike) -> dict[str, Any]:
+    """engine.json of an images directory; ImageCorrupt if missing or malformed."""
+    path = Path(images_dir) / METADATA
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ImageCorrupt(f"{path} is missing") from None
+    except (OSError, ValueError) as exc:
+        raise ImageCorrupt(f"{path} is unreadable: {exc}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("stdio", {}), dict):
+        raise ImageCorrupt(f"{path} is not an engine metadata object")
+    return meta
+
+
+def _inherit_map(meta: dict, fds: Mapping[int, int | None]) -> dict[int, str]:
+    """fd in this process -> CRIU key of the job's file it replaces."""
+    out: dict[int, str] = {}
+    keys: set[str] = set()
+    for role_fd, new_fd in sorted(fds.items()):
+        if new_fd is None:
+            continue
+        entry = meta.get("stdio", {}).get(str(role_fd))
+        if not isinstance(entry, dict):
+            raise RestoreFailed(f"the image records no {STDIO_ROLES[role_fd]} to replace")
+        key, target = entry.get("criu_key"), str(entry.get("target", "?"))
+        if target == "/dev/null":
+            continue  # /dev/null is everywhere; replacing it would redirect every such fd
+        if not isinstance(key, str) or not key or "\n" in key:
+            raise RestoreFailed(
+                f"the job's {STDIO_ROLES[role_fd]} was {target} ({entry.get('kind')}): "
+                "CRIU cannot put a new file in its place"
+            )
+        if key in keys:
+            continue  # stdout and stderr were one file: the first fd given serves both
+        keys.add(key)
+        out[new_fd] = key
+    return out
+
+
+def _owner_gids(uid: int, gids: Sequence[int] | None) -> list[int]:
+    if gids is not None:
+        return sorted(set(gids))
+    try:
+        pw = pwd.getpwuid(uid)
+    except KeyError:
+        raise RestoreFailed(f"owner uid {uid} has no passwd entry: pass its gids") from None
+    return sorted(set(os.getgrouplist(pw.pw_name, pw.pw_gid)))
+
+
+def _owner_script(work: Path, uid: int, gids: Sequence[int]) -> tuple[str, Path]:
+    """An action script for criu (it execs the path, no shell) and its verdict file."""
+    verdict = work / "owner.json"
+    script = work / "owner-check.sh"
+    cmd = [sys.executable, "-I", str(OWNER_CHECK), "--uid", str(uid),
+           "--gids", ",".join(str(g) for g in gids), "--verdict", str(verdict)]
+    script.write_text(
+        "#!/bin/sh\n"
+        '[ "$CRTOOLS_SCRIPT_ACTION" = pre-resume ] || exit 0\n'
+        f"exec {shlex.join(cmd)}\n"
+    )
+    script.chmod(0o700)
+    return str(script), verdict
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+def restore_tree(
+    images_dir: str | os.PathLike,
+    *,
+    stdin: int | None = None,
+    stdout: int | None = None,
+    stderr: int | None = None,
+    join_cgroups: Sequence[str | os.PathLike] = (),
+    owner_uid: int | None = None,
+    owner_gids: Sequence[int] | None = None,
+    gpu: GpuCheckpointing | None = None,
+    gpu_resume_options: Mapping[str, Any] | None = None,
+    criu: Criu | None = None,
+    log_path: str | os.PathLike | None = None,
+    extra_criu_args: Sequence[str] = (),
+    timeout: float | None = None,
+) -> RestoredTree:
+    """Restore the tree in `images_dir` as a child of this process.
+
+    `stdin`/`stdout`/`stderr`: fds open here that replace the job's (as recorded in
+    engine.json); pass O_APPEND fds for output. `join_cgroups`: cgroups (directories or
+    cgroup.procs files) the restored tree lives in. `owner_uid`/`owner_gids`: refuse
+    (ImageRefused) a tree with any other identity (gids default to the owner's groups).
+    `gpu`: resumes the GPU state of the processes checkpointed with it;
+    `gpu_resume_options` go to its resume() (e.g. gpu_pairs). `log_path`: CRIU's log
+    (default images_dir/restore.log). Raises RestoreFailed (CRIU's log excerpt in
+    `.log_excerpt`), ImageRefused or ImageCorrupt; on any failure no restored process
+    is left running.
+    """
+    criu = criu or Criu()
+    images_dir = Path(images_dir)
+    started = time.monotonic()
+    fds = {0: stdin, 1: stdout, 2: stderr}
+    meta: dict[str, Any] = {}
+    if any(fd is not None for fd in fds.values()) or gpu is not None:
+        meta = read_metadata(images_dir)
+    inherit = _inherit_map(meta, fds) if meta else {}
+
+    with tempfile.TemporaryDirectory(prefix="slurm_mm-restore-") as tmp:
+        work = Path(tmp)
+        action, verdict_path = (None, None)
+        if owner_uid is not None:
+            action, verdict_path = _owner_script(work, owner_uid, _owner_gids(owner_uid, owner_gids))
+        try:
+            root = criu.restore(images_dir, inherit_fds=inherit, join_cgroups=join_cgroups,
+                                log_path=log_path, action_script=action,
+                                extra_args=extra_criu_args, timeout=timeout)
+        except RestoreFailed as exc:
+            _check_verdict(verdict_path, cause=exc)
+            raise
+        try:
+            _check_verdict(verdict_path)
+        except ImageRefused:
+            _reap(root)
+            raise
+    tree = RestoredTree(init_pid=root, ns_pids=proctree.ns_pid_map(root), gpu_pids=[])
+    tree.timings["restore"] = time.monotonic() - started
+
+    gpu_ns = [int(p) for p in meta.get("gpu_ns_pids", []) if isinstance(p, int)]
+    if gpu is not None and gpu_ns:
+        t = time.monotonic()
+        missing = [p for p in gpu_ns if p not in tree.ns_pids]
+        host = [tree.ns_pids[p] for p in gpu_ns if p in tree.ns_pids]
+        try:
+            if missing:
+                raise GpuError(f"processes {missing} of the image were not restored")
+            tree.gpu_pids = list(gpu.resume(host, **dict(gpu_resume_options or {})))
+        except GpuError as exc:
+            _reap(root)
+            raise RestoreFailed(f"restored tree killed: its GPU state could not be restored: {exc}") from exc
+        tree.timings["gpu_resume"] = time.monotonic() - t
+    tree.timings["total"] = time.monotonic() - started
+    return tree
+
+
+def _check_verdict(verdict_path: Path | None, cause: RestoreFailed | None = None) -> None:
+    """ImageRefused if owner_check refused the tree (or, unasked, never ran)."""
+    if verdict_path is None:
+        return
+    try:
+        verdict = json.loads(verdict_path.read_text())
+    except (OSError, ValueError):
+        if cause is not None:
+            return  # CRIU failed before the check: its own error says more
+        raise ImageRefused("the restored tree's owner was not checked (pre-resume check did not run)") from None
+    if not verdict.get("ok"):
+        root = verdict.get("root")
+        if isinstance(root, int) and root > 0:
+            _reap(root)
+        problems = "; ".join(str(p) for p in verdict.get("problems", []))[:500]
+        raise ImageRefused(f"restored tree refused, it would not run as its owner: {problems}") from cause
