@@ -20,6 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 spec = importlib.util.spec_from_file_location("testcluster", HERE.parent / "testcluster" / "testcluster.py")
 tc = importlib.util.module_from_spec(spec)
+sys.modules["testcluster"] = tc
 spec.loader.exec_module(tc)
 
 STEPS = 500  # 0.1 s each: a 50 s job
@@ -70,8 +71,8 @@ def story(c) -> int:
     tc.wait_for(lambda: _images(c, job) >= 1, 60, "a periodic image")
     show(["slurm-mm", "images", job], c)
 
-    say(f"a high-priority job needs {first_node}: sbatch -p high -w {first_node} (preempts job {job})")
-    tc.sbatch(c, "#!/bin/sh\nsleep 15\n", "-p", "high", "-w", first_node, "-J", "urgent", "-o", "/dev/null", cwd=work)
+    say(f"a high-priority job needs {first_node}: sbatch -p high -w {first_node} --exclusive (preempts job {job})")
+    tc.sbatch(c, "#!/bin/sh\nsleep 15\n", "-p", "high", "-w", first_node, "--exclusive", "-J", "urgent", "-o", "/dev/null", cwd=work)
     tc.wait_for(lambda: tc.job_info(c, job).get("Restarts", "0") != "0", 90, "the requeue")
     say(f"job {job} was checkpointed in its grace time and requeued")
     show(["slurm-mm", "images", job], c)
