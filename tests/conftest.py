@@ -62,7 +62,8 @@ def user_home() -> Path:
 @pytest.fixture()
 def job_dir(user_home: Path, request) -> Path:
     """A fresh directory owned by the test user for one test's job files."""
-    path = user_home / "tests" / request.node.name
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in request.node.name)
+    path = user_home / "tests" / safe
     if path.exists():
         shutil.rmtree(path)
     path.mkdir(parents=True)

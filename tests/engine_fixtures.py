@@ -27,6 +27,9 @@ USER = "mmtest"
 C_WORKLOADS = ("counter", "memory_pattern", "threads")
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="CRIU and mm-init need root")
+# Both tree layouts: PID namespace only (CPU jobs), and PID + mount namespace with the
+# tree's own /proc (mm-init --private-proc, GPU jobs).
+both_layouts = pytest.mark.parametrize("private_proc", [False, True], ids=["pidns", "pidns+mntns"])
 
 
 def ensure_user(name: str) -> pwd.struct_passwd:
@@ -95,11 +98,12 @@ class Workload:
         self.fds.append(fd)
         return fd
 
-    def start(self, ready_timeout: float = 30.0) -> LaunchedTree:
+    def start(self, ready_timeout: float = 30.0, *, private_proc: bool = False, stdin: int | None = None) -> LaunchedTree:
+        """Launch as the user, stdout and stderr one O_APPEND file (as Slurm gives them)."""
         out = self.output("out.log")
         u = self.env.user
-        self.tree = launch(self.argv, uid=u.pw_uid, gid=u.pw_gid, cwd=self.dir,
-                           stdout=out, stderr=out, libexec=self.env.libexec)
+        self.tree = launch(self.argv, uid=u.pw_uid, gid=u.pw_gid, cwd=self.dir, stdin=stdin,
+                           stdout=out, stderr=out, private_proc=private_proc, libexec=self.env.libexec)
         self.wait_for("READY", "out.log", ready_timeout)
         return self.tree
 

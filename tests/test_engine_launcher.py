@@ -125,6 +125,7 @@ def test_a_job_is_never_started_as_root_by_mistake(engine_env, tmp_path):
     ["--uid", "1000", "--gid", "1000", "--"],  # no command
     ["--pid-fd", "1", "--allow-root", "--", "true"],  # stdout is never the pid fd
     ["--groups", "1,2", "--allow-root", "--", "true"],  # groups without a user
+    ["--ns-init", "--allow-root", "--", "true"],  # mm-init's own, only for PID 1
 ])
 def test_mm_init_refuses_bad_arguments(args):
     res = subprocess.run([MM_INIT, *args], capture_output=True, text=True)
@@ -160,3 +161,68 @@ def test_launch_joins_given_cgroups(engine_env, tmp_path):
                 break
             except OSError:
                 time.sleep(0.05)
+
+
+def _mount_ns(pid: int | str) -> str:
+    return os.readlink(f"/proc/{pid}/ns/mnt")
+
+
+def _mnt_id(pid: int, fd: int) -> int:
+    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+        return int(next(line for line in f if line.startswith("mnt_id:")).split()[1])
+
+
+def test_private_proc_gives_the_tree_its_own_mounts_and_proc(engine_env, tmp_path):
+    """CUDA needs a /proc of the job's PID namespace (error 304 under the host's)."""
+    host_mounts = open("/proc/self/mountinfo").read()
+    script = "cat /proc/1/comm; grep NSpid /proc/self/status; ls /proc | grep -c '^[0-9]'; exec sleep 30"
+    tree = _start(engine_env, ["sh", "-c", script], tmp_path, private_proc=True)
+    try:
+        (app,) = _wait_children(tree.init_pid, 1)
+        _wait_exec(app, "sleep")
+        assert _mount_ns(tree.init_pid) == _mount_ns(app) != _mount_ns("self")
+        assert _mount_ns(tree.outer_pid) == _mount_ns("self"), "the outer mm-init stays on the host"
+        comm, nspid, count = (tmp_path / "out.log").read_text().splitlines()
+        assert comm == "mm-init" and len(nspid.split()) == 2, "the app's /proc is its PID namespace's"
+        assert int(count) <= 5, "and shows only the job's processes"
+        assert open("/proc/self/mountinfo").read() == host_mounts, "nothing propagated to the host"
+        inside = {int(line.split()[0]) for line in open(f"/proc/{tree.init_pid}/mountinfo")}
+        for pid in (tree.init_pid, app):
+            for fd in (0, 1, 2):
+                assert _mnt_id(pid, fd) in inside, f"fd {fd} of {pid} was reopened in the job's mounts"
+        assert os.readlink(f"/proc/{tree.init_pid}/exe") == MM_INIT
+        assert proctree.task_ids(app).uids[0] == engine_env.user.pw_uid
+    finally:
+        tree.kill()
+        tree.wait(10)
+
+
+def test_private_proc_keeps_the_stdio_offset_and_sharing(engine_env, tmp_path):
+    """A non-append output keeps its offset; stdout and stderr stay one description."""
+    path = tmp_path / "out.log"
+    path.write_text("x" * 100)
+    fd = os.open(path, os.O_WRONLY)
+    os.lseek(fd, 100, os.SEEK_SET)
+    u = engine_env.user
+    try:
+        tree = launch(["sh", "-c", "echo out; echo err >&2; echo out2"], uid=u.pw_uid, gid=u.pw_gid,
+                      stdout=fd, stderr=fd, private_proc=True, libexec=engine_env.libexec)
+    finally:
+        os.close(fd)
+    assert tree.wait(10) == 0
+    assert path.read_text() == "x" * 100 + "out\nerr\nout2\n"
+
+
+def test_private_proc_leaves_an_unreachable_stdio_file_as_it_is(engine_env, tmp_path):
+    """A file that cannot be found again by its name (deleted) is not reopened: the job runs."""
+    path = tmp_path / "gone.log"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    path.unlink()
+    u = engine_env.user
+    try:
+        tree = launch(["sh", "-c", "echo still-here"], uid=u.pw_uid, gid=u.pw_gid, stdout=fd, stderr=fd,
+                      private_proc=True, libexec=engine_env.libexec)
+        assert tree.wait(10) == 0
+        assert os.pread(fd, 100, 0) == b"still-here\n"
+    finally:
+        os.close(fd)

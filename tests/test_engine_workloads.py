@@ -6,6 +6,7 @@ TCP exchange) and says PASS or FAIL; these tests run the cycle and read the verd
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import json
 import os
@@ -14,9 +15,16 @@ import time
 
 import pytest
 
-from engine_fixtures import checkpoint_and_restore, engine_env, needs_root, squat_pids, workload  # noqa: F401
-from slurm_mm.engine import read_metadata, wait_gone
-from slurm_mm.errors import CheckpointFailed, ImageRefused
+from engine_fixtures import (  # noqa: F401
+    both_layouts,
+    checkpoint_and_restore,
+    engine_env,
+    needs_root,
+    squat_pids,
+    workload,
+)
+from slurm_mm.engine import checkpoint_tree, proctree, read_metadata, restore_tree, wait_gone
+from slurm_mm.errors import CheckpointFailed, ImageRefused, RestoreFailed
 
 pytestmark = needs_root
 
@@ -48,9 +56,10 @@ def test_child_processes_keep_their_pipe_ring_across_restore(workload, tmp_path)
     assert len(result.pids) >= 5  # init, parent, 3 children
 
 
-def test_append_mode_file_and_read_offset_survive_restore(workload, tmp_path):
+@both_layouts
+def test_append_mode_file_and_read_offset_survive_restore(workload, tmp_path, private_proc):
     w = workload("append_file.py")
-    w.start()
+    w.start(private_proc=private_proc)
     _, _, code, out = checkpoint_and_restore(w, tmp_path / "img")
     _passed(code, out)
 
@@ -83,17 +92,20 @@ def test_tcp_loopback_connection_survives_restore(workload, tmp_path):
     _passed(code, out)
 
 
-def test_python_counter_continues_without_gap_or_repeat(workload, tmp_path):
+@both_layouts
+def test_python_counter_continues_without_gap_or_repeat(workload, tmp_path, private_proc):
     w = workload("counter.py")
-    w.start()
-    _, _, code, out = checkpoint_and_restore(w, tmp_path / "img")
+    w.start(private_proc=private_proc)
+    result, _, code, out = checkpoint_and_restore(w, tmp_path / "img")
     _passed(code, out)
+    assert result.mount_ns == private_proc
 
 
-def test_c_counter_continues_when_original_pids_are_taken(workload, tmp_path):
+@both_layouts
+def test_c_counter_continues_when_original_pids_are_taken(workload, tmp_path, private_proc):
     """The tree has its own PID namespace: its host PIDs may be anyone's at restore."""
     w = workload("counter")
-    w.start()
+    w.start(private_proc=private_proc)
     squatters = []
 
     def take_pids(result):
@@ -112,14 +124,80 @@ def test_c_counter_continues_when_original_pids_are_taken(workload, tmp_path):
     assert sorted(restored.ns_pids)[:2] == [1, 2]
 
 
-def test_restored_job_output_goes_to_the_new_file_and_nowhere_else(workload, tmp_path):
+def _kcmp_same_file(pid: int, fd1: int, fd2: int) -> bool:
+    """Whether two fds of `pid` are one open file description (one offset)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(312, pid, pid, 0, fd1, fd2) == 0  # SYS_kcmp, KCMP_FILE
+
+
+def _app_of(tree) -> int:
+    (app,) = [p for p in proctree.children(tree.init_pid)]
+    return app
+
+
+@both_layouts
+def test_restored_job_output_goes_to_the_new_file_and_nowhere_else(workload, tmp_path, private_proc):
+    """The Slurm case: stdin /dev/null, stdout and stderr one O_APPEND file (2>&1)."""
     w = workload("counter.py")
-    w.start()
+    null = os.open("/dev/null", os.O_RDONLY)
+    w.fds.append(null)
+    w.start(private_proc=private_proc, stdin=null)
+    app = _app_of(w.tree)
+    assert _kcmp_same_file(app, 1, 2), "2>&1 is one file description in the job"
     before = w.text("out.log")
-    _, _, code, out = checkpoint_and_restore(w, tmp_path / "img")
+
+    def check_restored(restored):
+        app = restored.ns_pids[2]
+        assert os.readlink(f"/proc/{app}/fd/0") == "/dev/null"
+        assert os.readlink(f"/proc/{app}/fd/1") == str(w.dir / "restored.log")
+        assert _kcmp_same_file(app, 1, 2), "the new output serves stdout and stderr as one"
+
+    result = w.checkpoint(tmp_path / "img", leave_running=False)
+    assert w.tree.wait(10) == 137
+    assert wait_gone(result.pids, 5, zombies_count=False) == []
+    new_null = os.open("/dev/null", os.O_RDONLY)
+    w.fds.append(new_null)
+    restored = w.restore(tmp_path / "img", stdin=new_null)
+    try:
+        check_restored(restored)
+        w.go()
+        code = restored.wait(30)
+    finally:
+        restored.kill()
+    out = w.text("restored.log")
     _passed(code, out)
     assert w.text("out.log") == before, "nothing (not mm-init, not the restored job) wrote to the old output"
     assert out.startswith("PASS")
+
+
+@both_layouts
+def test_restored_job_is_checkpointed_and_restored_again(workload, tmp_path, private_proc):
+    """A restored tree holds the restorer's fds: with its own mount namespace they are
+    on mounts it does not have, and go through the image as external files."""
+    w = workload("counter.py")
+    w.start(private_proc=private_proc)
+    result = w.checkpoint(tmp_path / "img1", leave_running=False)
+    w.tree.wait(10)
+    assert wait_gone(result.pids, 5, zombies_count=False) == []
+    first = w.restore(tmp_path / "img1", out_name="restored1.log")
+    try:
+        again = checkpoint_tree(first.init_pid, tmp_path / "img2", leave_running=False, criu=w.env.criu)
+        assert first.wait(10) == 137
+    finally:
+        first.kill()
+    assert bool(again.external_files) == private_proc
+    if private_proc:
+        assert set(again.external_files.values()) == {str(w.dir / "restored1.log")}
+        with pytest.raises(RestoreFailed, match="pass a new stdout"):
+            restore_tree(tmp_path / "img2", criu=w.env.criu)
+    assert wait_gone(again.pids, 5, zombies_count=False) == []
+    second = w.restore(tmp_path / "img2", out_name="restored2.log")
+    w.go()
+    try:
+        code = second.wait(30)
+    finally:
+        second.kill()
+    _passed(code, w.text("restored2.log"))
 
 
 def test_exit_status_passes_through_restore(workload, tmp_path):
@@ -207,9 +285,10 @@ def test_gpu_resume_follows_namespace_pids_after_restore(workload, tmp_path):
     assert gpu.calls[1][1] == [restored.ns_pids[2]] and restored.gpu_pids == [restored.ns_pids[2]]
 
 
-def test_restore_refuses_a_tree_that_is_not_the_owners(workload, tmp_path, engine_env):
+@both_layouts
+def test_restore_refuses_a_tree_that_is_not_the_owners(workload, tmp_path, engine_env, private_proc):
     w = workload("counter.py")
-    w.start()
+    w.start(private_proc=private_proc)
     w.checkpoint(tmp_path / "img", leave_running=False)
     w.tree.wait(10)
     lines = w.text("counter.log")
@@ -229,12 +308,14 @@ def _cwd(pid: str) -> str | None:
         return None
 
 
-def test_engine_metadata_records_stdio_and_criu_version(workload, tmp_path):
+@both_layouts
+def test_engine_metadata_records_stdio_and_criu_version(workload, tmp_path, private_proc):
     w = workload("counter.py")
-    w.start()
+    w.start(private_proc=private_proc)
     images = tmp_path / "img"
     w.checkpoint(images, leave_running=True)
     meta = json.loads((images / "engine.json").read_text())
+    assert meta["mount_ns"] is private_proc and meta["external_files"] == {}
     assert meta["criu_version"] == w.env.criu.version()
     assert meta["stdio"]["1"]["criu_key"] == str(w.dir / "out.log").lstrip("/")
     assert meta["stdio"]["0"]["target"] == "/dev/null"

@@ -44,6 +44,7 @@ class NodeAgent:
         self.jobs: dict[str, JobSupervisor] = {}
         self.jobs_lock = threading.Lock()
         self.stopping = threading.Event()
+        self._preempt_modes: dict[str, str] = {}
 
     # ------------------------------------------------------------ helpers for supervisors
 
@@ -190,10 +191,12 @@ class NodeAgent:
             threading.Thread(target=supervisor.checkpoint, args=("preempt",), daemon=True).start()
             return
         if signum == signal.SIGTSTP:  # SUSPEND: move GPU state out before the freeze
+            supervisor.suspended.set()
             self.engine.suspend_gpu(supervisor.tree)
             return
         if signum == signal.SIGCONT:
             self.engine.resume_gpu(supervisor.tree)
+            supervisor.suspended.clear()
         supervisor.forward(signum)
 
     def _being_preempted(self, job_id: str) -> bool:
@@ -201,7 +204,21 @@ class NodeAgent:
             job = self.slurm.job(job_id)
         except SlurmMMError:
             return False
-        return job.preempt_time > 0 and job.preempt_time >= job.start_time
+        return self._requeue_preemption(job)
+
+    def _requeue_preemption(self, job) -> bool:
+        """Selected for a preemption that ends the run (REQUEUE/CANCEL), not a SUSPEND:
+        a suspended job keeps its processes (only its GPU state moves out, on SIGTSTP)."""
+        if job.state != "RUNNING" or not (job.preempt_time > 0 and job.preempt_time >= job.start_time):
+            return False
+        mode = self._preempt_modes.get(job.partition)
+        if mode is None:
+            try:
+                mode = self.slurm.preempt_mode(job.partition)
+            except SlurmMMError:
+                mode = "REQUEUE"
+            self._preempt_modes[job.partition] = mode
+        return "SUSPEND" not in mode and "GANG" not in mode
 
     def _watch(self) -> None:
         """Poll Slurm: preemption notices and slurm_mm drains for this node's jobs."""
@@ -212,13 +229,16 @@ class NodeAgent:
                 continue
             try:
                 node = self.slurm.node(self.node)
-                preempted = {j.job_id for j in self.slurm.jobs(self.node)
-                             if j.preempt_time > 0 and j.preempt_time >= j.start_time}
+                here = self.slurm.jobs(self.node)
+                preempted = {j.job_id for j in here if self._requeue_preemption(j)}
+                runnable = {j.job_id for j in here if j.state == "RUNNING"}
             except SlurmMMError as exc:
                 log.warning("cannot poll Slurm: %s", exc)
                 continue
             draining = node.draining and node.reason.startswith(DRAIN_PREFIX)
             for job_id, supervisor in running.items():
+                if job_id not in runnable or supervisor.suspended.is_set():
+                    continue  # a suspended (frozen) tree cannot be dumped
                 trigger = "preempt" if job_id in preempted else "drain" if draining else None
                 if trigger:
                     threading.Thread(target=supervisor.checkpoint, args=(trigger,), daemon=True).start()

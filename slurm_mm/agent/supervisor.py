@@ -78,6 +78,7 @@ class JobSupervisor:
         self.epoch = request.job.restart_count
         self.lock = threading.Lock()
         self.stopped = threading.Event()
+        self.suspended = threading.Event()  # Slurm SUSPEND: frozen, nothing to dump
         self.tree: Any = None
         self.record = JobRecord(self.job_id, request.uid, request.interval)
         self.send_lock = threading.Lock()
@@ -206,6 +207,10 @@ class JobSupervisor:
         stopping = requeue or trigger in STOPPING
         with self.lock:
             if self.record.state != "running" or self.stopped.is_set():
+                return None
+            if self.suspended.is_set():
+                self.record.last_error = "the job is suspended"
+                log.info("job %s: no %s checkpoint while suspended", self.job_id, trigger)
                 return None
             self.record.progress = Progress("dumping", trigger, time.time())
             staging = self.agent.staging(self.job_id, f"dump-{int(time.time() * 1000)}")

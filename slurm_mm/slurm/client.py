@@ -56,6 +56,7 @@ class SlurmClient(Protocol):
     def node(self, name: str) -> Node: ...
     def requeue(self, job_id: str) -> None: ...
     def drain(self, node: str, reason: str) -> None: ...
+    def preempt_mode(self, partition: str) -> str: ...
 
 
 def _number(value: Any) -> int:
@@ -163,6 +164,14 @@ class CommandClient:
 
     def requeue(self, job_id: str) -> None:
         self._run("scontrol", "requeue", job_id)
+
+    def preempt_mode(self, partition: str) -> str:
+        """The partition's PreemptMode (REQUEUE, SUSPEND, CANCEL, OFF, ...), upper case."""
+        for token in self._run("scontrol", "show", "partition", "-o", partition).split():
+            key, _, value = token.partition("=")
+            if key == "PreemptMode":
+                return value.upper()
+        raise SlurmError(f"partition '{partition}' has no PreemptMode")
 
     def drain(self, node: str, reason: str) -> None:
         self._run("scontrol", "update", f"NodeName={node}", "State=DRAIN", f"Reason={reason}")

@@ -1,0 +1,73 @@
+"""SUSPEND,GANG preemption and epoch fencing of a stale copy, on the real cluster."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from conftest import testcluster as tc
+from slurm_jobs import (assert_correct_result, assert_no_lost_or_repeated_steps, image_names,
+                        logged_steps, output, submit_chain)
+from slurm_mm.store import ImageStore
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture()
+def suspend_cluster(cluster):
+    """The session cluster, restarted with PreemptMode=SUSPEND,GANG (and back after)."""
+    tc.stop(cluster)
+    tc.start(cluster, "suspend")
+    yield cluster
+    tc.stop(cluster)
+    tc.start(cluster, "requeue")
+
+
+def test_suspended_job_resumes_with_state_intact(suspend_cluster, job_dir):
+    c = suspend_cluster
+    job = submit_chain(c, job_dir, 100, 0.2, "-p", "low", interval="10m")
+    node = tc.wait_job(c, job, {"RUNNING"}, timeout=30)["BatchHost"]
+    tc.wait_for(lambda: len(logged_steps(job_dir)) >= 5, 30, "progress")
+    urgent = tc.job_id(tc.sbatch(c, "#!/bin/sh\nsleep 12\n", "-p", "high", "-w", node, "--exclusive",
+                                 "-o", "/dev/null", cwd=job_dir))
+    tc.wait_job(c, job, {"SUSPENDED"}, timeout=30)
+    time.sleep(1)
+    frozen_at = len(logged_steps(job_dir))
+    time.sleep(4)
+    assert len(logged_steps(job_dir)) == frozen_at  # really stopped while suspended
+    tc.wait_job(c, urgent, {"COMPLETED"}, timeout=60)
+    info = tc.wait_job(c, job, {"COMPLETED", "FAILED"}, timeout=90)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0"
+    assert_correct_result(job_dir, 100)
+    assert_no_lost_or_repeated_steps(job_dir, 100)
+    assert "checkpointed to" not in output(job_dir)  # suspend is not a requeue
+
+
+def test_stale_copy_cannot_commit_after_requeue(cluster, job_dir):
+    """Only slurmd dies (a network cut): the old copy runs on while Slurm runs the job
+    elsewhere. Its periodic checkpoints must be fenced off."""
+    job = submit_chain(cluster, job_dir, 200, 0.25, interval="5s")
+    node = tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)["BatchHost"]
+    tc.wait_for(lambda: len(image_names(cluster, job)) >= 1, 30, "a periodic image")
+    slurmd = tc.read_pid(cluster.run / f"slurmd-{node}.pid")
+    subprocess.run(["kill", "-9", str(slurmd)], check=True)
+    try:
+        info = tc.wait_job(cluster, job, {"RUNNING"}, timeout=120, node_not=node)
+        assert info["Restarts"] == "1"
+        restarted = time.time()
+        time.sleep(12)  # the stale copy's agent tries at least two periodic commits
+        store = ImageStore(cluster.checkpoint_root)
+        late = [i for i in store.images(job) if i.manifest.created > restarted and i.manifest.epoch == 0]
+        assert late == []
+        assert any(i.manifest.epoch == 1 for i in store.images(job))
+        agent_log = (cluster.log / f"agent-{node}.log").read_text()
+        assert "older than the fence" in agent_log
+    finally:
+        subprocess.run(["scancel", job], env=cluster.env())
+        tc.kill_node(cluster, node)  # the stale copy goes with its node
+        tc.start_node(cluster, node)
+        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"],
+                       env=cluster.env(), capture_output=True)
+        tc.wait_for(lambda: tc.node_states(cluster).get(node) == "idle", 60, f"{node} idle")
