@@ -13,7 +13,7 @@ import pytest
 
 from engine_fixtures import NATIVE, engine_env, needs_root  # noqa: F401
 from slurm_mm.engine import native, owner_check, proctree
-from slurm_mm.engine.criu import _headline, log_excerpt
+from slurm_mm.engine.criu import _headline, external_file_key, log_excerpt
 from slurm_mm.engine.restore import _inherit_map, read_metadata
 from slurm_mm.errors import CheckpointFailed, ImageCorrupt, RestoreFailed
 
@@ -68,6 +68,18 @@ def test_a_file_criu_cannot_take_from_an_fd_is_refused_clearly():
     meta = _meta({1: {"target": "/j/out (deleted)", "kind": "deleted", "criu_key": None}})
     with pytest.raises(RestoreFailed, match="stdout was /j/out"):
         _inherit_map(meta, {1: 11})
+
+
+def test_files_from_outside_the_mount_namespace_are_all_handed_back():
+    """A restored tree with its own mount namespace holds the restorer's fds (external)."""
+    out = {"target": "/j/out", "kind": "file", "criu_key": "file[1b:20c0c5]", "external": True}
+    null = {"target": "/dev/null", "kind": "file", "criu_key": "file[18:4]", "external": True}
+    meta = _meta({0: null, 1: out, 2: out})
+    meta["external_files"] = {"file[1b:20c0c5]": "/j/out", "file[18:4]": "/dev/null"}
+    assert external_file_key(0x1B, 0x20C0C5) == "file[1b:20c0c5]"
+    assert _inherit_map(meta, {0: 10, 1: 11, 2: 12}, devnull=lambda: 99) == {99: "file[18:4]", 11: "file[1b:20c0c5]"}
+    with pytest.raises(RestoreFailed, match="pass a new stdout"):
+        _inherit_map(meta, {0: None, 1: None, 2: None}, devnull=lambda: 99)
 
 
 def test_open_file_keys_match_criu_inherit_fd_syntax(tmp_path):

@@ -4,6 +4,11 @@ Order (FACTS.md): the CUDA checkpoint API hangs on stopped or frozen processes, 
 GPU step runs first, on the running tree; its lock blocks the app's CUDA calls, so GPU
 state cannot change before CRIU freezes and dumps the tree.
 
+A tree with its own mount namespace (launch(private_proc=True)) is found here, not told:
+its dump and engine.json say so, and restore_tree() adds what CRIU then needs. Files
+its processes hold that live outside that namespace (a restored job's new stdout, opened
+by the restorer) are dumped as external and must be handed back at restore.
+
 Guarantee (DESIGN invariant 2): if anything fails after the GPU step, the GPU state is
 restored and unlocked and the job keeps running; the error is raised (CheckpointFailed,
 with CRIU's log excerpt). What this never does: decide where images live (it is handed a
@@ -21,7 +26,7 @@ from pathlib import Path
 from typing import Iterable, Protocol, Sequence
 
 from slurm_mm.engine import proctree
-from slurm_mm.engine.criu import Criu, ImageFiles
+from slurm_mm.engine.criu import Criu, ImageFiles, external_file_key
 from slurm_mm.errors import CheckpointFailed, GpuError
 
 METADATA = "engine.json"
@@ -53,9 +58,72 @@ class CheckpointResult:
     image_bytes: int
     criu_version: str
     timings: dict[str, float] = field(default_factory=dict)  # seconds: gpu_suspend, dump, gpu_resume, total
+    mount_ns: bool = False  # the tree had a mount namespace of its own
+    external_files: dict[str, str] = field(default_factory=dict)  # CRIU key -> path, to hand back at restore
 
 
-def _tree_snapshot(init_pid: int) -> tuple[list[int], dict[int, int], dict[str, dict], list[dict]]:
+def own_mount_ns(pid: int) -> bool:
+    """Whether `pid` lives in another mount namespace than this process."""
+    try:
+        theirs, ours = os.stat(f"/proc/{pid}/ns/mnt"), os.stat("/proc/self/ns/mnt")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino)
+
+
+def _mount_ids(pid: int) -> set[int]:
+    try:
+        with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="replace") as f:
+            return {int(line.split(maxsplit=1)[0]) for line in f if line.strip()}
+    except (FileNotFoundError, ProcessLookupError):
+        return set()
+
+
+def _fd_mount_id(pid: int, fd: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/fdinfo/{fd}", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("mnt_id:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        pass
+    return None
+
+
+def outside_files(init_pid: int, pids: Sequence[int]) -> dict[tuple[int, int], tuple[str, str]]:
+    """Files open in the tree whose mount is not in its mount namespace.
+
+    (host pid, fd) -> (CRIU external key, path). Only what CRIU dumps by path (regular
+    files, directories, devices other than terminals); pipes, sockets, memfds and the
+    like live on kernel-internal mounts and are dumped otherwise.
+    """
+    inside = _mount_ids(init_pid)
+    found: dict[tuple[int, int], tuple[str, str]] = {}
+    if not inside:
+        return found
+    for pid in pids:
+        try:
+            fds = [int(fd) for fd in os.listdir(f"/proc/{pid}/fd")]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        for fd in fds:
+            f = proctree.open_file(pid, fd)
+            if f is None or f.kind != "file" or f.target.startswith("/memfd:"):
+                continue
+            mnt = _fd_mount_id(pid, fd)
+            if mnt is None or mnt in inside:
+                continue
+            try:
+                ino = os.stat(f"/proc/{pid}/fd/{fd}").st_ino
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            found[(pid, fd)] = (external_file_key(mnt, ino), f.target)
+    return found
+
+
+def _tree_snapshot(
+    init_pid: int, outside: dict[tuple[int, int], tuple[str, str]] | None = None,
+) -> tuple[list[int], dict[int, int], dict[str, dict], list[dict]]:
     pids = proctree.tree_pids(init_pid)
     ns_pids: dict[int, int] = {}
     processes = []
@@ -74,6 +142,9 @@ def _tree_snapshot(init_pid: int) -> tuple[list[int], dict[int, int], dict[str, 
             f = proctree.open_file(kids[0], fd)
             if f is not None:
                 stdio[str(fd)] = f.to_json()
+                ext = (outside or {}).get((kids[0], fd))
+                if ext:  # dumped as external: restore hands it back by this key
+                    stdio[str(fd)].update(criu_key=ext[0], external=True)
     return pids, ns_pids, stdio, processes
 
 
@@ -117,7 +188,10 @@ def checkpoint_tree(
 
     if not proctree.alive(init_pid):
         raise CheckpointFailed(f"no running process {init_pid} to checkpoint")
-    pids, ns_pids, stdio, processes = _tree_snapshot(init_pid)
+    mount_ns = own_mount_ns(init_pid)
+    outside = outside_files(init_pid, proctree.tree_pids(init_pid)) if mount_ns else {}
+    pids, ns_pids, stdio, processes = _tree_snapshot(init_pid, outside)
+    external = {key: path for key, path in outside.values()}
     _refuse_unfit(pids, gpu)
     version = criu.version()
 
@@ -132,6 +206,7 @@ def checkpoint_tree(
 
     try:
         stats = criu.dump(init_pid, images_dir, leave_running=leave_running, log_path=log_path,
+                          mount_ns=mount_ns, external_files=sorted(external),
                           extra_args=extra_criu_args, timeout=timeout)
     except CheckpointFailed as exc:
         if gpu_pids:
@@ -160,6 +235,8 @@ def checkpoint_tree(
         image_bytes=0,
         criu_version=version,
         timings=timings,
+        mount_ns=mount_ns,
+        external_files=external,
     )
     _write_metadata(result, stdio, processes)
     result.image_bytes = ImageFiles.scan(images_dir).total_bytes
@@ -188,6 +265,8 @@ def _write_metadata(result: CheckpointResult, stdio: dict, processes: list[dict]
         "gpu_ns_pids": sorted(result.ns_pids[p] for p in result.gpu_pids if p in result.ns_pids),
         "leave_running": result.leave_running,
         "timings": result.timings,
+        "mount_ns": result.mount_ns,
+        "external_files": result.external_files,
     }
     path = result.images_dir / METADATA
     tmp = path.with_name(METADATA + ".tmp")

@@ -17,6 +17,17 @@ Flags and why (measured on this VM, FACTS.md):
   the caller, whose waitpid() then gets the job's real exit status.
 - `dump` runs with LD_PRELOAD=libmm_prlimit.so where root lacks CAP_SYS_RESOURCE
   (this VM); restore needs nothing extra.
+- A tree with its own mount namespace (mm-init --private-proc, for GPU jobs: CUDA needs a
+  /proc of its PID namespace) shares every mount with the host's but /proc:
+  dump with `--external mnt[]:sm` (each such mount is external, resolved on restore by
+  `--ext-mount-map auto`; without it CRIU refuses e.g. the NVIDIA driver's mount), and
+  restore with `--root /`. A file opened outside that namespace (a restored job's new
+  stdout) is on a mount the namespace does not have: it is dumped as
+  `--external file[MNT:INO]` and must be handed back with `--inherit-fd` on restore.
+  Mount engine: CRIU's default (mount-v2) with `--root /` restored such trees cleanly
+  here; `--mntns-compat-mode` (the old engine, what docs/gpu-validation.md first ran)
+  also works but leaves an empty /tmp/cr-tmpfs.* directory behind per restore.
+  Without `--root`, mount-v2 hits "BUG at criu/mount.c:48".
 """
 
 from __future__ import annotations
@@ -44,6 +55,10 @@ COMMON_FLAGS = (
     "--ext-unix-sk",
     "--manage-cgroups=ignore",
 )
+# A tree in its own mount namespace (see the module docstring).
+MNTNS_DUMP_FLAGS = ("--external", "mnt[]:sm")
+MNTNS_RESTORE_FLAGS = ("--ext-mount-map", "auto", "--root", "/")
+MNTNS_COMPAT_FLAGS = ("--mntns-compat-mode",)
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # Harmless on hosts without CAP_SYS_RESOURCE: criu only fails to raise its own fd limit.
@@ -65,6 +80,11 @@ def log_excerpt(log_path: str | os.PathLike, max_lines: int = 15) -> str:
         if ("Error" in l or "BUG" in l or "Warn" in l) and not _NOISE.search(l)
     ]
     return "\n".join((picked or lines)[-max_lines:])
+
+
+def external_file_key(mnt_id: int, inode: int) -> str:
+    """CRIU's name of a file dumped as external (`--external` / `--inherit-fd` RES)."""
+    return f"file[{mnt_id:x}:{inode:x}]"
 
 
 def _headline(excerpt: str) -> str:
@@ -90,6 +110,7 @@ class Criu:
     CAP_SYS_RESOURCE; a path forces that library; None never preloads.
     `env`: extra environment for criu (e.g. LD_LIBRARY_PATH for a carried CRIU).
     `timeout`: seconds any criu command may take before it is killed.
+    `mntns_compat_mode`: restore mount namespaces with CRIU's old mount engine.
     """
 
     def __init__(
@@ -100,9 +121,11 @@ class Criu:
         libexec: str | os.PathLike | None = None,
         env: Mapping[str, str] | None = None,
         timeout: float = 900.0,
+        mntns_compat_mode: bool = False,
     ) -> None:
         self.binary = Path(binary)
         self.timeout = timeout
+        self.mntns_compat_mode = mntns_compat_mode
         self.extra_env = dict(env or {})
         if prlimit_shim == "auto":
             self.prlimit_shim = None if native.has_cap_sys_resource() else native.find(native.PRLIMIT_SHIM, libexec)
@@ -167,6 +190,8 @@ class Criu:
         *,
         leave_running: bool,
         log_path: str | os.PathLike | None = None,
+        mount_ns: bool = False,
+        external_files: Sequence[str] = (),
         extra_args: Sequence[str] = (),
         timeout: float | None = None,
     ) -> DumpStats:
@@ -174,6 +199,8 @@ class Criu:
 
         Without `leave_running` CRIU kills the tree once its image is written. On failure
         CheckpointFailed carries CRIU's log excerpt; CRIU then lets the tree run on.
+        `mount_ns`: the tree has its own mount namespace; `external_files`: keys
+        (external_file_key) of files open in the tree that live outside it.
         """
         images_dir = Path(images_dir)
         log_path = Path(log_path) if log_path else images_dir / "dump.log"
@@ -181,6 +208,10 @@ class Criu:
                 "--log-file", str(log_path), "-v4", *COMMON_FLAGS]
         if leave_running:
             args.append("--leave-running")
+        if mount_ns:
+            args.extend(MNTNS_DUMP_FLAGS)
+        for key in external_files:
+            args += ["--external", key]
         args.extend(extra_args)
         started = time.monotonic()
         try:
@@ -208,6 +239,7 @@ class Criu:
         join_cgroups: Sequence[str | os.PathLike] = (),
         log_path: str | os.PathLike | None = None,
         action_script: str | None = None,
+        mount_ns: bool = False,
         extra_args: Sequence[str] = (),
         timeout: float | None = None,
     ) -> int:
@@ -218,6 +250,7 @@ class Criu:
         the file it replaces (--inherit-fd fd[N]:KEY), e.g. the new job's stdout.
         `join_cgroups`: cgroup directories criu (hence the restored tree) joins before
         it runs. `action_script`: a shell command for criu's --action-script.
+        `mount_ns`: the image holds a mount namespace of the tree's own.
         """
         images_dir = Path(images_dir)
         fds = dict(inherit_fds or {})
@@ -231,6 +264,10 @@ class Criu:
                 args += ["--inherit-fd", f"fd[{fd}]:{key}"]
             if action_script:
                 args += ["--action-script", action_script]
+            if mount_ns:
+                args.extend(MNTNS_RESTORE_FLAGS)
+                if self.mntns_compat_mode:
+                    args.extend(MNTNS_COMPAT_FLAGS)
             args.extend(extra_args)
             try:
                 res = self._run(args, timeout=timeout, pass_fds=tuple(fds),

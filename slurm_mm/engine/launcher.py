@@ -47,6 +47,7 @@ class LaunchedTree:
 
     outer: subprocess.Popen
     init_pid: int
+    private_proc: bool = False
 
     @property
     def outer_pid(self) -> int:
@@ -112,6 +113,7 @@ def launch(
     stderr: int | None = None,
     join_cgroups: Sequence[str | os.PathLike] = (),
     allow_root: bool = False,
+    private_proc: bool = False,
     libexec: str | os.PathLike | None = None,
     start_timeout: float = 10.0,
 ) -> LaunchedTree:
@@ -122,8 +124,10 @@ def launch(
     the user; never this process's environment). `cwd`: the command's directory,
     entered as the user. `stdin`/`stdout`/`stderr`: fds for the job (None: /dev/null;
     use O_APPEND files for output, FACTS.md). `join_cgroups`: cgroups the whole tree
-    starts in. Returns once the namespace init exists; the command's own failure to
-    start (not found: exit 127) shows in the exit code.
+    starts in. `private_proc`: the tree also gets its own mount namespace (mounts made
+    private, /proc of its PID namespace; the stdio fds reopened there); needed for CUDA.
+    Returns once the namespace init exists; the command's own failure to start (not
+    found: exit 127) shows in the exit code.
     """
     if not argv:
         raise UsageError("launch: empty command")
@@ -137,6 +141,8 @@ def launch(
         cmd += ["--chdir", os.fspath(cwd)]
     if allow_root:
         cmd.append("--allow-root")
+    if private_proc:
+        cmd.append("--private-proc")
 
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     try:
@@ -164,7 +170,7 @@ def launch(
         os.close(rfd)
         if wfd >= 0:
             os.close(wfd)
-    return LaunchedTree(outer, init_pid)
+    return LaunchedTree(outer, init_pid, private_proc)
 
 
 def _read_pid(rfd: int, outer: subprocess.Popen, timeout: float) -> int:

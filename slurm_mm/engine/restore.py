@@ -6,6 +6,11 @@ with the job's stdin/stdout/stderr replaced by fds it is handed (the new job's o
 then GPU state is restored and unlocked (after the tree runs: the CUDA API hangs on
 stopped processes).
 
+A tree dumped with a mount namespace of its own (engine.json `mount_ns`) is restored
+into a new one (CRIU's flags for it are criu.py's). Files it held from outside that
+namespace were dumped as external (`external_files`): each must be handed back, by the
+caller's new stdio fds, or, for /dev/null, by a /dev/null opened here.
+
 Runs as root. It does not trust the image directory: engine.json only names files to
 replace, and with `owner_uid` every restored thread is checked before it runs its first
 instruction (owner_check.py at CRIU's pre-resume stage): anything but the owner (and
@@ -25,7 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from slurm_mm.engine import proctree
 from slurm_mm.engine.checkpoint import METADATA, GpuCheckpointing
@@ -99,14 +104,22 @@ def read_metadata(images_dir: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def _inherit_map(meta: dict, fds: Mapping[int, int | None]) -> dict[int, str]:
-    """fd in this process -> CRIU key of the job's file it replaces."""
+def _inherit_map(meta: dict, fds: Mapping[int, int | None], devnull: Callable[[], int] | None = None) -> dict[int, str]:
+    """fd in this process -> CRIU key of the job's file it replaces.
+
+    Files dumped as external (engine.json `external_files`) must all be covered: by the
+    new fd of the stdio role that held them, or, for /dev/null, by `devnull()` (an fd
+    of /dev/null opened by the caller); RestoreFailed names any other.
+    """
     out: dict[int, str] = {}
     keys: set[str] = set()
+    external = meta.get("external_files") or {}
+    if not isinstance(external, dict):
+        raise ImageCorrupt("engine.json: external_files is not an object")
     for role_fd, new_fd in sorted(fds.items()):
-        if new_fd is None:
-            continue
         entry = meta.get("stdio", {}).get(str(role_fd))
+        if new_fd is None or (isinstance(entry, dict) and entry.get("criu_key") in external):
+            continue  # external files are handed out below, all of them
         if not isinstance(entry, dict):
             raise RestoreFailed(f"the image records no {STDIO_ROLES[role_fd]} to replace")
         key, target = entry.get("criu_key"), str(entry.get("target", "?"))
@@ -121,6 +134,21 @@ def _inherit_map(meta: dict, fds: Mapping[int, int | None]) -> dict[int, str]:
             continue  # stdout and stderr were one file: the first fd given serves both
         keys.add(key)
         out[new_fd] = key
+    for key, target in sorted(external.items()):
+        given = [fds[r] for r in sorted(fds) if fds[r] is not None
+                 and (meta.get("stdio", {}).get(str(r)) or {}).get("criu_key") == key]
+        if target == "/dev/null" and devnull is not None:
+            out[devnull()] = key  # as everywhere: /dev/null stays /dev/null
+        elif given:
+            out[given[0]] = key
+        else:
+            roles = [STDIO_ROLES[r] for r in sorted(STDIO_ROLES)
+                     if (meta.get("stdio", {}).get(str(r)) or {}).get("criu_key") == key]
+            raise RestoreFailed(
+                f"the job held {target} from outside its mount namespace "
+                f"({', '.join(roles) or 'not its stdio'}): CRIU needs a new fd for it"
+                + (f"; pass a new {roles[0]}" if roles else "")
+            )
     return out
 
 
@@ -193,27 +221,21 @@ def restore_tree(
     started = time.monotonic()
     fds = {0: stdin, 1: stdout, 2: stderr}
     meta: dict[str, Any] = {}
-    if any(fd is not None for fd in fds.values()) or gpu is not None:
+    if any(fd is not None for fd in fds.values()) or gpu is not None or (images_dir / METADATA).exists():
         meta = read_metadata(images_dir)
-    inherit = _inherit_map(meta, fds) if meta else {}
+    opened: list[int] = []
 
-    with tempfile.TemporaryDirectory(prefix="slurm_mm-restore-") as tmp:
-        work = Path(tmp)
-        action, verdict_path = (None, None)
-        if owner_uid is not None:
-            action, verdict_path = _owner_script(work, owner_uid, _owner_gids(owner_uid, owner_gids))
-        try:
-            root = criu.restore(images_dir, inherit_fds=inherit, join_cgroups=join_cgroups,
-                                log_path=log_path, action_script=action,
-                                extra_args=extra_criu_args, timeout=timeout)
-        except RestoreFailed as exc:
-            _check_verdict(verdict_path, cause=exc)
-            raise
-        try:
-            _check_verdict(verdict_path)
-        except ImageRefused:
-            _reap(root)
-            raise
+    def devnull() -> int:
+        opened.append(os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC))
+        return opened[-1]
+
+    try:
+        inherit = _inherit_map(meta, fds, devnull) if meta else {}
+        root = _criu_restore(criu, images_dir, meta, inherit, join_cgroups, owner_uid, owner_gids,
+                             log_path, extra_criu_args, timeout)
+    finally:
+        for fd in opened:
+            os.close(fd)
     tree = RestoredTree(init_pid=root, ns_pids=proctree.ns_pid_map(root), gpu_pids=[])
     tree.timings["restore"] = time.monotonic() - started
 
@@ -232,6 +254,32 @@ def restore_tree(
         tree.timings["gpu_resume"] = time.monotonic() - t
     tree.timings["total"] = time.monotonic() - started
     return tree
+
+
+def _criu_restore(criu: Criu, images_dir: Path, meta: dict, inherit: dict[int, str],
+                  join_cgroups: Sequence[str | os.PathLike], owner_uid: int | None,
+                  owner_gids: Sequence[int] | None, log_path: str | os.PathLike | None,
+                  extra_criu_args: Sequence[str], timeout: float | None) -> int:
+    """`criu restore` with the owner check; the restored root's host PID."""
+    with tempfile.TemporaryDirectory(prefix="slurm_mm-restore-") as tmp:
+        work = Path(tmp)
+        action, verdict_path = (None, None)
+        if owner_uid is not None:
+            action, verdict_path = _owner_script(work, owner_uid, _owner_gids(owner_uid, owner_gids))
+        try:
+            root = criu.restore(images_dir, inherit_fds=inherit, join_cgroups=join_cgroups,
+                                log_path=log_path, action_script=action,
+                                mount_ns=bool(meta.get("mount_ns")),
+                                extra_args=extra_criu_args, timeout=timeout)
+        except RestoreFailed as exc:
+            _check_verdict(verdict_path, cause=exc)
+            raise
+        try:
+            _check_verdict(verdict_path)
+        except ImageRefused:
+            _reap(root)
+            raise
+    return root
 
 
 def _check_verdict(verdict_path: Path | None, cause: RestoreFailed | None = None) -> None:

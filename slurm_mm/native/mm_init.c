@@ -4,7 +4,7 @@
  * namespace, whatever PIDs are taken outside).
  *
  *   mm-init [--uid U --gid G [--groups G1,G2,...]] [--chdir DIR] [--pid-fd N]
- *           [--allow-root] -- CMD [ARGS...]
+ *           [--allow-root] [--private-proc] -- CMD [ARGS...]
  *
  * Three processes take part:
  *   outer   the process that was exec'd. It unshares a PID namespace, forks PID 1,
@@ -16,6 +16,8 @@
  *   PID 1   ROOT-owned init of the namespace: setsid(), starts the app, forwards
  *           signals to the app's process group, reaps every child, and exits with
  *           the app's status (128+N when the app was killed by signal N).
+ *           With --private-proc it first enters a mount namespace of its own (see
+ *           private_proc() below).
  *   app     drops supplementary groups, gid and uid to the job user's, changes to
  *           DIR, and execvp()s CMD.
  *
@@ -26,6 +28,19 @@
  * uid 0 for the app is refused unless --allow-root is given: a job runs as its
  * owner, and a root app in a restorable image is the one thing images must never
  * smuggle in. --allow-root exists for root's own jobs, which an admin may run.
+ *
+ * --private-proc exists for GPU jobs: CUDA fails to initialise (error 304) in a PID
+ * namespace whose /proc is the host's. PID 1 then unshares a mount namespace, makes
+ * every mount in it private (nothing propagates back to the host), replaces /proc by
+ * a proc of its PID namespace, reopens the job's stdio there and re-executes itself
+ * from there (--ns-init): fds opened and mappings made outside live on the host's
+ * mounts, which CRIU cannot find in the job's namespace ("Can't lookup mount=N").
+ * The reopen goes through an O_PATH fd whose inode is checked against the original,
+ * so root never opens anything but the very file it was handed (a path the user
+ * swapped for a symlink or another file is left alone, not followed into a file the
+ * user may not open). PID 1 is the tree's root, so CRIU dumps and restores the mount
+ * namespace with it (a namespace of the app alone cannot be restored). The outer
+ * process stays in the host's mount namespace.
  *
  * SIGTSTP/SIGTTIN/SIGTTOU are NOT forwarded: Slurm suspends jobs with the cgroup
  * freezer, and a stopped process makes the CUDA checkpoint API hang.
@@ -39,12 +54,16 @@
 #include <getopt.h>
 #include <grp.h>
 #include <limits.h>
+#include <linux/kcmp.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -71,6 +90,8 @@ struct options {
 	const char *chdir;
 	int pid_fd;
 	int allow_root;
+	int private_proc;
+	int ns_init; /* internal: this is PID 1, re-executed inside its mount namespace */
 	char **argv;
 };
 
@@ -124,7 +145,7 @@ static void parse_groups(struct options *o, const char *arg)
 static void usage(void)
 {
 	die(EXIT_SELF, "usage: mm-init [--uid U --gid G [--groups G1,G2,...]] "
-		       "[--chdir DIR] [--pid-fd N] [--allow-root] -- CMD [ARGS...]");
+		       "[--chdir DIR] [--pid-fd N] [--allow-root] [--private-proc] -- CMD [ARGS...]");
 }
 
 static void parse_args(struct options *o, int argc, char **argv)
@@ -136,6 +157,8 @@ static void parse_args(struct options *o, int argc, char **argv)
 		{"chdir", required_argument, NULL, 'C'},
 		{"pid-fd", required_argument, NULL, 'p'},
 		{"allow-root", no_argument, NULL, 'R'},
+		{"private-proc", no_argument, NULL, 'P'},
+		{"ns-init", no_argument, NULL, 'I'},
 		{NULL, 0, NULL, 0},
 	};
 	unsigned long v;
@@ -175,6 +198,12 @@ static void parse_args(struct options *o, int argc, char **argv)
 		case 'R':
 			o->allow_root = 1;
 			break;
+		case 'P':
+			o->private_proc = 1;
+			break;
+		case 'I':
+			o->ns_init = 1;
+			break;
 		default:
 			usage();
 		}
@@ -188,6 +217,11 @@ static void parse_args(struct options *o, int argc, char **argv)
 		die(EXIT_SELF, "--groups needs --uid and --gid");
 	if ((o->have_uid ? o->uid : getuid()) == 0 && !o->allow_root)
 		die(EXIT_SELF, "refusing to run the command as root (no --allow-root)");
+	if (o->ns_init) {
+		if (getpid() != 1)
+			die(EXIT_SELF, "--ns-init is mm-init's own, for PID 1 of its namespace");
+		o->pid_fd = -1; /* the outer process's; closed before the re-exec */
+	}
 	if (o->pid_fd >= 0 && fcntl(o->pid_fd, F_GETFD) < 0)
 		die(EXIT_SELF, "--pid-fd %d: %s", o->pid_fd, strerror(errno));
 	o->argv = argv + optind;
@@ -239,6 +273,137 @@ static int status_to_exit(int status)
 	if (WIFSIGNALED(status))
 		return 128 + WTERMSIG(status);
 	return EXIT_SELF;
+}
+
+/*
+ * Give fd `fd` a new open file description of the same file, opened in this (new)
+ * mount namespace; same access mode, flags and offset. Only regular files and
+ * character devices: pipes, sockets and the like belong to no mount. Returns 0 when
+ * done or not needed, -1 with errno set on failure; a file that cannot be found
+ * again by its name (deleted, renamed, replaced) is left as it is: the job runs, and
+ * a later dump says which file CRIU could not place.
+ */
+static int reopen_here(int fd)
+{
+	char link[64], path[PATH_MAX];
+	struct stat was, now;
+	ssize_t n;
+	off_t pos;
+	int flags, opath, nfd, keep;
+
+	if (fstat(fd, &was))
+		return errno == EBADF ? 0 : -1;
+	if (!S_ISREG(was.st_mode) && !S_ISCHR(was.st_mode))
+		return 0;
+	flags = fcntl(fd, F_GETFL);
+	if (flags < 0)
+		return -1;
+	snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
+	n = readlink(link, path, sizeof(path) - 1);
+	if (n < 0)
+		return -1;
+	path[n] = '\0';
+	if (path[0] != '/')
+		return 0;
+	/* O_PATH opens nothing (no device open, no FIFO wait): safe on any path. */
+	opath = open(path, O_PATH | O_CLOEXEC);
+	if (opath < 0)
+		return 0;
+	if (fstat(opath, &now) || now.st_dev != was.st_dev || now.st_ino != was.st_ino ||
+	    (now.st_mode & S_IFMT) != (was.st_mode & S_IFMT) || now.st_rdev != was.st_rdev) {
+		close(opath);
+		return 0;
+	}
+	/* Through the O_PATH fd: exactly the inode just checked, found in this namespace. */
+	snprintf(link, sizeof(link), "/proc/self/fd/%d", opath);
+	keep = flags & (O_ACCMODE | O_APPEND | O_NONBLOCK | O_DSYNC | O_SYNC | O_DIRECT | O_NOATIME);
+	nfd = open(link, keep | O_NOCTTY | O_CLOEXEC);
+	close(opath);
+	if (nfd < 0)
+		return -1;
+	pos = lseek(fd, 0, SEEK_CUR);
+	if (pos > 0 && lseek(nfd, pos, SEEK_SET) != pos) {
+		close(nfd);
+		return -1;
+	}
+	/* dup2 clears close-on-exec on fd: the app gets it. */
+	if (dup2(nfd, fd) < 0) {
+		close(nfd);
+		return -1;
+	}
+	return close(nfd);
+}
+
+/* PID 1 of the namespace: a mount namespace of its own with /proc of its PID namespace. */
+static void private_proc(void)
+{
+	int fd, same_as[3], j;
+	pid_t self = getpid();
+
+	if (unshare(CLONE_NEWNS))
+		die(EXIT_SELF, "unshare(CLONE_NEWNS): %s", strerror(errno));
+	/* Before any mount: with shared mounts, /proc below would appear on the host too. */
+	if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL))
+		die(EXIT_SELF, "making mounts private: %s", strerror(errno));
+	/*
+	 * Detached rather than mounted over: CRIU restores an overmounted mount through a
+	 * temporary directory in /tmp that it then cannot remove (EBUSY, one left per
+	 * restore). procfs is one tree for every instance but the PID directories, so the
+	 * new one still shows /proc/driver/nvidia and the like.
+	 */
+	if (umount2("/proc", MNT_DETACH) && errno != EINVAL)
+		die(EXIT_SELF, "detaching the host's /proc: %s", strerror(errno));
+	if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL))
+		die(EXIT_SELF, "mount proc on /proc: %s", strerror(errno));
+	/* 2>&1 stays one open file description (one offset), as the job was given it. */
+	for (fd = 0; fd <= 2; fd++) {
+		same_as[fd] = -1;
+		for (j = 0; j < fd && same_as[fd] < 0; j++)
+			if (syscall(SYS_kcmp, self, self, KCMP_FILE, j, fd) == 0)
+				same_as[fd] = j;
+	}
+	for (fd = 0; fd <= 2; fd++) {
+		if (same_as[fd] >= 0) {
+			if (dup2(same_as[fd], fd) < 0)
+				die(EXIT_SELF, "dup2: %s", strerror(errno));
+		} else if (reopen_here(fd)) {
+			die(EXIT_SELF, "reopening fd %d in the job's mount namespace: %s", fd, strerror(errno));
+		}
+	}
+}
+
+/*
+ * PID 1 becomes mm-init again, loaded from inside its mount namespace: a process keeps
+ * the mappings of its last exec, and mm-init's were made on the host's mounts, where
+ * CRIU cannot find them ("Can't lookup mount=N for fd=-3"). The binary is found by
+ * its name here and must be the very inode that is running. Never returns.
+ */
+static void reexec_here(int argc, char **argv)
+{
+	char path[PATH_MAX];
+	struct stat was, now;
+	char **args;
+	ssize_t n;
+	int fd, i;
+
+	n = readlink("/proc/self/exe", path, sizeof(path) - 1);
+	if (n < 0 || stat("/proc/self/exe", &was))
+		die(EXIT_SELF, "/proc/self/exe: %s", strerror(errno));
+	path[n] = '\0';
+	fd = open(path, O_PATH | O_CLOEXEC);
+	if (fd < 0 || fstat(fd, &now) || now.st_dev != was.st_dev || now.st_ino != was.st_ino)
+		die(EXIT_SELF, "cannot find myself (%s) in the job's mount namespace", path);
+	args = calloc((size_t)argc + 2, sizeof(*args));
+	if (!args)
+		die(EXIT_SELF, "out of memory");
+	args[0] = argv[0];
+	args[1] = "--ns-init";
+	for (i = 1; i < argc; i++)
+		args[i + 1] = argv[i];
+	if (fflush(stderr) == EOF)
+		die(EXIT_SELF, "fflush: %s", strerror(errno));
+	syscall(SYS_execveat, fd, "", args, environ, AT_EMPTY_PATH);
+	die(EXIT_SELF, "re-executing %s: %s", path, strerror(errno));
 }
 
 /* Runs in the app process: becomes the job user, then executes CMD. Never returns. */
@@ -341,6 +506,8 @@ int main(int argc, char **argv)
 	/* Blocked before the fork: no signal is lost between fork and sigtimedwait. */
 	if (sigprocmask(SIG_BLOCK, &waitset, NULL))
 		die(EXIT_SELF, "sigprocmask: %s", strerror(errno));
+	if (o.ns_init)
+		run_init(&o, &waitset); /* the mask and pending signals survived the exec */
 	if (unshare(CLONE_NEWPID))
 		die(EXIT_SELF, "unshare(CLONE_NEWPID): %s", strerror(errno));
 	if (fflush(stderr) == EOF)
@@ -352,6 +519,10 @@ int main(int argc, char **argv)
 	if (init == 0) {
 		if (o.pid_fd >= 0 && close(o.pid_fd))
 			die(EXIT_SELF, "close pid fd: %s", strerror(errno));
+		if (o.private_proc) {
+			private_proc();
+			reexec_here(argc, argv);
+		}
 		run_init(&o, &waitset);
 	}
 

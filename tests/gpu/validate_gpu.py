@@ -461,7 +461,9 @@ def check_engine_chain(gc: GpuCheckpointer, criu_path: str, gb: float, child_gb:
 
     A periodic checkpoint (leave_running: GPU suspend, dump, GPU resume), then a
     preemption one (the tree is killed), then restore_tree (criu restore + GPU resume).
-    The tree is PID 1 of its own PID + mount namespace (see criu_chain_pidns).
+    The tree is PID 1 of its own PID + mount namespace (see criu_chain_pidns), made by
+    `unshare`, not by mm-init: the engine must find the namespace by itself.
+    (validate_mm_init.py runs the same with a tree launched by mm-init --private-proc.)
     """
     from slurm_mm.engine import Criu, checkpoint_tree, restore_tree
 
@@ -473,19 +475,19 @@ def check_engine_chain(gc: GpuCheckpointer, criu_path: str, gb: float, child_gb:
         wl.wait_ready()
         cuda = sorted(wl.cuda_pids)
         images = Path(tempfile.mkdtemp(prefix="mm-eng-", dir="/var/tmp"))
-        periodic = checkpoint_tree(wl.root, images / "periodic", leave_running=True, gpu=gc, criu=criu,
-                                   extra_criu_args=MNTNS_DUMP)
+        # No extra CRIU flags: checkpoint_tree finds the tree's mount namespace itself and
+        # records it in engine.json, and restore_tree adds what CRIU needs for it.
+        periodic = checkpoint_tree(wl.root, images / "periodic", leave_running=True, gpu=gc, criu=criu)
         out["periodic"] = {"gpu_pids": periodic.gpu_pids, "timings": periodic.timings,
-                           "image_mib": periodic.image_bytes >> 20}
+                           "image_mib": periodic.image_bytes >> 20, "mount_ns": periodic.mount_ns}
         say("engine periodic checkpoint:", json.dumps(out["periodic"]))
-        assert sorted(periodic.gpu_pids) == cuda
+        assert sorted(periodic.gpu_pids) == cuda and periodic.mount_ns
         assert_intact(wl, results, "engine_periodic_verdict")
         tree = wl.tree()
-        final = checkpoint_tree(wl.root, images / "final", leave_running=False, gpu=gc, criu=criu,
-                                extra_criu_args=MNTNS_DUMP)
+        final = checkpoint_tree(wl.root, images / "final", leave_running=False, gpu=gc, criu=criu)
         out["final"] = {"gpu_pids": final.gpu_pids, "timings": final.timings, "image_mib": final.image_bytes >> 20}
         wait_for(lambda: gone(tree), 30, "checkpointed tree to be gone")
-        restored = restore_tree(images / "final", gpu=gc, criu=criu, extra_criu_args=MNTNS_RESTORE)
+        restored = restore_tree(images / "final", gpu=gc, criu=criu)
         wl.rebind(restored.init_pid)
         out["restore"] = {"init_pid": restored.init_pid, "ns_pids": restored.ns_pids,
                           "gpu_pids": restored.gpu_pids, "timings": restored.timings}
