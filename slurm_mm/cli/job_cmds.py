@@ -56,6 +56,8 @@ def run_checkpoint(args: argparse.Namespace) -> int:
         from slurm_mm.cli.image_cmds import checkpoint_pid  # noqa: PLC0415
 
         return checkpoint_pid(args)
+    if args.to or args.leave_running:
+        raise UsageError("--to and --leave-running go with --pid")
     job_id = _job_id(args.job_id)
     cfg = config.load()
     job = connect().job(job_id)
