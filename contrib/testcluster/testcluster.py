@@ -357,6 +357,7 @@ def port_in_use(port: int) -> bool:
 
 def kill_node(c: Cluster, node: str) -> None:
     """Hard node failure: slurmd, the node agent and every job process on it die."""
+    thaw(node)
     for daemon in (f"slurmd-{node}", f"agent-{node}"):
         pid = read_pid(c.run / f"{daemon}.pid")
         if pid:
@@ -383,7 +384,18 @@ def cgroup_pids(node: str) -> list[int]:
     return sorted(pids)
 
 
+def thaw(node: str) -> None:
+    """Frozen (suspended) processes ignore SIGKILL until thawed."""
+    for root in node_cgroups(node):
+        for state in root.rglob("freezer.state"):
+            try:
+                state.write_text("THAWED")
+            except OSError:
+                pass
+
+
 def remove_cgroups(node: str) -> None:
+    thaw(node)
     for pid in cgroup_pids(node):
         try:
             os.kill(pid, signal.SIGKILL)
