@@ -48,6 +48,9 @@ class Config:
     async_checkpoints: bool = True
     staging_min_free_ratio: float = 0.1
     log_level: str = "info"
+    # Jobs get their own mount namespace and /proc: needed for CUDA in a PID namespace
+    # (docs/gpu-validation.md). auto = on nodes with GPU checkpointing.
+    job_mount_namespace: str = "auto"
     timeouts: Timeouts = field(default_factory=Timeouts)
 
 
@@ -142,6 +145,10 @@ def _value(key: str, raw: Any, default: Any, source: str) -> Any:
         if not 0.0 <= raw < 1.0:
             raise ConfigError(f"{source}: '{key}' must be in [0, 1), got {raw!r}")
         return float(raw)
+    if key == "job_mount_namespace":
+        if raw not in ("auto", "always", "never"):
+            raise ConfigError(f"{source}: 'job_mount_namespace' must be auto, always or never, got {raw!r}")
+        return raw
     if key == "log_level":
         if raw not in _LOG_LEVELS:
             raise ConfigError(f"{source}: 'log_level' must be one of {sorted(_LOG_LEVELS)}, got {raw!r}")

@@ -156,3 +156,24 @@ def test_job_without_option_is_untouched(cluster, job_dir):
     nspid = [l for l in text.splitlines() if l.startswith("NSpid")][0].split()[1:]
     assert len(nspid) == 1               # no PID namespace of slurm_mm's
     assert not (cluster.checkpoint_root / job).exists()
+
+
+def test_job_in_its_own_mount_namespace_requeues_and_resumes(cluster, job_dir):
+    """The layout GPU nodes use (own mount namespace and /proc, FACTS/gpu-validation)."""
+    tc.set_job_mount_namespace(cluster, "always")
+    try:
+        job = submit_chain(cluster, job_dir, 60, 0.25, interval="10m")
+        tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)
+        tc.wait_for(lambda: len(logged_steps(job_dir)) >= 6, 30, "progress")
+        procs = [p for p in user_processes(f"{job_dir}/chain_job.py")]
+        pid = int(procs[0].split()[0])
+        ns_procs = subprocess.run(["nsenter", "-t", str(pid), "-m", "ls", "/proc"],
+                                  capture_output=True, text=True).stdout.split()
+        assert len([p for p in ns_procs if p.isdigit()]) <= 4  # its own /proc: init, sh/python
+        assert as_user(cluster, "slurm-mm", "checkpoint", job, "--requeue").returncode == 0
+        info = tc.wait_job(cluster, job, {"COMPLETED", "FAILED"}, timeout=120)
+        assert info["JobState"] == "COMPLETED" and "restored from" in output(job_dir)
+        assert_correct_result(job_dir, 60)
+        assert_no_lost_or_repeated_steps(job_dir, 60)
+    finally:
+        tc.set_job_mount_namespace(cluster, "never")

@@ -201,6 +201,7 @@ libexec_dir: {PREFIX / 'libexec'}
 keep_images: 3
 compression_level: 3
 min_interval: 5
+job_mount_namespace: {os.environ.get("SLURM_MM_TEST_MOUNT_NS", "never")}
 """)
 
 
@@ -303,6 +304,16 @@ def start_agent(c: Cluster, node: str) -> None:
     wait_for(lambda: sock.exists() or proc.poll() is not None, 15, f"agent {node}")
     if proc.poll() is not None:
         raise RuntimeError(f"agent for {node} exited with {proc.returncode}; see {c.log}/agent-{node}.log")
+
+
+def set_job_mount_namespace(c: Cluster, mode: str) -> None:
+    """Switch the agents' job_mount_namespace (auto|always|never) and restart them."""
+    text = c.mm_config.read_text()
+    lines = [l for l in text.splitlines() if not l.startswith("job_mount_namespace:")]
+    c.mm_config.write_text("\n".join(lines + [f"job_mount_namespace: {mode}"]) + "\n")
+    for node in NODES:
+        stop_pid(c.pid_file(f"agent-{node}"))
+        start_agent(c, node)
 
 
 def node_states(c: Cluster) -> dict[str, str]:

@@ -37,11 +37,14 @@ class JobEngine:
         self.criu = Criu(cfg.criu_path, libexec=cfg.libexec_dir, timeout=cfg.timeouts.checkpoint)
         self.criu_version = self.criu.version()
         self.gpu = open_checkpointer()  # None on nodes without the CUDA checkpoint API
+        mode = cfg.job_mount_namespace
+        self.private_proc = mode == "always" or (mode == "auto" and self.gpu is not None)
 
     def launch(self, req) -> Any:
         return launch(req.argv, uid=req.uid, gid=req.gid, groups=req.groups, env=req.env,
                       cwd=req.cwd, stdin=req.stdio[0], stdout=req.stdio[1], stderr=req.stdio[2],
-                      join_cgroups=[str(p) for p in req.cgroup_procs], libexec=self.cfg.libexec_dir)
+                      join_cgroups=[str(p) for p in req.cgroup_procs], libexec=self.cfg.libexec_dir,
+                      private_proc=self.private_proc)
 
     def restore(self, images: Path, req, manifest) -> Any:
         options: dict[str, Any] = {}
