@@ -160,7 +160,7 @@ def test_job_without_option_is_untouched(cluster, job_dir):
 
 def test_job_in_its_own_mount_namespace_requeues_and_resumes(cluster, job_dir):
     """The layout GPU nodes use (own mount namespace and /proc, FACTS/gpu-validation)."""
-    tc.set_job_mount_namespace(cluster, "always")
+    tc.set_agent_config(cluster, "job_mount_namespace", "always")
     try:
         job = submit_chain(cluster, job_dir, 60, 0.25, interval="10m")
         tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)
@@ -176,4 +176,21 @@ def test_job_in_its_own_mount_namespace_requeues_and_resumes(cluster, job_dir):
         assert_correct_result(job_dir, 60)
         assert_no_lost_or_repeated_steps(job_dir, 60)
     finally:
-        tc.set_job_mount_namespace(cluster, "never")
+        tc.set_agent_config(cluster, "job_mount_namespace", "never")
+
+
+def test_short_staging_space_falls_back_to_direct_mode(cluster, job_dir):
+    """No room on node-local staging: the dump goes to the shared filesystem instead."""
+    tc.set_agent_config(cluster, "staging_min_free_ratio", "0.9999")
+    try:
+        job = submit_chain(cluster, job_dir, 40, 0.25, interval="5s")
+        node = tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)["BatchHost"]
+        tc.wait_for(lambda: len(image_names(cluster, job)) >= 1, 30, "an image")
+        log = (cluster.log / f"agent-{node}.log").read_text()
+        assert f"job {job}: " in log and "dumping to the shared filesystem" in log
+        info = tc.wait_job(cluster, job, {"COMPLETED", "FAILED"}, timeout=60)
+        assert info["JobState"] == "COMPLETED"
+        assert_correct_result(job_dir, 40)
+        assert not list((cluster.checkpoint_root / ".staging").rglob("dump-*"))  # cleaned up
+    finally:
+        tc.set_agent_config(cluster, "staging_min_free_ratio", "0.1")

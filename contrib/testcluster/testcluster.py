@@ -306,11 +306,11 @@ def start_agent(c: Cluster, node: str) -> None:
         raise RuntimeError(f"agent for {node} exited with {proc.returncode}; see {c.log}/agent-{node}.log")
 
 
-def set_job_mount_namespace(c: Cluster, mode: str) -> None:
-    """Switch the agents' job_mount_namespace (auto|always|never) and restart them."""
+def set_agent_config(c: Cluster, key: str, value: str) -> None:
+    """Set one slurm_mm config key (YAML text) and restart the node agents to read it."""
     text = c.mm_config.read_text()
-    lines = [l for l in text.splitlines() if not l.startswith("job_mount_namespace:")]
-    c.mm_config.write_text("\n".join(lines + [f"job_mount_namespace: {mode}"]) + "\n")
+    lines = [l for l in text.splitlines() if not l.startswith(f"{key}:")]
+    c.mm_config.write_text("\n".join(lines + [f"{key}: {value}"]) + "\n")
     for node in NODES:
         stop_pid(c.pid_file(f"agent-{node}"))
         start_agent(c, node)

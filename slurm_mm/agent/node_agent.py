@@ -12,10 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import pwd
-import shutil
 import signal
 import socket
-import stat
 import threading
 from dataclasses import asdict
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any
 
 from slurm_mm.agent import auth, protocol
 from slurm_mm.agent.cgroups import step_cgroup_procs
+from slurm_mm.agent.staging import fits, root_only_dir, tree_resident_bytes
 from slurm_mm.agent.supervisor import JobSupervisor, LaunchRequest
 from slurm_mm.config import Config
 from slurm_mm.errors import NotEnrolled, PermissionDenied, SlurmMMError
@@ -50,17 +49,19 @@ class NodeAgent:
 
     def staging(self, job_id: str, name: str, create: bool = True) -> Path:
         """A fresh root-only directory on node-local staging space (or its free name)."""
-        base = self.config.staging_dir / job_id
-        base.mkdir(parents=True, exist_ok=True, mode=0o700)
-        st = os.lstat(base)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
-            raise PermissionDenied(f"staging directory {base} is not a root-owned directory")
-        path = base / name
-        if path.exists():
-            shutil.rmtree(path)  # a leftover of a crashed agent
-        if create:
-            path.mkdir(mode=0o700)
-        return path
+        return root_only_dir(self.config.staging_dir / job_id / name, create=create)
+
+    def dump_staging(self, job_id: str, name: str, tree_pids: list[int]) -> tuple[Path, str]:
+        """Node-local staging when the tree's memory fits there, else the shared store's."""
+        needed = tree_resident_bytes(tree_pids)
+        local = self.config.staging_dir
+        local.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.config.async_checkpoints and fits(local, needed, self.config.staging_min_free_ratio):
+            return self.staging(job_id, name), "async"
+        log.warning("job %s: %d MiB do not fit in %s: dumping to the shared filesystem",
+                    job_id, needed >> 20, local)
+        shared = self.config.checkpoint_root / ".staging" / self.node / job_id / name
+        return root_only_dir(shared), "direct"
 
     def forget(self, job_id: str) -> None:
         with self.jobs_lock:

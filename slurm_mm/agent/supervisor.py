@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slurm_mm.agent import protocol
+from slurm_mm.engine.proctree import tree_pids
 from slurm_mm.errors import ImageError, SlurmMMError
 from slurm_mm.slurm.client import Job
 
@@ -53,6 +54,7 @@ class Progress:
     started: float = 0.0
     bytes_done: int = 0
     bytes_total: int = 0
+    mode: str = ""  # async (node-local staging) or direct (shared filesystem)
 
 
 @dataclass
@@ -213,8 +215,11 @@ class JobSupervisor:
                 log.info("job %s: no %s checkpoint while suspended", self.job_id, trigger)
                 return None
             self.record.progress = Progress("dumping", trigger, time.time())
-            staging = self.agent.staging(self.job_id, f"dump-{int(time.time() * 1000)}")
+            staging: Path | None = None
             try:
+                staging, mode = self.agent.dump_staging(
+                    self.job_id, f"dump-{int(time.time() * 1000)}", tree_pids(self.tree.init_pid))
+                self.record.progress.mode = mode
                 image = self._dump_and_commit(staging, trigger, stopping)
             except SlurmMMError as exc:
                 self.record.last_error = str(exc)
@@ -222,7 +227,8 @@ class JobSupervisor:
                 return None
             finally:
                 self.record.progress = Progress()
-                shutil.rmtree(staging, ignore_errors=True)
+                if staging is not None:
+                    shutil.rmtree(staging, ignore_errors=True)
             m = image.manifest
             self.record.last_image = {"name": image.path.name, "created": m.created, "trigger": m.trigger,
                                       "size": sum(f.stored_size for f in m.files)}
