@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from store_fixtures import ensure_user  # noqa: F401 - re-exported for the engine tests
+
 from slurm_mm.engine import Criu, LaunchedTree, checkpoint_tree, launch, restore_tree, wait_gone
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,16 +32,6 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="CRIU and mm-init need
 # Both tree layouts: PID namespace only (CPU jobs), and PID + mount namespace with the
 # tree's own /proc (mm-init --private-proc, GPU jobs).
 both_layouts = pytest.mark.parametrize("private_proc", [False, True], ids=["pidns", "pidns+mntns"])
-
-
-def ensure_user(name: str) -> pwd.struct_passwd:
-    """Create an unprivileged user if absent; tolerate a parallel creator."""
-    try:
-        return pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(["useradd", "-m", "-s", "/bin/bash", name], check=False,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        return pwd.getpwnam(name)
 
 
 @dataclass

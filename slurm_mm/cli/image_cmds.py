@@ -48,16 +48,13 @@ def open_store(cfg: config.Config, root: Path | None = None) -> ImageStore:
 
 def store_and_job(text: str) -> tuple[ImageStore, str]:
     """A job id (under the configured root) or a job directory path."""
+    from slurm_mm.cli.pid_cmds import job_dir  # noqa: PLC0415 - pid_cmds imports this module
+
     cfg = config.load()
     if text.isdigit():
         return open_store(cfg), text
-    path = Path(text)
-    if ".." in path.parts:
-        raise UsageError(f"'{text}' must not contain '..'")
-    path = path.absolute()
-    if not path.name:
-        raise UsageError(f"'{text}' is not a job id or a job directory")
-    return open_store(cfg, path.parent), path.name
+    root, job = job_dir(text, must_exist=True)
+    return open_store(cfg, root), job
 
 
 def image_at(path: Path) -> tuple[ImageStore, Image]:

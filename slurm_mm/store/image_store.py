@@ -643,14 +643,7 @@ class ImageStore:
         try:
             dfd = open_dir(name, dir_fd=jfd, path=path)
             try:
-                try:
-                    fd = open_read(MANIFEST_NAME, dir_fd=dfd, path=mpath)
-                except FileNotFoundError:
-                    raise ImageCorrupt(f"{mpath} is missing") from None
-                try:
-                    data = read_limited(fd, MAX_MANIFEST_BYTES, path=mpath)
-                finally:
-                    os.close(fd)
+                data = _read_manifest_bytes(dfd, mpath)
             finally:
                 os.close(dfd)
         except OverflowError as exc:
@@ -698,14 +691,7 @@ class ImageStore:
         mpath = path / MANIFEST_NAME
         try:
             names = set(os.listdir(dfd))
-            try:
-                fd = open_read(MANIFEST_NAME, dir_fd=dfd, path=mpath)
-            except FileNotFoundError:
-                raise ImageCorrupt(f"{mpath} is missing") from None
-            try:
-                data = read_limited(fd, MAX_MANIFEST_BYTES, path=mpath)
-            finally:
-                os.close(fd)
+            data = _read_manifest_bytes(dfd, mpath)
         except OverflowError as exc:
             raise ImageCorrupt(str(exc)) from None
         except OSError as exc:
@@ -773,6 +759,18 @@ class ImageStore:
                 list(pool.map(run, ordered))
         if errors:
             raise errors[0]
+
+
+def _read_manifest_bytes(dfd: int, mpath: Path) -> bytes:
+    """The manifest of the image directory `dfd`, bounded in size; ImageCorrupt if missing."""
+    try:
+        fd = open_read(MANIFEST_NAME, dir_fd=dfd, path=mpath)
+    except FileNotFoundError:
+        raise ImageCorrupt(f"{mpath} is missing") from None
+    try:
+        return read_limited(fd, MAX_MANIFEST_BYTES, path=mpath)
+    finally:
+        os.close(fd)
 
 
 def _check_ids(uid: object, gid: object) -> None:
