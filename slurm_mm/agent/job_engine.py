@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slurm_mm.agent.freeze_guard import FreezeGuard, FreezerCgroup
 from slurm_mm.config import Config
 from slurm_mm.engine import gpu_inventory
 from slurm_mm.engine.checkpoint import checkpoint_tree
@@ -68,16 +69,18 @@ class JobEngine:
         return Dumped(inventory, {"timings": result.timings, "image_bytes": result.image_bytes,
                                   "gpu_pids": result.gpu_pids})
 
-    def suspend_gpu(self, tree: Any) -> None:
-        """SUSPEND preemption: GPU memory to host before Slurm's freezer stops the tree."""
+    def suspend_gpu(self, tree: Any, cgroup_procs: list[Path]) -> None:
+        """SUSPEND preemption: GPU memory to host before Slurm's freezer stops the tree
+        (the freeze is held off until then: the driver hangs on frozen processes)."""
         if self.gpu is None or tree is None:
             return
         from slurm_mm.engine.proctree import tree_pids  # noqa: PLC0415
 
-        try:
-            tree.gpu_suspended = self.gpu.suspend(tree_pids(tree.init_pid))
-        except GpuError as exc:
-            log.error("GPU suspend of pid %d failed: %s", tree.init_pid, exc)
+        with FreezeGuard(FreezerCgroup.of(cgroup_procs)):
+            try:
+                tree.gpu_suspended = self.gpu.suspend(tree_pids(tree.init_pid))
+            except GpuError as exc:
+                log.error("GPU suspend of pid %d failed: %s", tree.init_pid, exc)
 
     def resume_gpu(self, tree: Any) -> None:
         pids = getattr(tree, "gpu_suspended", None)

@@ -193,7 +193,7 @@ class NodeAgent:
             return
         if signum == signal.SIGTSTP:  # SUSPEND: move GPU state out before the freeze
             supervisor.suspended.set()
-            self.engine.suspend_gpu(supervisor.tree)
+            self.engine.suspend_gpu(supervisor.tree, supervisor.req.cgroup_procs)
             return
         if signum == signal.SIGCONT:
             self.engine.resume_gpu(supervisor.tree)
