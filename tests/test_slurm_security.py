@@ -36,6 +36,8 @@ def other_user() -> str:
 def running_job(cluster, job_dir):
     job = submit_chain(cluster, job_dir, steps=400, delay=0.25, interval="10m")
     tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)
+    # RUNNING in slurmctld comes before the batch task reached the agent.
+    tc.wait_for(lambda: len(logged_steps(job_dir)) >= 2, 30, "the job under slurm_mm")
     yield job
     subprocess.run(["scancel", job], env=cluster.env())
 

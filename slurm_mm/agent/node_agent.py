@@ -177,7 +177,8 @@ class NodeAgent:
         auth.authorize_owner_or_root(uid, job)
         supervisor = self.jobs.get(job_id)
         if supervisor is None:
-            raise NotEnrolled(f"job {job_id} is not an enrolled job running on {self.node}")
+            raise NotEnrolled(f"job {job_id} is not running under slurm_mm on {self.node} "
+                              "(not enrolled with --checkpoint-interval, or still starting)")
         trigger = str(message.get("trigger") or "manual")
         if trigger not in ("manual", "drain") or (trigger == "drain" and uid != 0):
             raise PermissionDenied(f"trigger '{trigger}' is not allowed")
