@@ -153,3 +153,20 @@ def test_job_environment_does_not_steer_root(cluster, job_dir):
     assert info["JobState"] == "COMPLETED" and "restored from" in output(job_dir)
     assert_correct_result(job_dir, 60)
     assert not marker.exists()
+
+
+def test_owner_checkpoint_from_a_host_without_the_agent_goes_through_srun(cluster, job_dir, running_job):
+    """On a login node the agent's socket is not there: `slurm-mm checkpoint` runs itself
+    as a step of the job on its node (Slurm authenticates the owner). The login side here
+    is a mount namespace in which the agents' socket directory is hidden."""
+    job = running_job
+    hidden = f"mount -t tmpfs none {cluster.run} && "
+    env = (f"PATH=/opt/slurm_mm/venv/bin:/usr/bin:/bin SLURM_CONF={cluster.slurm_conf} "
+           f"SLURM_MM_CONFIG={cluster.mm_config} HOME=/home/{tc.USER}")
+    res = subprocess.run(["unshare", "-m", "sh", "-c",
+                          hidden + f"runuser -u {tc.USER} -- env -i {env} slurm-mm checkpoint {job} --requeue"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "checkpointed and requeued" in res.stdout
+    tc.wait_for(lambda: tc.job_info(cluster, job).get("Restarts") == "1", 60, "the requeue")
+    tc.wait_for(lambda: "restored from" in output(job_dir), 90, "the restore")

@@ -15,6 +15,7 @@ import pwd
 import signal
 import socket
 import threading
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,12 @@ from slurm_mm.slurm.client import SlurmClient
 
 log = logging.getLogger(__name__)
 DRAIN_PREFIX = "slurm_mm:"
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+        time.sleep(0.05)
 
 
 class NodeAgent:
@@ -92,7 +99,13 @@ class NodeAgent:
                 self._start(conn, pid, uid, message, fds)
                 fds = []  # owned by the supervisor now
             elif op == "checkpoint":
-                protocol.send(conn, self._checkpoint_request(uid, message))
+                reply, then = self._checkpoint_request(uid, message)
+                protocol.send(conn, reply)
+                if then:
+                    # The requester may be a step of this very job (srun from a login
+                    # node): let it report before the requeue ends the job's steps.
+                    _wait_gone(pid, 5.0)
+                    then()
             elif op == "status":
                 protocol.send(conn, {"op": "status", "node": self.node, "jobs": self.status(uid)})
             else:
@@ -171,7 +184,7 @@ class NodeAgent:
 
     # ------------------------------------------------------------ triggers
 
-    def _checkpoint_request(self, uid: int, message: dict) -> dict:
+    def _checkpoint_request(self, uid: int, message: dict):
         job_id = str(message.get("job_id", ""))
         job = self.slurm.job(job_id)
         auth.authorize_owner_or_root(uid, job)
@@ -182,11 +195,12 @@ class NodeAgent:
         trigger = str(message.get("trigger") or "manual")
         if trigger not in ("manual", "drain") or (trigger == "drain" and uid != 0):
             raise PermissionDenied(f"trigger '{trigger}' is not allowed")
-        image = supervisor.checkpoint(trigger, requeue=bool(message.get("requeue")))
+        requeue = bool(message.get("requeue")) or trigger == "drain"
+        image = supervisor.checkpoint(trigger, requeue=requeue, defer_requeue=True)
         if image is None:
             raise SlurmMMError(f"checkpoint of job {job_id} failed: {supervisor.record.last_error or 'job not running'}")
-        return {"op": "checkpointed", "image": image.path.name, "trigger": trigger,
-                "requeued": supervisor.record.state == "requeued"}
+        reply = {"op": "checkpointed", "image": image.path.name, "trigger": trigger, "requeued": requeue}
+        return reply, (lambda: supervisor.finish_stop(image, trigger)) if requeue else None
 
     def on_job_signal(self, supervisor: JobSupervisor, signum: int) -> None:
         if signum in (signal.SIGUSR1, signal.SIGTERM) and self._being_preempted(supervisor.job_id):

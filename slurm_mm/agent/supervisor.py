@@ -204,8 +204,9 @@ class JobSupervisor:
 
     # ------------------------------------------------------------ checkpoints
 
-    def checkpoint(self, trigger: str, requeue: bool = False) -> Any | None:
-        """Take an image now; for preempt/drain (or `requeue`) the job stops and is requeued."""
+    def checkpoint(self, trigger: str, requeue: bool = False, defer_requeue: bool = False) -> Any | None:
+        """Take an image now; for preempt/drain (or `requeue`) the job stops and is requeued
+        (by the caller, through finish_stop(), when `defer_requeue`)."""
         stopping = requeue or trigger in STOPPING
         with self.lock:
             if self.record.state != "running" or self.stopped.is_set():
@@ -234,10 +235,13 @@ class JobSupervisor:
                                       "size": sum(f.stored_size for f in m.files)}
             if stopping:
                 self.record.state = "checkpointed"
-        if stopping:
-            self.tell(f"checkpointed to {image.path.name} for {trigger}; requeueing")
-            self._requeue()
+        if stopping and not defer_requeue:
+            self.finish_stop(image, trigger)
         return image
+
+    def finish_stop(self, image: Any, trigger: str) -> None:
+        self.tell(f"checkpointed to {image.path.name} for {trigger}; requeueing")
+        self._requeue()
 
     def _fallback_note(self, stopping: bool) -> str:
         if not stopping:

@@ -23,6 +23,7 @@ from slurm_mm.errors import PermissionDenied, SlurmError, UsageError
 from slurm_mm.slurm.client import connect
 
 DRAIN_PREFIX = "slurm_mm:"
+VIA_SRUN = "SLURM_MM_VIA_SRUN"  # set in the step srun starts, so it never recurses
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -60,26 +61,22 @@ def run_checkpoint(args: argparse.Namespace) -> int:
         raise UsageError("--to and --leave-running go with --pid")
     job_id = _job_id(args.job_id)
     cfg = config.load()
-    job = connect().job(job_id)
+    slurm = connect()
+    job = slurm.job(job_id)
     if job.state != "RUNNING":
         raise UsageError(f"job {job_id} is {job.state}, not RUNNING")
     message = {"op": "checkpoint", "job_id": job_id, "requeue": args.requeue}
     try:
         reply = request(config.agent_socket(cfg, job.batch_host), message)
     except AgentUnavailable:
-        # The agent is on the job's node: run this command there, inside the job.
-        return _srun_on_batch_host(job_id, job.batch_host, args.requeue)
+        if os.environ.get(VIA_SRUN):
+            raise
+        # The agent is on the job's node, not here: run this command there, in the job.
+        argv = ["slurm-mm", "checkpoint", job_id] + (["--requeue"] if args.requeue else [])
+        return slurm.run_in_job(job_id, job.batch_host, argv, {VIA_SRUN: "1"})
     done = "checkpointed and requeued" if reply.get("requeued") else "checkpointed"
     print(f"job {job_id}: {done} to image {reply['image']}")
     return 0
-
-
-def _srun_on_batch_host(job_id: str, node: str, requeue: bool) -> int:
-    if os.environ.get("SLURM_MM_VIA_SRUN"):
-        raise AgentUnavailable(f"no node agent answers on {node}")
-    argv = ["srun", f"--jobid={job_id}", "--overlap", "-N1", "-n1", f"-w{node}",
-            "--export=ALL,SLURM_MM_VIA_SRUN=1", "slurm-mm", "checkpoint", job_id]
-    return subprocess.run(argv + (["--requeue"] if requeue else [])).returncode
 
 
 def run_drain(args: argparse.Namespace) -> int:

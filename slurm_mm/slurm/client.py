@@ -57,6 +57,7 @@ class SlurmClient(Protocol):
     def requeue(self, job_id: str) -> None: ...
     def drain(self, node: str, reason: str) -> None: ...
     def preempt_mode(self, partition: str) -> str: ...
+    def run_in_job(self, job_id: str, node: str, argv: list[str], env: dict[str, str]) -> int: ...
 
 
 def _number(value: Any) -> int:
@@ -164,6 +165,19 @@ class CommandClient:
 
     def requeue(self, job_id: str) -> None:
         self._run("scontrol", "requeue", job_id)
+
+    def run_in_job(self, job_id: str, node: str, argv: list[str], env: dict[str, str]) -> int:
+        """Run `argv` as a step of the running job on `node` (srun --overlap); its exit
+        code. Slurm authenticates it: only the job's owner or root may do this."""
+        exports = ",".join(["ALL", *(f"{k}={v}" for k, v in env.items())])
+        cmd = ["srun", f"--jobid={job_id}", "--overlap", "-N1", "-n1", f"--nodelist={node}",
+               f"--export={exports}", "--quiet", *argv]
+        try:
+            return subprocess.run(cmd, timeout=COMMAND_TIMEOUT * 30).returncode
+        except FileNotFoundError:
+            raise SlurmError("'srun' not found: is Slurm installed?") from None
+        except subprocess.TimeoutExpired:
+            raise SlurmError(f"'srun --jobid={job_id}' did not finish in time") from None
 
     def preempt_mode(self, partition: str) -> str:
         """The partition's PreemptMode (REQUEUE, SUSPEND, CANCEL, OFF, ...), upper case."""
