@@ -1,0 +1,120 @@
+"""Plots for docs/benchmarks.md from the JSON of run_benchmarks.py (and gpu_bench.py).
+
+    /opt/slurm_mm/venv/bin/python benchmarks/plots.py RESULTS.json [--gpu GPU.json] [--out docs/img]
+
+Writes freeze_vs_size.png (what the app feels of a checkpoint, by image size: slurm_mm's
+async checkpoint, the serial baseline, a bare criu dump) and throughput_vs_size.png
+(store commit and extract vs dd on the same filesystem). Needs matplotlib, which
+slurm_mm itself does not: /opt/slurm_mm/venv/bin/pip install matplotlib
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def _med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def freeze_plot(plt, data: dict, gpu: dict | None, out: Path) -> Path:
+    d = data.get("details", {})
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    scaling = sorted(d.get("scaling_size", []), key=lambda r: r["mib"])
+    if scaling:
+        gb = [r["image_bytes"] / 1e9 for r in scaling]
+        ax.plot(gb, [r["felt_s"] for r in scaling], "o-", label="slurm_mm async: freeze the app felt")
+        ax.plot(gb, [r["raw_dump_s"] for r in scaling], "s--", label="bare criu dump -R (to staging)")
+        ax.plot(gb, [r["felt_s"] + r["commit_s"] for r in scaling], "^:",
+                label="dump + commit (what a serial checkpoint blocks)")
+    freeze = sorted(d.get("freeze", []), key=lambda r: r["mib"])
+    if freeze:
+        gb = [_med([x["image_bytes"] for x in r["serial"]]) / 1e9 for r in freeze]
+        ax.plot(gb, [_med([x["felt_s"] for x in r["serial"]]) for r in freeze], "D", ms=8, color="C3",
+                label="serial baseline, felt (freeze bench)")
+        ax.plot(gb, [_med([x["felt_s"] for x in r["async"]]) for r in freeze], "o", ms=8, mfc="none", color="C0",
+                label="async, felt (freeze bench)")
+    if gpu:
+        rows = [s for s in gpu.get("steps", []) if s.get("step") in ("async", "serial")]
+        for step, marker, color in (("async", "o", "C4"), ("serial", "D", "C5")):
+            pts = sorted((s["size_gb"], s["felt_s"]) for s in rows if s["step"] == step)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker + "-", color=color,
+                        label=f"GPU {step} (GPU memory GB)")
+    ax.set_xlabel("image size (GB)")
+    ax.set_ylabel("seconds")
+    ax.set_title("What the job feels of one checkpoint")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "freeze_vs_size.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def throughput_plot(plt, data: dict, out: Path) -> Path:
+    d = data.get("details", {})
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    rows = d.get("store", [])
+    for content, style in (("criu-image", "-"), ("incompressible", "--")):
+        rs = sorted((r for r in rows if r["content"] == content), key=lambda r: r["bytes"])
+        if not rs:
+            continue
+        gb = [r["bytes"] / 1e9 for r in rs]
+        ax.plot(gb, [r["bytes"] / _med(r["dd_write_s"]) / 1e6 for r in rs], "s" + style, color="C3",
+                label=f"dd conv=fsync, {content}")
+        for lv, color in (("1", "C1"), ("3", "C0")):
+            if all(lv in r["commit_s"] for r in rs):
+                ax.plot(gb, [r["bytes"] / _med(r["commit_s"][lv]) / 1e6 for r in rs], "o" + style, color=color,
+                        label=f"store commit zstd {lv}, {content}")
+    scaling = sorted(d.get("scaling_size", []), key=lambda r: r["mib"])
+    if scaling:
+        ax.plot([r["image_bytes"] / 1e9 for r in scaling],
+                [r["image_bytes"] / r["commit_s"] / 1e6 for r in scaling], "^-", color="C2",
+                label="background commit of a job's image (scaling bench)")
+    ax.set_xlabel("bytes written (GB)")
+    ax.set_ylabel("MB/s (raw bytes)")
+    ax.set_title("Store commit vs a raw sequential write, same filesystem")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "throughput_vs_size.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("results", type=Path, nargs="+", help="run_benchmarks.py JSON file(s), merged in order")
+    p.add_argument("--gpu", type=Path, default=None, help="gpu_bench.py JSON")
+    p.add_argument("--out", type=Path, default=HERE.parent / "docs" / "img")
+    args = p.parse_args(argv)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plots need matplotlib: /opt/slurm_mm/venv/bin/pip install matplotlib", file=sys.stderr)
+        return 2
+    data: dict = {"details": {}}
+    for path in args.results:
+        data["details"].update(json.loads(path.read_text()).get("details", {}))
+    gpu = json.loads(args.gpu.read_text()) if args.gpu else None
+    args.out.mkdir(parents=True, exist_ok=True)
+    for path in (freeze_plot(plt, data, gpu, args.out), throughput_plot(plt, data, args.out)):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
