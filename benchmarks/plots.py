@@ -3,8 +3,9 @@
     /opt/slurm_mm/venv/bin/python benchmarks/plots.py RESULTS.json [--gpu GPU.json] [--out docs/img]
 
 Writes freeze_vs_size.png (what the app feels of a checkpoint, by image size: slurm_mm's
-async checkpoint, the serial baseline, a bare criu dump) and throughput_vs_size.png
-(store commit and extract vs dd on the same filesystem). Needs matplotlib, which
+async checkpoint, the serial baseline, a bare criu dump), throughput_vs_size.png (store
+commit vs dd on the same filesystem) and, with --gpu, gpu_freeze.png (what a GPU job is
+blocked for, per variant, split into GPU checkpoint, dump and GPU restore). Needs matplotlib, which
 slurm_mm itself does not: /opt/slurm_mm/venv/bin/pip install matplotlib
 """
 
@@ -24,7 +25,7 @@ def _med(xs):
     return statistics.median(xs) if xs else None
 
 
-def freeze_plot(plt, data: dict, gpu: dict | None, out: Path) -> Path:
+def freeze_plot(plt, data: dict, out: Path) -> Path:
     d = data.get("details", {})
     fig, ax = plt.subplots(figsize=(7, 4.2))
     scaling = sorted(d.get("scaling_size", []), key=lambda r: r["mib"])
@@ -33,7 +34,7 @@ def freeze_plot(plt, data: dict, gpu: dict | None, out: Path) -> Path:
         ax.plot(gb, [r["felt_s"] for r in scaling], "o-", label="slurm_mm async: freeze the app felt")
         ax.plot(gb, [r["raw_dump_s"] for r in scaling], "s--", label="bare criu dump -R (to staging)")
         ax.plot(gb, [r["felt_s"] + r["commit_s"] for r in scaling], "^:",
-                label="dump + commit (what a serial checkpoint blocks)")
+                label="async: dump + background commit (until the image is safe)")
     freeze = sorted(d.get("freeze", []), key=lambda r: r["mib"])
     if freeze:
         gb = [_med([x["image_bytes"] for x in r["serial"]]) / 1e9 for r in freeze]
@@ -41,13 +42,6 @@ def freeze_plot(plt, data: dict, gpu: dict | None, out: Path) -> Path:
                 label="serial baseline, felt (freeze bench)")
         ax.plot(gb, [_med([x["felt_s"] for x in r["async"]]) for r in freeze], "o", ms=8, mfc="none", color="C0",
                 label="async, felt (freeze bench)")
-    if gpu:
-        rows = [s for s in gpu.get("steps", []) if s.get("step") in ("async", "serial")]
-        for step, marker, color in (("async", "o", "C4"), ("serial", "D", "C5")):
-            pts = sorted((s["size_gb"], s["felt_s"]) for s in rows if s["step"] == step)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker + "-", color=color,
-                        label=f"GPU {step} (GPU memory GB)")
     ax.set_xlabel("image size (GB)")
     ax.set_ylabel("seconds")
     ax.set_title("What the job feels of one checkpoint")
@@ -58,6 +52,57 @@ def freeze_plot(plt, data: dict, gpu: dict | None, out: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def gpu_plot(plt, gpu: dict, out: Path) -> Path:
+    """Freeze the GPU job felt, per variant and size, split into GPU checkpoint, CRIU dump,
+    GPU restore and the rest (fsync or commit inside the freeze)."""
+    steps = [s for s in gpu.get("steps", []) if s.get("step") in ("async", "serial", "serial_sync", "serial_commit")]
+    sizes = sorted({s["size_gb"] for s in steps})
+    variants = [("async", "slurm_mm async"), ("serial", "serial"), ("serial_sync", "serial + fsync"),
+                ("serial_commit", "serial + commit")]
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    labels, x = [], 0
+    seen = set()
+    for size in sizes:
+        for key, name in variants:
+            row = next((s for s in steps if s["size_gb"] == size and s["step"] == key), None)
+            if row is None:
+                continue
+            t = row.get("timings") or {}
+            gs, dump, gr = t.get("gpu_suspend", 0.0), t.get("dump", row.get("dump_s") or 0.0), t.get("gpu_resume", 0.0)
+            rest = max(0.0, row["felt_s"] - gs - dump - gr)
+            bottom = 0.0
+            for part, value, color in (("GPU checkpoint", gs, "C4"), ("CRIU dump", dump, "C0"),
+                                       ("GPU restore", gr, "C2"), ("other (fsync, commit, GPU steps)", rest, "C7")):
+                ax.bar(x, value, bottom=bottom, color=color, label=part if part not in seen else None)
+                seen.add(part)
+                bottom += value
+            labels.append(f"{size:g} GB\n{name}")
+            x += 1
+        x += 0.5
+    ax.set_xticks(_positions(sizes, steps, variants), labels,
+                  fontsize=7)
+    ax.set_ylabel("seconds the job was blocked")
+    ax.set_title("GPU job: what one checkpoint blocks (H100, app-measured)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "gpu_freeze.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _positions(sizes, steps, variants) -> list[float]:
+    pos, x = [], 0.0
+    for size in sizes:
+        for key, _ in variants:
+            if any(s["size_gb"] == size and s["step"] == key for s in steps):
+                pos.append(x)
+                x += 1
+        x += 0.5
+    return pos
 
 
 def throughput_plot(plt, data: dict, out: Path) -> Path:
@@ -111,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         data["details"].update(json.loads(path.read_text()).get("details", {}))
     gpu = json.loads(args.gpu.read_text()) if args.gpu else None
     args.out.mkdir(parents=True, exist_ok=True)
-    for path in (freeze_plot(plt, data, gpu, args.out), throughput_plot(plt, data, args.out)):
+    paths = [freeze_plot(plt, data, args.out), throughput_plot(plt, data, args.out)]
+    if gpu:
+        paths.append(gpu_plot(plt, gpu, args.out))
+    for path in paths:
         print(path)
     return 0
 

@@ -46,10 +46,11 @@ def criu_version() -> str:
     return " ".join(out.split())
 
 
-def _criu(argv: list[str], log_dir: Path, log: str, env: dict[str, str] | None = None) -> float:
+def _criu(argv: list[str], log_dir: Path, log: str, env: dict[str, str] | None = None,
+          verbosity: str = "-v2") -> float:
     log_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    done = subprocess.run([str(CRIU), *argv, "-W", str(log_dir), "-o", log, "-v2"],
+    done = subprocess.run([str(CRIU), *argv, "-W", str(log_dir), "-o", log, verbosity],
                           capture_output=True, text=True, timeout=900, env=env)
     elapsed = time.monotonic() - t0
     if done.returncode:
@@ -63,15 +64,16 @@ def _criu(argv: list[str], log_dir: Path, log: str, env: dict[str, str] | None =
 
 
 def criu_dump(pid: int, images: Path, log_dir: Path, *, leave: str | None = None,
-              extra: list[str] | None = None) -> float:
-    """`criu dump -t PID -D images`; leave: None (the tree dies), "running" or "stopped"."""
+              extra: list[str] | None = None, verbosity: str = "-v2") -> float:
+    """`criu dump -t PID -D images`; leave: None (the tree dies), "running" or "stopped".
+    verbosity: CRIU's log level (-v2 is its default; slurm_mm's engine logs at -v4)."""
     images.mkdir(parents=True, exist_ok=True)
     argv = ["dump", "-t", str(pid), "-D", str(images), *DUMP_FLAGS, *(extra or [])]
     if leave == "running":
         argv.append("--leave-running")
     elif leave == "stopped":
         argv.append("--leave-stopped")
-    return _criu(argv, log_dir, "dump.log", env=_dump_env())
+    return _criu(argv, log_dir, "dump.log", env=_dump_env(), verbosity=verbosity)
 
 
 def criu_restore(images: Path, log_dir: Path) -> tuple[int, float]:

@@ -128,7 +128,7 @@ def machine(shared: Path, staging: Path) -> dict[str, Any]:
     except ImportError:
         zstd = "missing"
     return {
-        "uname": " ".join(platform.uname()),
+        "uname": _cmd(["uname", "-a"]) or " ".join(platform.uname()),
         "cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(mem_kib / 2**20, 1),
         "debian": debian, "criu": criu_version(), "python": platform.python_version(),
         "zstandard": zstd, "shared_dir": f"{shared} ({_fs(shared)})", "staging_dir": f"{staging} ({_fs(staging)})",
