@@ -165,9 +165,14 @@ def test_compression_pays_only_for_compressible_data():
         assert compression.worth_compressing(empty.fileno(), 3) is False
 
 
-def test_incompressible_start_decides_raw_even_if_the_rest_compresses():
-    # Only the start is sampled: the decision must not cost a full compression pass.
+def test_decision_samples_across_the_file_not_just_its_start():
+    # A CRIU pages file can start with compressible pages and be random after that (GPU
+    # state): slices across the file decide, still without a full compression pass.
     with tempfile.TemporaryFile() as f:
-        f.write(os.urandom(compression.SAMPLE) + bytes(4 << 20))
+        f.write(bytes(2 << 20) + os.urandom(62 << 20))
         f.flush()
         assert compression.worth_compressing(f.fileno(), 3) is False
+    with tempfile.TemporaryFile() as f:
+        f.write(os.urandom(2 << 20) + bytes(62 << 20))
+        f.flush()
+        assert compression.worth_compressing(f.fileno(), 3) is True

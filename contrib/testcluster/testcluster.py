@@ -199,7 +199,7 @@ agent_socket: {c.run}/agent-%n.sock
 criu_path: {PREFIX / 'criu' / 'sbin' / 'criu'}
 libexec_dir: {PREFIX / 'libexec'}
 keep_images: 3
-compression_level: 3
+compression_level: 1
 min_interval: 5
 job_mount_namespace: {os.environ.get("SLURM_MM_TEST_MOUNT_NS", "never")}
 """)

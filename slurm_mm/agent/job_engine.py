@@ -7,6 +7,7 @@ checkpointer) to LaunchRequests and manifests; knows no Slurm and no image layou
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,10 @@ class JobEngine:
         self.criu = Criu(cfg.criu_path, libexec=cfg.libexec_dir, timeout=cfg.timeouts.checkpoint)
         self.criu_version = self.criu.version()
         self.gpu = open_checkpointer()  # None on nodes without the CUDA checkpoint API
+        # One CRIU run at a time on a node: CRIU makes fixed-name work directories in the
+        # tree's root, so two dumps of PID-namespace-only trees collide (-EEXIST; seen in
+        # benchmarks: 4 of 40 concurrent dumps failed). Commits still run in parallel.
+        self.criu_lock = threading.Lock()
         mode = cfg.job_mount_namespace
         self.private_proc = mode == "always" or (mode == "auto" and self.gpu is not None)
 
@@ -53,15 +58,17 @@ class JobEngine:
             here = gpu_inventory.check_compatible(manifest.gpu)
             if here is not None:
                 options["gpu_pairs"] = gpu_inventory.gpu_pairs(manifest.gpu, here)
-        return restore_tree(images, stdin=req.stdio[0], stdout=req.stdio[1], stderr=req.stdio[2],
-                            join_cgroups=[str(p) for p in req.cgroup_procs], owner_uid=req.uid,
-                            owner_gids=req.groups, gpu=self.gpu if manifest.gpu else None,
-                            gpu_resume_options=options, criu=self.criu,
-                            timeout=self.cfg.timeouts.restore)
+        with self.criu_lock:
+            return restore_tree(images, stdin=req.stdio[0], stdout=req.stdio[1], stderr=req.stdio[2],
+                                join_cgroups=[str(p) for p in req.cgroup_procs], owner_uid=req.uid,
+                                owner_gids=req.groups, gpu=self.gpu if manifest.gpu else None,
+                                gpu_resume_options=options, criu=self.criu,
+                                timeout=self.cfg.timeouts.restore)
 
     def dump(self, tree: Any, images: Path, *, leave_running: bool) -> Dumped:
-        result = checkpoint_tree(tree.init_pid, images, leave_running=leave_running, gpu=self.gpu,
-                                 criu=self.criu, timeout=self.cfg.timeouts.checkpoint)
+        with self.criu_lock:
+            result = checkpoint_tree(tree.init_pid, images, leave_running=leave_running, gpu=self.gpu,
+                                     criu=self.criu, timeout=self.cfg.timeouts.checkpoint)
         inventory = None
         if result.gpu_pids:
             found = gpu_inventory.read_inventory()
