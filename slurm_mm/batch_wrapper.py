@@ -55,12 +55,6 @@ def main() -> int:
     request = {"op": "start", "job_id": os.environ.get("SLURM_JOB_ID", ""), "argv": argv,
                "env": env, "cwd": os.getcwd()}
     protocol.send(sock, request, fds=[0, 1, 2])
-    reply, fds = protocol.recv(sock)
-    for fd in fds:
-        os.close(fd)
-    if reply["op"] == "refused":
-        say(f"error: {reply.get('message', 'the node agent refused the job')}")
-        return 1
 
     def relay(signum: int, _frame: FrameType | None) -> None:
         try:
@@ -70,6 +64,8 @@ def main() -> int:
 
     for sig in RELAYED:
         signal.signal(sig, relay)
+    # A short job can end before the agent's "started" reaches us: take the messages in
+    # whatever order they come.
     while True:
         try:
             message, fds = protocol.recv(sock)
@@ -78,6 +74,9 @@ def main() -> int:
             return 1
         for fd in fds:
             os.close(fd)
+        if message["op"] == "refused":
+            say(f"error: {message.get('message', 'the node agent refused the job')}")
+            return 1
         if message["op"] == "exit":
             return int(message.get("status", 1))
 

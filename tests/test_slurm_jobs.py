@@ -194,3 +194,12 @@ def test_short_staging_space_falls_back_to_direct_mode(cluster, job_dir):
         assert not list((cluster.checkpoint_root / ".staging").rglob("dump-*"))  # cleaned up
     finally:
         tc.set_agent_config(cluster, "staging_min_free_ratio", "0.1")
+
+
+def test_jobs_that_end_at_once_complete(cluster, job_dir):
+    """A job can end before the agent has said "started": the batch task must still exit."""
+    jobs = [tc.job_id(tc.sbatch(cluster, "#!/bin/sh\ntrue\n", "--checkpoint-interval=10m",
+                                "-o", "/dev/null", cwd=job_dir)) for _ in range(8)]
+    for job in jobs:
+        info = tc.wait_job(cluster, job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=60)
+        assert info["JobState"] == "COMPLETED", info

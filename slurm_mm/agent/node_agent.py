@@ -149,7 +149,7 @@ class NodeAgent:
             self.forget(job_id)
             protocol.send(conn, {"op": "refused", "message": str(exc)})
             return
-        protocol.send(conn, {"op": "started", "mode": mode})
+        supervisor.send({"op": "started", "mode": mode})  # same lock as the exit message
         while True:  # relayed signals until the batch task goes away
             try:
                 relayed, extra = protocol.recv(conn)

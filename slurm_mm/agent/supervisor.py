@@ -95,7 +95,7 @@ class JobSupervisor:
         except OSError:
             pass
 
-    def _send(self, message: dict[str, Any]) -> None:
+    def send(self, message: dict[str, Any]) -> None:
         with self.send_lock:
             try:
                 protocol.send(self.conn, message)
@@ -176,7 +176,7 @@ class JobSupervisor:
         log.info("job %s: exited with %s", self.job_id, status)
         if status == 0:
             self._mark_completed()
-        self._send({"op": "exit", "status": status})
+        self.send({"op": "exit", "status": status})
         self.agent.forget(self.job_id)
 
     def _mark_completed(self) -> None:
