@@ -52,16 +52,17 @@ class JobEngine:
                       join_cgroups=[str(p) for p in req.cgroup_procs], libexec=self.cfg.libexec_dir,
                       private_proc=self.private_proc)
 
-    def restore(self, images: Path, req, manifest) -> Any:
+    def restore(self, images: Path, req, gpu: dict[str, Any] | None) -> Any:
+        """`gpu`: the GPU inventory recorded with the image (None: no GPU state in it)."""
         options: dict[str, Any] = {}
-        if manifest.gpu:
-            here = gpu_inventory.check_compatible(manifest.gpu)
+        if gpu:
+            here = gpu_inventory.check_compatible(gpu)
             if here is not None:
-                options["gpu_pairs"] = gpu_inventory.gpu_pairs(manifest.gpu, here)
+                options["gpu_pairs"] = gpu_inventory.gpu_pairs(gpu, here)
         with self.criu_lock:
             return restore_tree(images, stdin=req.stdio[0], stdout=req.stdio[1], stderr=req.stdio[2],
                                 join_cgroups=[str(p) for p in req.cgroup_procs], owner_uid=req.uid,
-                                owner_gids=req.groups, gpu=self.gpu if manifest.gpu else None,
+                                owner_gids=req.groups, gpu=self.gpu if gpu else None,
                                 gpu_resume_options=options, criu=self.criu,
                                 timeout=self.cfg.timeouts.restore)
 

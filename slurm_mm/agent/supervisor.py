@@ -151,7 +151,7 @@ class JobSupervisor:
             self.record.progress = Progress("extracting", "restore", time.time())
             self.agent.store.extract(image, staging, progress=self._progress)
             self.record.progress.phase = "restoring"
-            return self.agent.engine.restore(staging, self.req, image.manifest)
+            return self.agent.engine.restore(staging, self.req, image.manifest.gpu)
         finally:
             self.record.progress = Progress()
             shutil.rmtree(staging, ignore_errors=True)
@@ -262,17 +262,16 @@ class JobSupervisor:
                 criu_version=engine.criu_version, extra=dumped.extra, progress=self._progress)
         except SlurmMMError as exc:
             if stopping:  # the dump ended the tree: bring it back from the local image
-                self._restore_in_place(staging, exc)
+                self._restore_in_place(staging, dumped.gpu_inventory, exc)
             raise
         store.gc(self.job_id)
         return image
 
-    def _restore_in_place(self, staging: Path, cause: SlurmMMError) -> None:
+    def _restore_in_place(self, staging: Path, gpu: dict[str, Any] | None, cause: SlurmMMError) -> None:
         """Nothing lost when the store refuses an image: the job resumes here from it."""
         self.stopped.wait(30)  # the waiter sees the dumped tree end
-        manifest = type("LocalImage", (), {"gpu": None})()
         try:
-            self.tree = self.agent.engine.restore(staging, self.req, manifest)
+            self.tree = self.agent.engine.restore(staging, self.req, gpu)
         except SlurmMMError as exc:
             self.tell(f"could not store the image ({cause}) nor resume the job here ({exc}); "
                       "requeueing it to resume from its last stored image")
