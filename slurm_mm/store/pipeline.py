@@ -37,6 +37,10 @@ SYNC_BYTES = 64 << 20
 READ_BACK_MODES = ("device", "cache")
 _IOV_MAX = 512
 
+before_read_back: Callable[[int], None] | None = None
+"""Test-only patch point, called by the verifier with the file index before it reads a
+batch back (a test damages the written file there). Never read from the environment."""
+
 
 class Cancelled(Exception):
     """Another part of the same operation failed first; stop quietly."""
@@ -73,10 +77,15 @@ class _Open:
     stored: int = 0
 
 
+# Reads go in pieces of this size: measured on a VM's virtio disk, cold 8 MiB reads cost
+# 3-4x the CPU time of 1 MiB ones for the same bytes.
+READ_PIECE = 1 << 20
+
+
 def _pread_full(fd: int, view: memoryview, offset: int) -> int:
     done = 0
     while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
+        n = os.preadv(fd, [view[done:done + READ_PIECE]], offset + done)
         if n == 0:
             break
         done += n
@@ -281,6 +290,9 @@ def write_files(sizes: list[int], *, zst_modes: list[bool], open_source: Callabl
                     continue
                 start = batch[0][1]
                 length = batch[-1][1] + batch[-1][2].stored_size - start
+                hook = before_read_back
+                if hook is not None:
+                    hook(opened.index)
                 if read_back == "device":
                     _drop_cache(opened.rfd, start, length)
                 for c, offset, chunk in batch:
