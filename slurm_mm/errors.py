@@ -83,6 +83,10 @@ class RestoreFailed(CheckpointFailed):
     exit_code = 6
 
 
+class RestoreRefusedByPolicy(RestoreFailed):
+    """No image of a requeued job could be restored and the restore policy says fail."""
+
+
 class NodeIncompatible(RestoreFailed):
     """This node cannot take the image (GPU model/count/memory, CRIU or driver too old)."""
 

@@ -398,6 +398,24 @@ def post_dump_script(work: Path, spec: CaptureSpec) -> str:
     return str(script)
 
 
+def prune_pins(pin_root: Path, keep: set[str | None]) -> None:
+    """Remove the pin directories no image refers to any more (after retention)."""
+    try:
+        names = os.listdir(pin_root)
+    except OSError:
+        return
+    for name in names:
+        if name in keep:
+            continue
+        path = pin_root / name
+        try:
+            for entry in os.listdir(path):
+                os.unlink(path / entry)
+            os.rmdir(path)
+        except OSError:
+            pass
+
+
 # --------------------------------------------------------------------- restore
 
 @dataclass

@@ -50,6 +50,7 @@ class RestoredTree:
     ns_pids: dict[int, int]  # PID inside the job's namespace -> host PID
     gpu_pids: list[int]  # host PIDs whose GPU state was restored
     timings: dict[str, float] = field(default_factory=dict)
+    files_report: list[str] = field(default_factory=list)  # what was done to its files first
     _status: int | None = None
 
     def poll(self) -> int | None:
