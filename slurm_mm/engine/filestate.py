@@ -641,7 +641,7 @@ def _stand_in(rec: FileRecord, images_dir: Path, uid: int, gids: Sequence[int], 
             while chunk := os.read(fd_src, 1 << 20):
                 os.write(fd, chunk)
             os.fchown(fd, uid, (list(gids) or [uid])[0])
-            os.fchmod(fd, stat.S_IMODE(rec.mode))
+            os.fchmod(fd, stat.S_IMODE(rec.mode) & 0o777)  # never a set-id copy
         finally:
             os.close(fd)
     finally:
