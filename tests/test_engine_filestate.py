@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from engine_fixtures import engine_env, needs_root, workload  # noqa: F401
+from engine_fixtures import both_layouts, engine_env, needs_root, workload  # noqa: F401
 from slurm_mm.engine import filestate, wait_gone
 from slurm_mm.errors import FileStateRefused
 
@@ -66,10 +66,11 @@ def test_truncating_writer_is_rolled_back_to_its_image(workload, tmp_path):
     assert any("log.txt: cut back" in line for line in report), report
 
 
-def test_deleted_intermediate_is_brought_back_from_its_pin(workload, tmp_path):
+@both_layouts
+def test_deleted_intermediate_is_brought_back_from_its_pin(workload, tmp_path, private_proc):
     pins = tmp_path / "pins"
     w = workload("file_state.py", "intermediate")
-    w.start()
+    w.start(private_proc=private_proc)
     image_then_move_on(w, tmp_path / "img", spec(w, pin_root=pins))
     assert not (w.dir / "inter.dat").exists()
     code, out, report = restore_with_files(w, tmp_path / "img", tmp_path, pin_root=pins)

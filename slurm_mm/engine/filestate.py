@@ -298,7 +298,7 @@ def capture(spec: CaptureSpec, pids: Sequence[int]) -> FileState:
                                    f"of {spec.budget} bytes: the image can resume the job on {spec.node} only")
         if not rec.node_local and pin_dir is not None and rec.dev == os.stat(pin_dir).st_dev:
             try:
-                link_inode(handles[key], os.path.join(pin_dir, str(n)))
+                pin_inode(handles[key], rec, os.path.join(pin_dir, str(n)))
                 rec.pin = str(n)
             except OSError:
                 pass  # e.g. a filesystem without hard links: change detection still holds
@@ -340,6 +340,32 @@ def link_inode(proc_handle: str, dest: str) -> None:
     if libc.linkat(_AT_FDCWD, os.fsencode(proc_handle), _AT_FDCWD, os.fsencode(dest), _AT_SYMLINK_FOLLOW) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), dest)
+
+
+_AT_EMPTY_PATH = 0x1000
+
+
+def pin_inode(proc_handle: str, rec: FileRecord, dest: str) -> None:
+    """Hard-link the job's inode to `dest`. A tree in its own mount namespace holds the file
+    through a mount of its own (linkat across mounts is EXDEV): then the same inode is
+    found at its path in ours, checked by dev/inode on an O_PATH fd, and linked from it."""
+    try:
+        link_inode(proc_handle, dest)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    fd = os.open(rec.path, os.O_PATH | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (rec.dev, rec.ino):
+            raise OSError(errno.ESTALE, "not the job's file any more", rec.path)
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.linkat(fd, b"", _AT_FDCWD, os.fsencode(dest), _AT_EMPTY_PATH) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), dest)
+    finally:
+        os.close(fd)
 
 
 def _make_pin_dir(spec: CaptureSpec) -> str | None:
