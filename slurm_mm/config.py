@@ -36,6 +36,8 @@ class Timeouts:
 class Config:
     checkpoint_root: Path = Path("/shared/slurm_mm/checkpoints")
     staging_dir: Path = Path("/var/tmp/slurm_mm")
+    # GPU jobs dump here (tmpfs) when their image fits in it and in RAM, else to staging_dir.
+    gpu_staging_dir: Path = Path("/dev/shm/slurm_mm")
     run_dir: Path = Path("/run/slurm_mm")
     # %n = node name; must match agent_socket= in plugstack.conf.
     agent_socket: Path = Path("/run/slurm_mm/agent.sock")
@@ -62,7 +64,8 @@ class Config:
     timeouts: Timeouts = field(default_factory=Timeouts)
 
 
-_PATH_KEYS = {"checkpoint_root", "staging_dir", "run_dir", "agent_socket", "criu_path", "libexec_dir"}
+_PATH_KEYS = {"checkpoint_root", "staging_dir", "gpu_staging_dir", "run_dir", "agent_socket", "criu_path",
+              "libexec_dir"}
 _LOG_LEVELS = {"debug", "info", "warning", "error"}
 RESTORE_POLICIES = ("rerun", "fail", "hold")
 

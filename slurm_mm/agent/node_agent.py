@@ -22,7 +22,7 @@ from typing import Any
 
 from slurm_mm.agent import auth, protocol
 from slurm_mm.agent.cgroups import step_cgroup_procs
-from slurm_mm.agent.staging import fits, root_only_dir, tree_resident_bytes
+from slurm_mm.agent.staging import fits, gpu_dump_dir, root_only_dir, tree_gpu_bytes, tree_resident_bytes
 from slurm_mm.agent.supervisor import JobSupervisor, LaunchRequest
 from slurm_mm.config import Config
 from slurm_mm.errors import NotEnrolled, PermissionDenied, SlurmMMError
@@ -60,9 +60,15 @@ class NodeAgent:
 
     def dump_staging(self, job_id: str, name: str, tree_pids: list[int]) -> tuple[Path, str]:
         """Node-local staging when the tree's memory fits there, else the shared store's."""
-        needed = tree_resident_bytes(tree_pids)
+        gpu_bytes = tree_gpu_bytes(tree_pids)
+        needed = tree_resident_bytes(tree_pids) + gpu_bytes
         local = self.config.staging_dir
         local.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.config.async_checkpoints and gpu_bytes:
+            fast = gpu_dump_dir(self.config.gpu_staging_dir, job_id, name, needed, gpu_bytes,
+                                self.config.staging_min_free_ratio)
+            if fast is not None:
+                return fast, "async"
         if self.config.async_checkpoints and fits(local, needed, self.config.staging_min_free_ratio):
             return self.staging(job_id, name), "async"
         log.warning("job %s: %d MiB do not fit in %s: dumping to the shared filesystem",

@@ -151,7 +151,7 @@ class ImageStore:
 
     def __init__(self, root: Path | str, *, level: int = 3, threads: int = 0, keep: int = 3,
                  lock_timeout: float = 60.0, chunk_size: int = chunks.DEFAULT_CHUNK_SIZE,
-                 read_back: str = "device") -> None:
+                 read_back: str = "cache") -> None:
         """level: zstd level (-7 to 22; negative levels are zstd's fast modes); threads:
         worker threads of a commit, verify or extract, 0 = one per CPU; keep: complete images
         kept per job; lock_timeout: seconds a writer waits for another before StoreBusy;
