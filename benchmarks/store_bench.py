@@ -30,6 +30,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -111,9 +112,10 @@ def _busy(stop, counter) -> None:
                 counter.value += 16
 
 
-def job_rate(threads: int, seconds: float, during=None) -> tuple[float, float]:
+def job_rate(threads: int, seconds: float, during=None, max_window: float = 30.0) -> tuple[float, float]:
     """Iterations per second of `threads` busy processes (a CPU-bound job) over `seconds`,
-    or over the run of `during()` if given; returns (rate, seconds)."""
+    or while `during()` runs in a thread (at most max_window seconds: an idle-priority
+    commit under a job that takes every core is starved on purpose); (rate, seconds)."""
     ctx = multiprocessing.get_context("fork")
     stop = ctx.Event()
     counter = ctx.Value("q", 0)
@@ -122,16 +124,75 @@ def job_rate(threads: int, seconds: float, during=None) -> tuple[float, float]:
         p.start()
     time.sleep(1.0)  # warm up
     start_n, t0 = counter.value, time.monotonic()
+    worker = None
     if during is None:
         time.sleep(seconds)
     else:
-        during()
+        worker = threading.Thread(target=during)
+        worker.start()
+        worker.join(max_window)
     elapsed = time.monotonic() - t0
     n = counter.value - start_n
     stop.set()
     for p in procs:
         p.join()
+    if worker is not None:
+        worker.join()
     return n / elapsed, elapsed
+
+
+def one_round(args, content: str, src_dir: Path, size: int, read_back: str, rep: int, full: bool) -> dict:
+    """dd and commit of the same bytes; with `full` also cold cat, sha256sum, verify and
+    extract of the stored image."""
+    staging, shared = args.staging, args.shared
+    store = ImageStore(shared / "store", level=args.level, threads=args.threads, keep=1,
+                       chunk_size=args.chunk_mib << 20, read_back=read_back)
+    row: dict = {"content": content, "rep": rep, "raw_bytes": size, "read_back": read_back}
+    dd_out = shared / "dd.out"
+    drop_caches()
+    row["dd_s"], row["dd_cpu"] = run_tool(["dd", f"if={src_dir / 'pages-1.img'}", f"of={dd_out}", "bs=4M",
+                                           "conv=fsync"])
+    os.unlink(dd_out)
+    drop_caches()
+    row["commit_s"], row["commit_cpu"], image = timed(lambda: store.commit(
+        "bench", src_dir, epoch=0, uid=0, gid=0, node=platform.node(), trigger="preempt"))
+    pages = next(f for f in image.manifest.files if f.name == "pages-1.img")
+    stored = image.path / pages.stored_name
+    row["stored_bytes"] = image.manifest.stored_size
+    row["packed_chunks"] = sum(c.stored_size < pages.raw_length(i) for i, c in enumerate(pages.chunks))
+    row["chunks"] = len(pages.chunks)
+    sgb = row["stored_bytes"] / GB
+    if abs(row["stored_bytes"] - size) > 0.02 * size:  # dd exactly the stored bytes for the ratio
+        drop_caches()
+        row["dd_stored_s"], _ = run_tool(["dd", f"if={stored}", f"of={dd_out}", "bs=4M", "conv=fsync"])
+        os.unlink(dd_out)
+    else:
+        row["dd_stored_s"] = row["dd_s"] * row["stored_bytes"] / size
+    row.update({"commit_MBps": row["stored_bytes"] / row["commit_s"] / 1e6,
+                "dd_MBps": row["stored_bytes"] / row["dd_stored_s"] / 1e6,
+                "commit_vs_dd": row["dd_stored_s"] / row["commit_s"],
+                "commit_cpu_per_gb": row["commit_cpu"] / sgb, "dd_cpu_per_gb": row["dd_cpu"] / (size / GB)})
+    if full:
+        drop_caches()
+        row["cat_s"], row["cat_cpu"] = run_tool(["cat", str(stored)])
+        drop_caches()
+        row["sha256sum_s"], row["sha256sum_cpu"] = run_tool(["sha256sum", str(stored)])
+        drop_caches()
+        row["verify_s"], row["verify_cpu"], _ = timed(lambda: store.verify(image))
+        dest = staging / "extracted"
+        shutil.rmtree(dest, ignore_errors=True)
+        drop_caches()
+        row["extract_s"], row["extract_cpu"], _ = timed(lambda: store.extract(image, dest))
+        assert (dest / "pages-1.img").stat().st_size == size
+        shutil.rmtree(dest)
+        row.update({"verify_vs_cat": row["cat_s"] / row["verify_s"],
+                    "extract_vs_cat": row["cat_s"] / row["extract_s"],
+                    "verify_cpu_per_gb": row["verify_cpu"] / sgb,
+                    "extract_cpu_per_gb": row["extract_cpu"] / sgb,
+                    "commit_plus_verify_cpu_per_gb": (row["commit_cpu"] + row["verify_cpu"]) / sgb})
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    store.remove_job("bench")
+    return row
 
 
 def bench_content(args, content: str, results: dict) -> None:
@@ -143,57 +204,12 @@ def bench_content(args, content: str, results: dict) -> None:
     (src_dir / "core-1.img").write_bytes(b"registers and such " * 4000)
     rows = []
     for rep in range(args.reps):
-        for read_back in args.read_back:
-            store = ImageStore(shared / "store", level=args.level, threads=args.threads, keep=1,
-                               chunk_size=args.chunk_mib << 20, read_back=read_back)
-            row: dict = {"content": content, "rep": rep, "raw_bytes": size, "read_back": read_back}
-            dd_out = shared / "dd.out"
-            drop_caches()
-            row["dd_s"], row["dd_cpu"] = run_tool(["dd", f"if={src_dir / 'pages-1.img'}", f"of={dd_out}",
-                                                   "bs=4M", "conv=fsync"])
-            os.unlink(dd_out)
-            drop_caches()
-            row["commit_s"], row["commit_cpu"], image = timed(lambda: store.commit(
-                "bench", src_dir, epoch=0, uid=0, gid=0, node=platform.node(), trigger="preempt"))
-            pages = next(f for f in image.manifest.files if f.name == "pages-1.img")
-            stored = image.path / pages.stored_name
-            row["stored_bytes"] = image.manifest.stored_size
-            row["zstd_chunks"] = sum(c.stored_size < pages.chunk_size for c in pages.chunks[:-1])
-            row["chunks"] = len(pages.chunks)
-            # dd of exactly the stored bytes, for the ratio (the commit writes these)
-            drop_caches()
-            row["dd_stored_s"], _ = run_tool(["dd", f"if={stored}", f"of={dd_out}", "bs=4M", "conv=fsync"])
-            os.unlink(dd_out)
-            drop_caches()
-            row["cat_s"], row["cat_cpu"] = run_tool(["cat", str(stored)])
-            drop_caches()
-            row["sha256sum_s"], row["sha256sum_cpu"] = run_tool(["sha256sum", str(stored)])
-            drop_caches()
-            row["verify_s"], row["verify_cpu"], _ = timed(lambda: store.verify(image))
-            dest = staging / "extracted"
-            shutil.rmtree(dest, ignore_errors=True)
-            drop_caches()
-            row["extract_s"], row["extract_cpu"], _ = timed(lambda: store.extract(image, dest))
-            assert (dest / "pages-1.img").stat().st_size == size
-            shutil.rmtree(dest)
-            sgb = row["stored_bytes"] / GB
-            row.update({
-                "commit_MBps": row["stored_bytes"] / row["commit_s"] / 1e6,
-                "dd_MBps": row["stored_bytes"] / row["dd_stored_s"] / 1e6,
-                "commit_vs_dd": row["dd_stored_s"] / row["commit_s"],
-                "verify_vs_cat": row["cat_s"] / row["verify_s"],
-                "extract_vs_cat": row["cat_s"] / row["extract_s"],
-                "commit_cpu_per_gb": row["commit_cpu"] / sgb,
-                "verify_cpu_per_gb": row["verify_cpu"] / sgb,
-                "extract_cpu_per_gb": row["extract_cpu"] / sgb,
-            })
-            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-            rows.append(row)
-            store.remove_job("bench")
-    if args.job_threads:
+        for n, read_back in enumerate(args.read_back):
+            rows.append(one_round(args, content, src_dir, size, read_back, rep, full=n == 0))
+    for threads in args.job_threads:
         store = ImageStore(shared / "store", level=args.level, threads=args.threads, keep=1,
                            chunk_size=args.chunk_mib << 20, read_back=args.read_back[0])
-        base_rate, _ = job_rate(args.job_threads, 8)
+        base_rate, _ = job_rate(threads, 10)
         for trigger in ("periodic", "preempt"):
             commit_time = {}
 
@@ -202,12 +218,13 @@ def bench_content(args, content: str, results: dict) -> None:
                 store.commit("bench", src_dir, epoch=0, uid=0, gid=0, node=platform.node(), trigger=trigger)
                 commit_time["s"] = time.monotonic() - t0
 
-            rate, _ = job_rate(args.job_threads, 0, during=commit)
-            after, _ = job_rate(args.job_threads, 8)
+            rate, window = job_rate(threads, 0, during=commit)
+            after, _ = job_rate(threads, 10)
             ref = (base_rate + after) / 2
-            row = {"content": content, "job_threads": args.job_threads, "trigger": trigger,
+            row = {"content": content, "job_threads": threads, "trigger": trigger,
                    "job_rate_alone": ref, "job_rate_during_commit": rate, "slowdown": 1 - rate / ref,
-                   "commit_s": commit_time["s"], "rate_before": base_rate, "rate_after": after}
+                   "commit_s": commit_time["s"], "window_s": window, "rate_before": base_rate,
+                   "rate_after": after}
             print(json.dumps(row), flush=True)
             results.setdefault("job", []).append(row)
             store.remove_job("bench")
@@ -225,15 +242,16 @@ def main() -> int:
     ap.add_argument("--level", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--chunk-mib", type=int, default=8)
-    ap.add_argument("--read-back", default="device", help="device, cache or device,cache")
+    ap.add_argument("--read-back", default="cache", help="cache, device or cache,device (the first also verifies and extracts)")
     ap.add_argument("--reps", type=int, default=1)
-    ap.add_argument("--job-threads", type=int, default=0)
+    ap.add_argument("--job-threads", default="", help="e.g. 1,2: CPU-bound job processes during a commit")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("store_bench: run as root (it drops the page cache)", file=sys.stderr)
         return 2
     args.read_back = args.read_back.split(",")
+    args.job_threads = [int(x) for x in args.job_threads.split(",") if x]
     for d in (args.staging, args.shared):
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True, mode=0o711)
