@@ -14,7 +14,7 @@ import xxhash
 import zstandard
 from store_fixtures import base, commit, source, tmp_entries, write_format1_image  # noqa: F401  (fixtures)
 
-from slurm_mm.errors import ConfigError, ImageCorrupt, UnsafePath
+from slurm_mm.errors import ConfigError, ImageCorrupt, ImageError, UnsafePath
 from slurm_mm.store import ImageStore, Skipped, chunks, image_store, pipeline
 
 JOB = "5151"
@@ -297,3 +297,39 @@ def test_chunk_decode_refuses_a_frame_of_another_size_before_inflating_it():
         chunks.decode(frame, chunk, 1000)
     with pytest.raises(chunks.Mismatch, match="has 3 bytes, manifest says"):
         chunks.decode(b"abc", chunk, len(raw))
+
+
+# ---------------------------------------------------------------------------- failures
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_source_file_that_shrinks_mid_commit_fails_it_cleanly(store, base):
+    previous = commit(store, JOB, source(base, {"pages-1.img": os.urandom(CHUNK)}, "old"))
+    src = source(base, {"pages-1.img": os.urandom(6 * CHUNK), "core-1.img": b"x" * 100}, "new")
+    before = _fds()
+
+    def shrink(name: str) -> None:
+        if name == "tmp-created":
+            os.truncate(src / "pages-1.img", 2 * CHUNK + 7)
+
+    image_store.phase_hook = shrink
+    try:
+        with pytest.raises(ImageError, match="new/pages-1.img shrank while it was being stored"):
+            commit(store, JOB, src)
+    finally:
+        image_store.phase_hook = None
+    assert [i.seq for i in store.images(JOB)] == [previous.seq] and tmp_entries(store, JOB) == []
+    assert _fds() == before  # every fd of the pipeline closed
+
+
+def test_failed_extract_closes_everything_and_leaves_nothing(store, base):
+    image = commit(store, JOB, source(base, {"pages-1.img": mixed(12), "b.img": os.urandom(3 * CHUNK)}))
+    e = entry(image, "pages-1.img")
+    _flip(image.path / e.stored_name, e.chunk_spans()[-1][2] + 3)
+    before = _fds()
+    with pytest.raises(ImageCorrupt, match="chunk 11 at byte"):
+        store.extract(image, base / "out")
+    assert _fds() == before and not (base / "out").exists()
+    assert [n for n in os.listdir(base) if n.startswith(".out")] == []

@@ -384,8 +384,8 @@ class ImageStore:
                         open_stored=open_stored, encoder=chunks.Encoder(self.level), chunk_size=self.chunk_size,
                         workers=self._workers, priority=priority, read_back=self.read_back,
                         on_bytes=tracker.counter, on_file_written=lambda i: _phase("file-written"))
-                except chunks.Mismatch as exc:  # the source changed under us
-                    raise ImageError(f"{source}: a file {exc}") from None
+                except pipeline.SourceChanged as exc:
+                    raise ImageError(f"{source / names[exc.index]} {exc}") from None
                 except pipeline.ReadBackMismatch as exc:
                     raise ImageCorrupt(f"{tmp_path / names[exc.index]}: {exc} (the storage returned other "
                                        "bytes than were written)") from None

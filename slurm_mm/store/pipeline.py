@@ -33,7 +33,7 @@ from slurm_mm.store import chunks as chunkmod
 from slurm_mm.store.chunks import Buffer, Chunk, Encoder, Mismatch
 from slurm_mm.store.priority import Priority
 
-SYNC_BYTES = 64 << 20
+SYNC_BYTES = 128 << 20
 READ_BACK_MODES = ("device", "cache")
 _IOV_MAX = 512
 
@@ -44,6 +44,14 @@ batch back (a test damages the written file there). Never read from the environm
 
 class Cancelled(Exception):
     """Another part of the same operation failed first; stop quietly."""
+
+
+class SourceChanged(Exception):
+    """A source file changed while it was being stored (the caller names it)."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
 
 
 class ReadBackMismatch(Exception):
@@ -218,7 +226,10 @@ def write_files(sizes: list[int], *, zst_modes: list[bool], open_source: Callabl
                             current = _Open(i, create_stored(i, False), -1)
                             results[i].zst = False
                         else:
-                            pieces, chunk, buf = future.result()
+                            try:
+                                pieces, chunk, buf = future.result()
+                            except Mismatch as exc:
+                                raise SourceChanged(i, str(exc)) from None
                             if c == 0:
                                 if sizes[i] <= chunk_size:
                                     results[i].zst = chunk.compressed
