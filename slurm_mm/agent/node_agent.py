@@ -202,6 +202,7 @@ class NodeAgent:
         if trigger not in ("manual", "drain") or (trigger == "drain" and uid != 0):
             raise PermissionDenied(f"trigger '{trigger}' is not allowed")
         requeue = bool(message.get("requeue")) or trigger == "drain"
+        self._hurry(job_id)
         image = supervisor.checkpoint(trigger, requeue=requeue, defer_requeue=True)
         if image is None:
             raise SlurmMMError(f"checkpoint of job {job_id} failed: {supervisor.record.last_error or 'job not running'}")
@@ -210,6 +211,7 @@ class NodeAgent:
 
     def on_job_signal(self, supervisor: JobSupervisor, signum: int) -> None:
         if signum in (signal.SIGUSR1, signal.SIGTERM) and self._being_preempted(supervisor.job_id):
+            self._hurry(supervisor.job_id)
             threading.Thread(target=supervisor.checkpoint, args=("preempt",), daemon=True).start()
             return
         if signum == signal.SIGTSTP:  # SUSPEND: move GPU state out before the freeze
@@ -220,6 +222,13 @@ class NodeAgent:
             self.engine.resume_gpu(supervisor.tree)
             supervisor.suspended.clear()
         supervisor.forward(signum)
+
+    def _hurry(self, job_id: str) -> None:
+        """A periodic commit of the job runs at idle priority; an urgent checkpoint waits for
+        it (triggers are serialised), so lift it to normal priority."""
+        hurry = getattr(self.store, "hurry", None)
+        if hurry is not None:
+            hurry(job_id)
 
     def _being_preempted(self, job_id: str) -> bool:
         try:
@@ -263,6 +272,7 @@ class NodeAgent:
                     continue  # a suspended (frozen) tree cannot be dumped
                 trigger = "preempt" if job_id in preempted else "drain" if draining else None
                 if trigger:
+                    self._hurry(job_id)
                     threading.Thread(target=supervisor.checkpoint, args=(trigger,), daemon=True).start()
 
     # ------------------------------------------------------------ status

@@ -12,9 +12,15 @@ Layout (docs/design.md, "Store layout"):
           manifest.json
           <file>.zst | <file>.raw  (also in subdirectories of the image)
 
-What it guarantees: an image is either complete and verified or invisible (written under
-.tmp-*, synced, every chunk read back through a second fd and checked against the hash of
-what was written, then renamed: pipeline.py); a writer whose epoch is below the
+What it guarantees: an image is either complete and verified or invisible. Complete and
+verified means: written under .tmp-*, every file synced (fsync) and every stored chunk
+then read back through a second file descriptor and found equal (xxh3-128) to the buffer
+that was written, the manifest and the directories synced, the tree listed and found to be
+exactly the manifest's, then renamed (pipeline.py). With read_back="cache" the read-back
+may come from the page cache, as a restore on the same node would; "device" evicts the
+synced pages first so the storage itself is read. Not re-checked at commit: that a zstd
+frame decodes to its raw chunk (zstd's own round trip; extract and verify check it, and
+an image that fails there is skipped for the previous one). A writer whose epoch is below the
 fence never renames (checked under the fence lock at rename time); a damaged image is
 skipped for the previous one with a logged reason; retention keeps the newest `keep` good
 images. What it trusts and never does: see safe_fs (no symlinks, no user-writable
