@@ -48,3 +48,9 @@ def test_a_cpu_only_tree_holds_no_gpu_memory():
 
 def test_tree_without_processes_needs_nothing():
     assert staging.tree_resident_bytes([]) == 0 and staging.tree_gpu_bytes([]) == 0
+
+
+def test_restore_of_a_gpu_image_is_staged_in_tmpfs_when_it_fits(base):
+    top = base / "shm"
+    path = staging.gpu_dump_dir(top, "77", "restore-3", 1 << 20, 1 << 20, 0.1, create=False)
+    assert path == top / "77" / "restore-3" and not path.exists() and path.parent.is_dir()

@@ -58,6 +58,18 @@ class NodeAgent:
         """A fresh root-only directory on node-local staging space (or its free name)."""
         return root_only_dir(self.config.staging_dir / job_id / name, create=create)
 
+    def restore_staging(self, job_id: str, image: Any) -> Path:
+        """Where to extract an image for restore (its free name): tmpfs for a GPU job's
+        image when it fits there and in RAM beside the restored tree (as large again)."""
+        name = f"restore-{image.seq}"
+        size = image.manifest.total_size
+        if image.manifest.gpu:
+            fast = gpu_dump_dir(self.config.gpu_staging_dir, job_id, name, size, size,
+                                self.config.staging_min_free_ratio, create=False)
+            if fast is not None:
+                return fast
+        return self.staging(job_id, name, create=False)
+
     def dump_staging(self, job_id: str, name: str, tree_pids: list[int]) -> tuple[Path, str]:
         """Node-local staging when the tree's memory fits there, else the shared store's."""
         gpu_bytes = tree_gpu_bytes(tree_pids)

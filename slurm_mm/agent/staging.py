@@ -82,12 +82,13 @@ def memory_allows(needed: int, min_free_ratio: float) -> bool:
 
 
 def gpu_dump_dir(top: Path, job_id: str, name: str, needed: int, gpu_bytes: int,
-                 min_free_ratio: float) -> Path | None:
+                 min_free_ratio: float, *, create: bool = True) -> Path | None:
     """A GPU job's dump directory in `top` (a tmpfs: the dump runs at memory speed and the
     commit reads it back from memory) when the image fits there and in RAM beside the
     job's GPU state, which sits in its host memory while checkpointed (`gpu_bytes` more).
     None when it does not fit, or when `top` is not a root-only directory (it may sit in
-    a world-writable /dev/shm: a user could have made it first)."""
+    a world-writable /dev/shm: a user could have made it first). Also used for a GPU
+    image's restore (create=False: the store creates the directory itself)."""
     try:
         top.mkdir(mode=0o700, exist_ok=True)
         st = os.lstat(top)
@@ -99,4 +100,4 @@ def gpu_dump_dir(top: Path, job_id: str, name: str, needed: int, gpu_bytes: int,
         return None
     if not (fits(top, needed, min_free_ratio) and memory_allows(needed + gpu_bytes, min_free_ratio)):
         return None
-    return root_only_dir(top / job_id / name)
+    return root_only_dir(top / job_id / name, create=create)
