@@ -203,14 +203,15 @@ def bench_content(args, content: str, results: dict) -> None:
     size = make_source(src_dir / "pages-1.img", args.gib, content)
     (src_dir / "core-1.img").write_bytes(b"registers and such " * 4000)
     rows = []
-    for rep in range(args.reps):
+    for rep in range(0 if args.skip_io else args.reps):
         for n, read_back in enumerate(args.read_back):
             rows.append(one_round(args, content, src_dir, size, read_back, rep, full=n == 0))
     for threads in args.job_threads:
         store = ImageStore(shared / "store", level=args.level, threads=args.threads, keep=1,
-                           chunk_size=args.chunk_mib << 20, read_back=args.read_back[0])
+                           chunk_size=args.chunk_mib << 20, read_back=args.read_back[0],
+                           background_cpus=args.background_cpus)
         base_rate, _ = job_rate(threads, 10)
-        for trigger in ("periodic", "preempt"):
+        for trigger in [t for _ in range(args.job_reps) for t in args.job_triggers]:
             commit_time = {}
 
             def commit() -> None:
@@ -222,6 +223,7 @@ def bench_content(args, content: str, results: dict) -> None:
             after, _ = job_rate(threads, 10)
             ref = (base_rate + after) / 2
             row = {"content": content, "job_threads": threads, "trigger": trigger,
+                   "background_cpus": args.background_cpus,
                    "job_rate_alone": ref, "job_rate_during_commit": rate, "slowdown": 1 - rate / ref,
                    "commit_s": commit_time["s"], "window_s": window, "rate_before": base_rate,
                    "rate_after": after}
@@ -245,6 +247,11 @@ def main() -> int:
     ap.add_argument("--read-back", default="cache", help="cache, device or cache,device (the first also verifies and extracts)")
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--job-threads", default="", help="e.g. 1,2: CPU-bound job processes during a commit")
+    ap.add_argument("--background-cpus", type=float, default=None,
+                    help="ImageStore background_cpus for the periodic commit of --job-threads")
+    ap.add_argument("--skip-io", action="store_true", help="only the --job-threads part")
+    ap.add_argument("--job-reps", type=int, default=1)
+    ap.add_argument("--job-triggers", default="periodic,preempt")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -252,6 +259,7 @@ def main() -> int:
         return 2
     args.read_back = args.read_back.split(",")
     args.job_threads = [int(x) for x in args.job_threads.split(",") if x]
+    args.job_triggers = args.job_triggers.split(",")
     for d in (args.staging, args.shared):
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True, mode=0o711)

@@ -157,12 +157,14 @@ class ImageStore:
 
     def __init__(self, root: Path | str, *, level: int = 3, threads: int = 0, keep: int = 3,
                  lock_timeout: float = 60.0, chunk_size: int = chunks.DEFAULT_CHUNK_SIZE,
-                 read_back: str = "cache") -> None:
+                 read_back: str = "cache", background_cpus: float | None = None) -> None:
         """level: zstd level (-7 to 22; negative levels are zstd's fast modes); threads:
         worker threads of a commit, verify or extract, 0 = one per CPU; keep: complete images
         kept per job; lock_timeout: seconds a writer waits for another before StoreBusy;
         chunk_size: bytes per chunk of new images; read_back: how a commit reads its chunks
-        back, "device" (from the storage, past the page cache) or "cache" (pipeline.py)."""
+        back, "device" (from the storage, past the page cache) or "cache" (pipeline.py);
+        background_cpus: CPU seconds per second that a periodic commit's threads may use
+        together (None: no limit beyond their idle priority; see priority.Priority)."""
         if isinstance(level, bool) or not isinstance(level, int) or level == 0 \
                 or not MIN_LEVEL <= level <= zstandard.MAX_COMPRESSION_LEVEL:
             raise ConfigError(f"compression level {show(level)} is not in {MIN_LEVEL}-"
@@ -177,6 +179,10 @@ class ImageStore:
                 or not chunks.MIN_CHUNK_SIZE <= chunk_size <= chunks.MAX_CHUNK_SIZE:
             raise ConfigError(f"chunk size {show(chunk_size)} is not in {chunks.MIN_CHUNK_SIZE}-"
                               f"{chunks.MAX_CHUNK_SIZE} bytes")
+        if background_cpus is not None and (isinstance(background_cpus, bool)
+                                            or not isinstance(background_cpus, (int, float))
+                                            or not 0 < background_cpus <= 1024):
+            raise ConfigError(f"background CPUs {show(background_cpus)} is not a number in (0, 1024]")
         if read_back not in pipeline.READ_BACK_MODES:
             raise ConfigError(f"read_back {show(read_back)} is not one of {', '.join(pipeline.READ_BACK_MODES)}")
         self.root = Path(root)
@@ -186,6 +192,7 @@ class ImageStore:
         self.lock_timeout = float(lock_timeout)
         self.chunk_size = chunk_size
         self.read_back = read_back
+        self.background_cpus = background_cpus
         self._workers = min(_MAX_WORKERS, threads or os.cpu_count() or 1)
         self._warned_no_acl = False
         self._active: dict[str, list[Priority]] = {}
@@ -280,7 +287,7 @@ class ImageStore:
         # Store what a later reader will parse back (tuples become lists, keys strings).
         meta["gpu"], meta["extra"] = json.loads(json.dumps([gpu, meta["extra"]]))
         source = Path(source_dir)
-        priority = Priority(background=trigger in BACKGROUND_TRIGGERS)
+        priority = Priority(background=trigger in BACKGROUND_TRIGGERS, cpu_share=self.background_cpus)
         with self._active_lock:
             self._active.setdefault(job_id, []).append(priority)
         try:

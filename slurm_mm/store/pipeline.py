@@ -25,6 +25,7 @@ import collections
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -170,6 +171,7 @@ def write_files(sizes: list[int], *, zst_modes: list[bool], open_source: Callabl
         errors.check()
         state.lowered = priority.check(getattr(state, "lowered", False))
         buf = buffers.get()
+        started = time.thread_time()
         try:
             view = memoryview(buf)[:length]
             if _pread_full(src, view, offset) != length:
@@ -178,6 +180,8 @@ def write_files(sizes: list[int], *, zst_modes: list[bool], open_source: Callabl
         except BaseException:
             buffers.put(buf)
             raise
+        finally:
+            priority.spend(time.thread_time() - started)
         if chunk.compressed and chunk.stored_size < length:
             buffers.put(buf)  # the compressed copy is all the writer needs
             return pieces, chunk, bytearray()
@@ -241,7 +245,9 @@ def write_files(sizes: list[int], *, zst_modes: list[bool], open_source: Callabl
                                     raise
                                 current = _Open(i, wfd, rfd)
                             assert current is not None and current.index == i
+                            started = time.thread_time()
                             _writev_all(current.wfd, pieces)
+                            priority.spend(time.thread_time() - started)
                             if buf:
                                 buffers.put(buf)
                             results[i].chunks.append(chunk)
@@ -287,6 +293,7 @@ def write_files(sizes: list[int], *, zst_modes: list[bool], open_source: Callabl
                 return
             kind, opened, batch = item
             state.lowered = priority.check(state.lowered)
+            started = time.thread_time()
             try:
                 if kind == "abort" or errors.event.is_set():
                     continue
@@ -320,6 +327,7 @@ def write_files(sizes: list[int], *, zst_modes: list[bool], open_source: Callabl
             except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
                 errors.add(exc)
             finally:
+                priority.spend(time.thread_time() - started)
                 if kind in ("end", "abort"):
                     os.close(opened.wfd)
                     if opened.rfd >= 0:
