@@ -5,6 +5,8 @@ format 1 still restoring. Real files, real threads, no mocks."""
 from __future__ import annotations
 
 import io
+import threading
+import time
 import os
 import shutil
 from pathlib import Path
@@ -333,3 +335,28 @@ def test_failed_extract_closes_everything_and_leaves_nothing(store, base):
         store.extract(image, base / "out")
     assert _fds() == before and not (base / "out").exists()
     assert [n for n in os.listdir(base) if n.startswith(".out")] == []
+
+
+def test_a_paced_background_commit_sleeps_off_its_cpu_and_hurry_ends_that():
+    from slurm_mm.store.priority import Priority
+
+    paced = Priority(background=True, cpu_share=0.5)
+    t0 = time.monotonic()
+    paced.spend(0.2)  # 0.2 CPU-s at 0.5 CPU: due 0.3 s after start (less a 0.05 s burst)
+    assert 0.2 < time.monotonic() - t0 < 1.0
+    waiter = threading.Thread(target=paced.spend, args=(10.0,))
+    t0 = time.monotonic()
+    waiter.start()
+    time.sleep(0.2)
+    paced.hurry()
+    waiter.join(5)
+    assert not waiter.is_alive() and time.monotonic() - t0 < 2
+    t0 = time.monotonic()
+    Priority(background=False, cpu_share=0.01).spend(5.0)  # a preemption's commit is never paced
+    assert time.monotonic() - t0 < 0.1
+
+
+def test_background_cpus_must_be_a_positive_number(base):
+    with pytest.raises(ConfigError, match="background CPUs 0 is not a number"):
+        ImageStore(base / "ckpt", background_cpus=0)
+    assert ImageStore(base / "ckpt", background_cpus=0.5).background_cpus == 0.5
