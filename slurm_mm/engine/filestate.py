@@ -55,6 +55,7 @@ SYSTEM_PREFIXES = ("/usr/", "/lib/", "/lib32/", "/lib64/", "/bin/", "/sbin/", "/
                    "/proc/", "/sys/", "/dev/", "/run/", "/boot/", "/var/lib/", "/var/cache/")
 ALWAYS_TRACKED = ("/dev/shm/",)
 DELETED = " (deleted)"
+HASH_LIMIT = 64 << 20  # node-local files not saved are still hashed up to this size
 
 
 @dataclass
@@ -280,32 +281,32 @@ def capture(spec: CaptureSpec, pids: Sequence[int]) -> FileState:
         by_inode.pop(key, None)  # the job's stdio: the restorer hands the new run's in its place
     pin_dir = _make_pin_dir(spec)
     budget = spec.budget
-    for n, (key, rec) in enumerate(sorted(by_inode.items(), key=lambda kv: kv[1].path)):
+    numbered = {key: n for n, key in enumerate(sorted(by_inode, key=lambda k: by_inode[k].path))}
+    # Smallest first: a budget that cannot hold everything keeps as many files as it can.
+    for key in sorted(by_inode, key=lambda k: (by_inode[k].size, by_inode[k].path)):
+        rec, n = by_inode[key], numbered[key]
         if rec.node_local:
             dirs.add(os.path.dirname(rec.path))
         if rec.deleted:
             continue  # CRIU keeps its content (ghost file); only its directory must exist
-        st_ok = owner_can_read(os.stat(handles[key]), spec.owner_uid, spec.owner_gids)
-        wants_copy = rec.node_local or rec.read_write
-        if wants_copy and st_ok:
-            if rec.size <= budget:
-                rec.saved, rec.sha256 = _copy(handles[key], images, n, rec.size)
-                budget -= rec.size
-                state.saved_bytes += rec.size
-            elif rec.node_local:
-                state.same_node_only = True
-                state.notes.append(f"{rec.path} ({rec.size} bytes) is past the image's file budget "
-                                   f"of {spec.budget} bytes: the image can resume the job on {spec.node} only")
+        readable = owner_can_read(os.stat(handles[key]), spec.owner_uid, spec.owner_gids)
+        if (rec.node_local or rec.read_write) and readable and rec.size <= budget:
+            rec.saved, rec.sha256 = _copy(handles[key], images, n, rec.size)
+            budget -= rec.size
+            state.saved_bytes += rec.size
+        elif rec.node_local:
+            why = (f"({rec.size} bytes) is past the image's file budget of {spec.budget} bytes" if readable
+                   else "could not be saved (its owner cannot read it)")
+            state.same_node_only = True
+            state.notes.append(f"{rec.path} {why}: the image can resume the job on {spec.node} only")
+            if rec.size <= HASH_LIMIT:  # on its own node a rewritten copy (the batch script) still matches
+                rec.sha256 = _digest(handles[key], rec.size)
         if not rec.node_local and pin_dir is not None and rec.dev == os.stat(pin_dir).st_dev:
             try:
                 pin_inode(handles[key], rec, os.path.join(pin_dir, str(n)))
                 rec.pin = str(n)
             except OSError:
                 pass  # e.g. a filesystem without hard links: change detection still holds
-        if rec.node_local and rec.saved is None and not state.same_node_only:
-            state.same_node_only = True
-            state.notes.append(f"{rec.path} could not be saved (its owner cannot read it): "
-                               f"the image can resume the job on {spec.node} only")
     state.records = [by_inode[k] for k in sorted(by_inode, key=lambda k: by_inode[k].path)]
     state.dirs = sorted(dirs)
     if pin_dir is not None and not any(r.pin for r in state.records):
@@ -386,17 +387,25 @@ def _make_pin_dir(spec: CaptureSpec) -> str | None:
 def _copy(handle: str, images: Path, n: int, size: int) -> tuple[str, str]:
     """Copy the inode behind `handle` into mmfile-N of the image; (name, sha256)."""
     name = f"{SAVED_PREFIX}{n}"
+    with open(images / name, "xb") as dst:
+        return name, _digest(handle, size, dst.write)
+
+
+def _digest(handle: str, size: int, sink=None) -> str:
+    """sha256 of the first `size` bytes (the size at the image: a writer past it is not
+    part of the image), each chunk also handed to `sink`."""
     digest = hashlib.sha256()
-    with open(handle, "rb") as src, open(images / name, "xb") as dst:
-        left = size  # the size at the image: a writer past it is not part of the image
+    with open(handle, "rb") as src:
+        left = size
         while left > 0:
             chunk = src.read(min(left, 1 << 20))
             if not chunk:
                 break
             digest.update(chunk)
-            dst.write(chunk)
+            if sink is not None:
+                sink(chunk)
             left -= len(chunk)
-    return name, digest.hexdigest()
+    return digest.hexdigest()
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -527,7 +536,7 @@ def _plan_local(rec: FileRecord, now: dict[str, Any], images_dir: Path, out: Pla
     if now.get("size") == rec.size and now.get("sha256") == rec.sha256 and rec.sha256:
         return  # same content
     if rec.saved is None:
-        out.problems.append(f"{rec.path}: node-local file not saved in the image and not here as it was")
+        out.problems.append(f"{rec.path}: node-local file not saved in the image, and not here as it was")
         return
     out.actions.append(Action("write", rec.path, str(images_dir / rec.saved), rec.size, rec.mode,
                               rec.mtime_ns, "node-local file recreated"))
