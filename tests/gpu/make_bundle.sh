@@ -39,4 +39,5 @@ make -s -C "$REPO/spank"
 # This checkout (tracked and new files) and the built plugin, as the job's users will see it.
 (cd "$REPO" && { git ls-files -co --exclude-standard | grep -v '^benchmarks/results/' ; \
                  echo spank/slurm_mm_spank.so; } | tar -cf "$DIR/repo.tar" -T -)
+cp "$REPO/tests/gpu/run_under_slurm.sh" "$DIR/"
 du -sh "$DIR"

@@ -11,6 +11,7 @@ BUNDLE=$(cd "${1:?bundle dir}" && pwd)
 OUT=${2:?out dir}
 shift 2
 PREFIX=${SLURM_MM_PREFIX:-/opt/slurm_mm}
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 PY=${SLURM_MM_GPU_PYTHON:-/opt/torch/.venv/bin/python3}
 ROOT=/tmp/slurm_mm-bundle
 START=$(date +%s)
@@ -22,7 +23,9 @@ for deb in "$BUNDLE"/debs/*.deb; do
     name=$(dpkg-deb -f "$deb" Package)
     if grep -qx "$name" "$BUNDLE/debs/SLURM_PKGS"; then dpkg -x "$deb" "$ROOT/slurm"; else dpkg -x "$deb" "$ROOT/libs"; fi
 done
-cp -an "$ROOT/slurm/usr/." /usr/
+cp -a --update=none "$ROOT/slurm/usr/." /usr/
+# Debian names the daemons *-wlm and links the usual names in its postinst (alternatives).
+for d in slurmctld slurmd slurmstepd; do [ -e "/usr/sbin/$d" ] || ln -s "$d-wlm" "/usr/sbin/$d"; done
 mkdir -p "$PREFIX/criu/sbin" "$PREFIX/libexec" "$PREFIX/src" /usr/local/lib/slurm_mm-deps
 install -m 0755 "$BUNDLE/criu" "$PREFIX/criu/sbin/criu"
 install -m 0755 "$BUNDLE/libexec/mm-init" "$BUNDLE/libexec/libmm_prlimit.so" "$PREFIX/libexec/"

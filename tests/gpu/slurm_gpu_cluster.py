@@ -78,6 +78,9 @@ def start(c, preempt_mode: str = "requeue", *, grace: int = 90, cpus: int = 4) -
     if Path("/usr/include/slurm/spank.h").exists():
         tc.build_spank()  # on the GPU machine the plugin comes prebuilt (no Slurm headers)
     write_configs(c, preempt_mode, gpu=has_gpu(), grace=grace, cpus=cpus)
+    if cgroup_mode() == "v2":
+        # Where systemd would put Slurm's scopes; without systemd nobody else makes it.
+        (CGROUP / "system.slice").mkdir(exist_ok=True)
     tc.start_munge(c)
     tc.start_ctld(c)
     for node in tc.NODES:

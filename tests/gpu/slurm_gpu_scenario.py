@@ -221,9 +221,11 @@ class Scenario:
 
     def urgent(self, node: str, seconds: int, gres: bool) -> str:
         opts = ["-p", "high", "-w", node, "-J", "urgent", "-o", "/dev/null"]
-        opts += ["--gres=gpu:1"] if gres and self.gpu else ["--exclusive"]
+        # Not --exclusive when suspending: that asks for the node's GRES too, which a
+        # suspended job keeps, so Slurm would never preempt for it.
+        opts += ["--gres=gpu:1"] if gres and self.gpu else [f"--cpus-per-task={self.args.cpus}"]
         job = tc.job_id(tc.sbatch(self.c, f"#!/bin/sh\nsleep {seconds}\n", *opts, cwd=self.dir))
-        log(f"submitted urgent job {job} on {node} ({'gres' if gres else 'exclusive'})")
+        log(f"submitted urgent job {job} on {node} ({opts[-1]})")
         return job
 
     def out(self, name: str) -> Path:
@@ -256,6 +258,14 @@ class Scenario:
         return subprocess.run(["runuser", "-u", tc.USER, "--", "env", "-i",
                                *(f"{k}={v}" for k, v in env.items()), *argv],
                               capture_output=True, text=True, timeout=300, cwd="/")
+
+    def poll_images(self, job: str) -> bool:
+        """Remember the job's images while it runs (the epilog removes them at its end)."""
+        try:
+            self.images(job)
+        except Exception as exc:  # noqa: BLE001 - a directory removed while listed
+            log(f"listing images of {job}: {exc}")
+        return True
 
     # ------------------------------------------------------------ reference
 
@@ -294,7 +304,7 @@ class Scenario:
 
     def phase_requeue(self, reference_proc: subprocess.Popen) -> None:
         c, r, a = self.c, self.report, self.args
-        gc.start(c, "requeue", grace=a.grace)
+        gc.start(c, "requeue", grace=a.grace, cpus=a.cpus)
         r.note("observations", "cluster_requeue", {"cgroup": gc.cgroup_mode(), "gpu": self.gpu,
                                                    "nodes": tc.node_states(c)})
         self.watch = ImageWatch(c.checkpoint_root)
@@ -360,7 +370,9 @@ class Scenario:
             r.check("C_scancel_of_restored_job", False, f"{exc}; {self.tail('C')}")
 
         tc.wait_job(c, urgent, {"COMPLETED", "CANCELLED", "FAILED"}, a.urgent_seconds + 60)
-        end_a = tc.wait_job(c, job_a, {"COMPLETED", "FAILED", "CANCELLED"}, a.steps * (a.sleep + 0.05) + 300)
+        tc.wait_for(lambda: self.poll_images(job_a) and tc.job_info(c, job_a).get("JobState") in
+                    ("COMPLETED", "FAILED", "CANCELLED"), a.steps * (a.sleep + 0.05) + 300, "A to end", interval=1)
+        end_a = tc.job_info(c, job_a)
         r.check("A_completed", end_a["JobState"] == "COMPLETED",
                 f"{end_a['JobState']} exit {end_a.get('ExitCode')} restarts {end_a.get('Restarts')}")
         reference_proc.wait(timeout=max(10, a.steps * (a.sleep + 0.05)))
@@ -371,10 +383,10 @@ class Scenario:
         r.note("observations", "A_out_tail", self.tail("A", 25))
         r.note("observations", "C_out_tail", self.tail("C", 15))
 
-    def phase_suspend(self) -> None:
+    def phase_suspend(self, reference_proc: subprocess.Popen) -> None:
         c, r, a = self.c, self.report, self.args
         gc.stop(c)
-        gc.start(c, "suspend", grace=a.grace)
+        gc.start(c, "suspend", grace=a.grace, cpus=a.cpus)
         job_b = self.submit("B", a.ballast_b, "10m")
         node_b = tc.wait_job(c, job_b, {"RUNNING"}, 60)["BatchHost"]
         self.wait_progress_after("B", 0, 120)
@@ -422,6 +434,7 @@ class Scenario:
         end_b = tc.wait_job(c, job_b, {"COMPLETED", "FAILED", "CANCELLED"}, a.steps * (a.sleep + 0.05) + 300)
         r.check("B_completed", end_b["JobState"] == "COMPLETED",
                 f"{end_b['JobState']} exit {end_b.get('ExitCode')} restarts {end_b.get('Restarts')}")
+        reference_proc.wait(timeout=60)
         self.same_as_reference("B", self.result("ref"))
         self.steps_continuous("B")
         r.note("observations", "B_out_tail", self.tail("B", 15))
@@ -466,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ballast-b", type=float, default=6.0)
     p.add_argument("--ballast-c", type=float, default=0.25)
     p.add_argument("--phases", default="requeue,suspend")
+    p.add_argument("--cpus", type=int, default=4, help="CPUs of each node")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     s = Scenario(args)
@@ -483,10 +497,8 @@ def main(argv: list[str] | None = None) -> int:
         reference = s.start_reference()
         if "requeue" in phases:
             s.phase_requeue(reference)
-        else:
-            reference.wait(timeout=args.steps * (args.sleep + 0.05) + 60)
         if "suspend" in phases:
-            s.phase_suspend()
+            s.phase_suspend(reference)
     except (TimeoutError, RuntimeError, subprocess.CalledProcessError, OSError) as exc:
         s.report.check("scenario_ran_to_the_end", False, f"{type(exc).__name__}: {exc}")
     finally:

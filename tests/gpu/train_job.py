@@ -89,7 +89,7 @@ def run_torch(args: argparse.Namespace, device: str) -> dict:
         opt.step()
         gpu_step += 1
         if step % args.report == 0 or step == args.steps:
-            loss_value = float(loss)
+            loss_value = float(loss.detach())
             say(f"step={step} gpu_step={int(gpu_step)} loss={loss_value:.6f}")
         if args.sleep:
             time.sleep(args.sleep)
