@@ -50,8 +50,10 @@ def has_gpu() -> bool:
 
 def write_configs(c, preempt_mode: str, *, gpu: bool, grace: int, cpus: int) -> None:
     """testcluster's configuration, then the GPU node's differences written over it."""
-    os.environ.setdefault("SLURM_MM_TEST_MOUNT_NS", "auto")
     tc.write_configs(c, preempt_mode)
+    if "SLURM_MM_TEST_MOUNT_NS" not in os.environ:  # testcluster's default is never
+        mm = c.mm_config.read_text().replace("job_mount_namespace: never", "job_mount_namespace: auto")
+        c.mm_config.write_text(mm)
     text = c.slurm_conf.read_text()
     gres = " Gres=gpu:1" if gpu else ""
     text = re.sub(r"CPUs=2 RealMemory=2000", f"CPUs={cpus} RealMemory=8000{gres}", text)
