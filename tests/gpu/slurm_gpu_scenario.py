@@ -171,8 +171,8 @@ class Scenario:
         self.c = tc.Cluster(args.state_dir)
         self.report = Report(args.out / "report.json")
         self.gpu = gc.has_gpu()
-        user = pwd.getpwnam(tc.USER) if self._user() else None
-        self.dir = Path(user.pw_dir) / "gpu-slurm"
+        tc.ensure_user()
+        self.dir = Path(pwd.getpwnam(tc.USER).pw_dir) / "gpu-slurm"
         self.watch: ImageWatch | None = None
         self.known: dict[str, dict[str, dict]] = {}  # job -> image -> facts (kept after gc)
 
@@ -183,11 +183,6 @@ class Scenario:
             self.known.setdefault(job, {})[f["image"]] = f
         self.report.note("images", job, list(self.known.get(job, {}).values()))
         return facts
-
-    @staticmethod
-    def _user() -> bool:
-        tc.ensure_user()
-        return True
 
     def prepare(self) -> None:
         if self.dir.exists():
