@@ -674,6 +674,7 @@ def _stand_in(rec: FileRecord, images_dir: Path, uid: int, gids: Sequence[int], 
         os.close(fd_src)
     flags = rec.flags & (os.O_ACCMODE | os.O_APPEND)
     fd = os.open(path, flags | os.O_NOFOLLOW)
+    os.unlink(path)  # the job holds an owner-owned file of its own, reachable by no path of root's
     if not flags & os.O_APPEND:
         os.lseek(fd, rec.pos, os.SEEK_SET)
     return fd
