@@ -1,6 +1,6 @@
 """Hold off Slurm's freezer while a suspended job's GPU state moves to host memory.
 
-Slurm suspends a job with SIGTSTP and freezes its cgroup about 2 s later (FACTS.md);
+Slurm suspends a job with SIGTSTP and freezes its cgroup about 2 s later (docs/design.md, measured facts);
 the CUDA checkpoint of a large GPU job takes longer, and the driver call hangs on a
 frozen process. While the guard is active it thaws the job's freezer cgroup whenever
 Slurm freezes it, and on exit freezes it again if Slurm had asked for that, so the job
@@ -27,8 +27,10 @@ class FreezerCgroup:
     def of(cls, procs_files: list[Path]) -> FreezerCgroup | None:
         for procs in procs_files:
             directory = procs.parent
-            if (directory / "freezer.state").exists() or (directory / "cgroup.freeze").exists():
+            if (directory / "freezer.state").exists():
                 return cls(directory)
+            if (directory / "cgroup.freeze").exists():
+                return cls(v2_freeze_point(directory))
         return None
 
     def frozen(self) -> bool:
@@ -41,6 +43,19 @@ class FreezerCgroup:
             (self.path / "freezer.state").write_text("FROZEN" if frozen else "THAWED")
         else:
             (self.path / "cgroup.freeze").write_text("1" if frozen else "0")
+
+
+def v2_freeze_point(task_cgroup: Path) -> Path:
+    """The cgroup v2 directory Slurm freezes for a task in `task_cgroup`.
+
+    Slurm's cgroup/v2 writes cgroup.freeze of the step's `user` cgroup
+    (.../step_N/user), not of the task's own (.../step_N/user/task_0), whose
+    cgroup.freeze stays 0 while an ancestor freezes it.
+    """
+    for directory in (task_cgroup, *task_cgroup.parents):
+        if directory.parent.name.startswith("step_"):
+            return directory
+    return task_cgroup
 
 
 class FreezeGuard:

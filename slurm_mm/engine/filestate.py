@@ -55,6 +55,8 @@ SYSTEM_PREFIXES = ("/usr/", "/lib/", "/lib32/", "/lib64/", "/bin/", "/sbin/", "/
                    "/proc/", "/sys/", "/dev/", "/run/", "/boot/", "/var/lib/", "/var/cache/")
 ALWAYS_TRACKED = ("/dev/shm/",)
 DELETED = " (deleted)"
+MAPPED_WRITABLE = -1  # note()'s flags for a shared writable mapping (no fd, no offset)
+HASH_LIMIT = 64 << 20  # node-local files not saved are still hashed up to this size
 
 
 @dataclass
@@ -205,8 +207,8 @@ def _open_files(pid: int) -> Iterable[tuple[str, str, int, int]]:
             yield target, handle, flags, pos
 
 
-def _mapped_files(pid: int) -> Iterable[tuple[str, str]]:
-    """(path, /proc/PID/map_files handle) of each file-backed mapping."""
+def _mapped_files(pid: int) -> Iterable[tuple[str, str, bool]]:
+    """(path, /proc/PID/map_files handle, shared-writable) of each file-backed mapping."""
     try:
         with open(f"/proc/{pid}/maps", encoding="utf-8", errors="surrogateescape") as f:
             lines = f.readlines()
@@ -217,10 +219,11 @@ def _mapped_files(pid: int) -> Iterable[tuple[str, str]]:
         parts = line.rstrip("\n").split(maxsplit=5)
         if len(parts) < 6 or not parts[5].startswith("/") or parts[4] == "0":
             continue
-        if parts[5] in seen:
+        writes = "w" in parts[1] and "s" in parts[1]  # MAP_SHARED + PROT_WRITE: rewrites the file
+        if (parts[5], writes) in seen:
             continue
-        seen.add(parts[5])
-        yield parts[5], f"/proc/{pid}/map_files/{parts[0]}"
+        seen.add((parts[5], writes))
+        yield parts[5], f"/proc/{pid}/map_files/{parts[0]}", writes
 
 
 def _strip_deleted(path: str) -> tuple[str, bool]:
@@ -251,11 +254,15 @@ def capture(spec: CaptureSpec, pids: Sequence[int]) -> FileState:
             rec = FileRecord(path=path, dev=st.st_dev, ino=st.st_ino, size=st.st_size,
                              mtime_ns=st.st_mtime_ns, mode=st.st_mode, uid=st.st_uid,
                              node_local=_under(path, spec.node_local), deleted=deleted,
-                             flags=flags or os.O_RDONLY, pos=pos)
+                             flags=flags if flags and flags > 0 else os.O_RDONLY, pos=pos)
             by_inode[key] = rec
             handles[key] = handle
         if flags is None:
             rec.mapped = True
+            return
+        if flags == MAPPED_WRITABLE:
+            rec.mapped = rec.writer = rec.read_write = True
+            rec.append_only = False
             return
         if flags & os.O_ACCMODE != os.O_RDONLY:
             rec.writer = True
@@ -267,8 +274,8 @@ def capture(spec: CaptureSpec, pids: Sequence[int]) -> FileState:
     for pid in pids:
         for path, handle, flags, pos in _open_files(pid):
             note(path, handle, flags, pos)
-        for path, handle in _mapped_files(pid):
-            note(path, handle, None, 0)
+        for path, handle, writes in _mapped_files(pid):
+            note(path, handle, MAPPED_WRITABLE if writes else None, 0)
         try:
             cwd, gone = _strip_deleted(os.readlink(f"/proc/{pid}/cwd"))
             if not gone and _under(cwd, spec.node_local):
@@ -280,32 +287,32 @@ def capture(spec: CaptureSpec, pids: Sequence[int]) -> FileState:
         by_inode.pop(key, None)  # the job's stdio: the restorer hands the new run's in its place
     pin_dir = _make_pin_dir(spec)
     budget = spec.budget
-    for n, (key, rec) in enumerate(sorted(by_inode.items(), key=lambda kv: kv[1].path)):
+    numbered = {key: n for n, key in enumerate(sorted(by_inode, key=lambda k: by_inode[k].path))}
+    # Smallest first: a budget that cannot hold everything keeps as many files as it can.
+    for key in sorted(by_inode, key=lambda k: (by_inode[k].size, by_inode[k].path)):
+        rec, n = by_inode[key], numbered[key]
         if rec.node_local:
             dirs.add(os.path.dirname(rec.path))
         if rec.deleted:
             continue  # CRIU keeps its content (ghost file); only its directory must exist
-        st_ok = owner_can_read(os.stat(handles[key]), spec.owner_uid, spec.owner_gids)
-        wants_copy = rec.node_local or rec.read_write
-        if wants_copy and st_ok:
-            if rec.size <= budget:
-                rec.saved, rec.sha256 = _copy(handles[key], images, n, rec.size)
-                budget -= rec.size
-                state.saved_bytes += rec.size
-            elif rec.node_local:
-                state.same_node_only = True
-                state.notes.append(f"{rec.path} ({rec.size} bytes) is past the image's file budget "
-                                   f"of {spec.budget} bytes: the image can resume the job on {spec.node} only")
+        readable = owner_can_read(os.stat(handles[key]), spec.owner_uid, spec.owner_gids)
+        if (rec.node_local or rec.read_write) and readable and rec.size <= budget:
+            rec.saved, rec.sha256 = _copy(handles[key], images, n, rec.size)
+            budget -= rec.size
+            state.saved_bytes += rec.size
+        elif rec.node_local:
+            why = (f"({rec.size} bytes) is past the image's file budget of {spec.budget} bytes" if readable
+                   else "could not be saved (its owner cannot read it)")
+            state.same_node_only = True
+            state.notes.append(f"{rec.path} {why}: the image can resume the job on {spec.node} only")
+            if rec.size <= HASH_LIMIT:  # on its own node a rewritten copy (the batch script) still matches
+                rec.sha256 = _digest(handles[key], rec.size)
         if not rec.node_local and pin_dir is not None and rec.dev == os.stat(pin_dir).st_dev:
             try:
                 pin_inode(handles[key], rec, os.path.join(pin_dir, str(n)))
                 rec.pin = str(n)
             except OSError:
                 pass  # e.g. a filesystem without hard links: change detection still holds
-        if rec.node_local and rec.saved is None and not state.same_node_only:
-            state.same_node_only = True
-            state.notes.append(f"{rec.path} could not be saved (its owner cannot read it): "
-                               f"the image can resume the job on {spec.node} only")
     state.records = [by_inode[k] for k in sorted(by_inode, key=lambda k: by_inode[k].path)]
     state.dirs = sorted(dirs)
     if pin_dir is not None and not any(r.pin for r in state.records):
@@ -386,17 +393,25 @@ def _make_pin_dir(spec: CaptureSpec) -> str | None:
 def _copy(handle: str, images: Path, n: int, size: int) -> tuple[str, str]:
     """Copy the inode behind `handle` into mmfile-N of the image; (name, sha256)."""
     name = f"{SAVED_PREFIX}{n}"
+    with open(images / name, "xb") as dst:
+        return name, _digest(handle, size, dst.write)
+
+
+def _digest(handle: str, size: int, sink=None) -> str:
+    """sha256 of the first `size` bytes (the size at the image: a writer past it is not
+    part of the image), each chunk also handed to `sink`."""
     digest = hashlib.sha256()
-    with open(handle, "rb") as src, open(images / name, "xb") as dst:
-        left = size  # the size at the image: a writer past it is not part of the image
+    with open(handle, "rb") as src:
+        left = size
         while left > 0:
             chunk = src.read(min(left, 1 << 20))
             if not chunk:
                 break
             digest.update(chunk)
-            dst.write(chunk)
+            if sink is not None:
+                sink(chunk)
             left -= len(chunk)
-    return name, digest.hexdigest()
+    return digest.hexdigest()
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -527,7 +542,7 @@ def _plan_local(rec: FileRecord, now: dict[str, Any], images_dir: Path, out: Pla
     if now.get("size") == rec.size and now.get("sha256") == rec.sha256 and rec.sha256:
         return  # same content
     if rec.saved is None:
-        out.problems.append(f"{rec.path}: node-local file not saved in the image and not here as it was")
+        out.problems.append(f"{rec.path}: node-local file not saved in the image, and not here as it was")
         return
     out.actions.append(Action("write", rec.path, str(images_dir / rec.saved), rec.size, rec.mode,
                               rec.mtime_ns, "node-local file recreated"))
