@@ -1,5 +1,5 @@
 """Can CRIU restore start before its pages file is complete? Feed the pages file through a
-FIFO and see (issue 12: overlap reading the store with CRIU's restore).
+FIFO and see (could restore overlap reading the store with CRIU?).
 
     python3 benchmarks/fifo_restore.py [--mib 256]
 
@@ -94,7 +94,7 @@ def main() -> int:
         for mode in ("file", "fifo", "file"):
             row = attempt(images, pages, real, mode, job)
             print(json.dumps(row), flush=True)
-            time.sleep(2)  # PID 1 here reaps late (FACTS.md): let the PIDs free up
+            time.sleep(2)  # the killed tree may be reaped late: let its PIDs free up
     finally:
         try:
             job.stop()
