@@ -49,6 +49,9 @@ class Config:
     min_interval: int = 60
     async_checkpoints: bool = True
     staging_min_free_ratio: float = 0.1
+    # CPU time per second that a periodic commit may take from the node, on top of its idle
+    # priority (0 = no limit): even idle-priority work slows a job on the other vCPU of a VM.
+    commit_background_cpus: float = 0.0
     log_level: str = "info"
     # Jobs get their own mount namespace and /proc: needed for CUDA in a PID namespace
     # (docs/gpu-validation.md). auto = on nodes with GPU checkpointing.
