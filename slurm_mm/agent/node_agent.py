@@ -22,7 +22,7 @@ from typing import Any
 
 from slurm_mm.agent import auth, protocol
 from slurm_mm.agent.cgroups import step_cgroup_procs
-from slurm_mm.agent.staging import fits, root_only_dir, tree_resident_bytes
+from slurm_mm.agent.staging import fits, gpu_dump_dir, root_only_dir, tree_gpu_bytes, tree_resident_bytes
 from slurm_mm.agent.supervisor import JobSupervisor, LaunchRequest
 from slurm_mm.config import Config
 from slurm_mm.errors import NotEnrolled, PermissionDenied, SlurmMMError
@@ -58,11 +58,29 @@ class NodeAgent:
         """A fresh root-only directory on node-local staging space (or its free name)."""
         return root_only_dir(self.config.staging_dir / job_id / name, create=create)
 
+    def restore_staging(self, job_id: str, image: Any) -> Path:
+        """Where to extract an image for restore (its free name): tmpfs for a GPU job's
+        image when it fits there and in RAM beside the restored tree (as large again)."""
+        name = f"restore-{image.seq}"
+        size = image.manifest.total_size
+        if image.manifest.gpu:
+            fast = gpu_dump_dir(self.config.gpu_staging_dir, job_id, name, size, size,
+                                self.config.staging_min_free_ratio, create=False)
+            if fast is not None:
+                return fast
+        return self.staging(job_id, name, create=False)
+
     def dump_staging(self, job_id: str, name: str, tree_pids: list[int]) -> tuple[Path, str]:
         """Node-local staging when the tree's memory fits there, else the shared store's."""
-        needed = tree_resident_bytes(tree_pids)
+        gpu_bytes = tree_gpu_bytes(tree_pids)
+        needed = tree_resident_bytes(tree_pids) + gpu_bytes
         local = self.config.staging_dir
         local.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.config.async_checkpoints and gpu_bytes:
+            fast = gpu_dump_dir(self.config.gpu_staging_dir, job_id, name, needed, gpu_bytes,
+                                self.config.staging_min_free_ratio)
+            if fast is not None:
+                return fast, "async"
         if self.config.async_checkpoints and fits(local, needed, self.config.staging_min_free_ratio):
             return self.staging(job_id, name), "async"
         log.warning("job %s: %d MiB do not fit in %s: dumping to the shared filesystem",
@@ -196,6 +214,7 @@ class NodeAgent:
         if trigger not in ("manual", "drain") or (trigger == "drain" and uid != 0):
             raise PermissionDenied(f"trigger '{trigger}' is not allowed")
         requeue = bool(message.get("requeue")) or trigger == "drain"
+        self._hurry(job_id)
         image = supervisor.checkpoint(trigger, requeue=requeue, defer_requeue=True)
         if image is None:
             raise SlurmMMError(f"checkpoint of job {job_id} failed: {supervisor.record.last_error or 'job not running'}")
@@ -204,6 +223,7 @@ class NodeAgent:
 
     def on_job_signal(self, supervisor: JobSupervisor, signum: int) -> None:
         if signum in (signal.SIGUSR1, signal.SIGTERM) and self._being_preempted(supervisor.job_id):
+            self._hurry(supervisor.job_id)
             threading.Thread(target=supervisor.checkpoint, args=("preempt",), daemon=True).start()
             return
         if signum == signal.SIGTSTP:  # SUSPEND: move GPU state out before the freeze
@@ -214,6 +234,13 @@ class NodeAgent:
             self.engine.resume_gpu(supervisor.tree)
             supervisor.suspended.clear()
         supervisor.forward(signum)
+
+    def _hurry(self, job_id: str) -> None:
+        """A periodic commit of the job runs at idle priority; an urgent checkpoint waits for
+        it (triggers are serialised), so lift it to normal priority."""
+        hurry = getattr(self.store, "hurry", None)
+        if hurry is not None:
+            hurry(job_id)
 
     def _being_preempted(self, job_id: str) -> bool:
         try:
@@ -257,6 +284,7 @@ class NodeAgent:
                     continue  # a suspended (frozen) tree cannot be dumped
                 trigger = "preempt" if job_id in preempted else "drain" if draining else None
                 if trigger:
+                    self._hurry(job_id)
                     threading.Thread(target=supervisor.checkpoint, args=(trigger,), daemon=True).start()
 
     # ------------------------------------------------------------ status

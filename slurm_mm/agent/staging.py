@@ -54,3 +54,50 @@ def root_only_dir(path: Path, *, create: bool = True) -> Path:
     if create:
         path.mkdir(mode=0o700)
     return path
+
+
+def tree_gpu_bytes(pids: list[int]) -> int:
+    """GPU memory the tree holds: its image carries that too (the GPU checkpoint moves it
+    into the job's host memory after the staging is chosen, so RSS alone undercounts)."""
+    try:
+        from slurm_mm.engine.gpu_inventory import process_gpu_memory  # noqa: PLC0415
+
+        used = process_gpu_memory()
+    except Exception:  # noqa: BLE001 - no NVML, no nvidia-smi: no GPU state to count
+        return 0
+    return sum(used.get(pid, 0) for pid in pids)
+
+
+def memory_allows(needed: int, min_free_ratio: float) -> bool:
+    """`needed` more bytes of RAM leave `min_free_ratio` of it available (MemAvailable)."""
+    info: dict[str, int] = {}
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info[key] = int(value.split()[0]) * 1024
+        return info["MemAvailable"] - needed >= info["MemTotal"] * min_free_ratio
+    except (OSError, KeyError, ValueError, IndexError):
+        return False
+
+
+def gpu_dump_dir(top: Path, job_id: str, name: str, needed: int, gpu_bytes: int,
+                 min_free_ratio: float, *, create: bool = True) -> Path | None:
+    """A GPU job's dump directory in `top` (a tmpfs: the dump runs at memory speed and the
+    commit reads it back from memory) when the image fits there and in RAM beside the
+    job's GPU state, which sits in its host memory while checkpointed (`gpu_bytes` more).
+    None when it does not fit, or when `top` is not a root-only directory (it may sit in
+    a world-writable /dev/shm: a user could have made it first). Also used for a GPU
+    image's restore (create=False: the store creates the directory itself)."""
+    try:
+        top.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(top)
+    except OSError as exc:
+        log.warning("GPU staging %s unusable: %s", top, exc.strerror)
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
+        log.warning("GPU staging %s is not a root-only directory: not used", top)
+        return None
+    if not (fits(top, needed, min_free_ratio) and memory_allows(needed + gpu_bytes, min_free_ratio)):
+        return None
+    return root_only_dir(top / job_id / name, create=create)
