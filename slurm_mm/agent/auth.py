@@ -36,7 +36,7 @@ def authorize_batch_step(peer_pid: int, peer_uid: int, job_id: str, node: str,
                          slurm: SlurmClient) -> Job:
     """The peer is job `job_id`'s batch task on this node, run by the job's owner."""
     if not job_id.isdigit():
-        raise PermissionDenied(f"invalid job id '{job_id}'")
+        raise PermissionDenied(f"invalid job id {job_id[:32]!r}")
     in_cgroup = batch_step_job(peer_pid, node)
     if in_cgroup != job_id:
         raise PermissionDenied(f"process {peer_pid} is not the batch step of job {job_id} on {node}")
