@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from slurm_mm.engine import proctree
+from slurm_mm.engine import native, proctree
 from slurm_mm.engine.checkpoint import METADATA, GpuCheckpointing
 from slurm_mm.engine.criu import Criu
 from slurm_mm.engine.launcher import exit_code
@@ -168,6 +168,9 @@ def _owner_script(work: Path, uid: int, gids: Sequence[int]) -> tuple[str, Path]
     script = work / "owner-check.sh"
     cmd = [sys.executable, "-I", str(OWNER_CHECK), "--uid", str(uid),
            "--gids", ",".join(str(g) for g in gids), "--verdict", str(verdict)]
+    for place in (native.INSTALLED_LIBEXEC, native.BUILD_DIR):  # where launch() finds mm-init
+        if (place / native.MM_INIT).is_file():
+            cmd += ["--init-exe", str(place / native.MM_INIT)]
     script.write_text(
         "#!/bin/sh\n"
         '[ "$CRTOOLS_SCRIPT_ACTION" = pre-resume ] || exit 0\n'
@@ -297,4 +300,5 @@ def _check_verdict(verdict_path: Path | None, cause: RestoreFailed | None = None
         if isinstance(root, int) and root > 0:
             _reap(root)
         problems = "; ".join(str(p) for p in verdict.get("problems", []))[:500]
-        raise ImageRefused(f"restored tree refused, it would not run as its owner: {problems}") from cause
+        raise ImageRefused(f"restored tree refused, it would not run as its owner or holds what its owner "
+                           f"could not open: {problems}") from cause
