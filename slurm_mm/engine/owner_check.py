@@ -302,8 +302,9 @@ def _as_owner(uid: int, gids: set[int], work, *args) -> list[str]:
     return [str(p) for p in result] if isinstance(result, list) else [f"the check as uid {uid} gave no answer"]
 
 
-def file_problems(root: int, uid: int, gids: set[int]) -> list[str]:
-    """What the tree under `root` holds that its owner could not open at its path now."""
+def file_problems(root: int, uid: int, gids: set[int], given: set[tuple[int, ...]] = frozenset()) -> list[str]:
+    """What the tree under `root` holds that its owner could not open at its path now.
+    `given`: (st_dev, st_ino) of files the restorer itself handed the tree (not looked up)."""
     found: list[str] = []
     items: list[Held] = []
     root_fds: dict[str, int] = {}
@@ -314,7 +315,7 @@ def file_problems(root: int, uid: int, gids: set[int]) -> list[str]:
             for item in held:
                 if item.root_key not in root_fds:
                     root_fds[item.root_key] = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            items += held
+            items += [i for i in held if i.ident not in given]
         unique = list({(i.root_key, i.path, i.need, i.ident): i for i in items}.values())
         found += _as_owner(uid, gids, _check_as_owner, unique, root_fds)
     except OSError as exc:
@@ -332,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verdict", required=True, help="file to write the JSON verdict into")
     parser.add_argument("--init-exe", action="append", default=[],
                         help="an installed mm-init: the only executables a root namespace init may run")
+    parser.add_argument("--given", action="append", default=[],
+                        help="DEV:INO of a file the restorer handed the tree (--inherit-fd): not looked up")
     args = parser.parse_args(argv)
     if os.environ.get("CRTOOLS_SCRIPT_ACTION") != "pre-resume":
         return 0
@@ -344,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         found, seen = problems(root, args.uid, gids, args.init_exe)
         if not found:
-            found = file_problems(root, args.uid, gids)
+            given = {tuple(int(x) for x in g.split(":")) for g in args.given}
+            found = file_problems(root, args.uid, gids, given)
         verdict = {"ok": not found, "problems": found, "threads": seen, "root": root}
     if not verdict["ok"] and root > 0:
         # SIGSTOP, not SIGKILL: a killed namespace init would wait for children that

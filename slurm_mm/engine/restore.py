@@ -162,8 +162,9 @@ def _owner_gids(uid: int, gids: Sequence[int] | None) -> list[int]:
     return sorted(set(os.getgrouplist(pw.pw_name, pw.pw_gid)))
 
 
-def _owner_script(work: Path, uid: int, gids: Sequence[int]) -> tuple[str, Path]:
-    """An action script for criu (it execs the path, no shell) and its verdict file."""
+def _owner_script(work: Path, uid: int, gids: Sequence[int], given: Sequence[int] = ()) -> tuple[str, Path]:
+    """An action script for criu (it execs the path, no shell) and its verdict file.
+    `given`: fds the caller hands the tree (--inherit-fd): their files are the caller's choice."""
     verdict = work / "owner.json"
     script = work / "owner-check.sh"
     cmd = [sys.executable, "-I", str(OWNER_CHECK), "--uid", str(uid),
@@ -171,6 +172,9 @@ def _owner_script(work: Path, uid: int, gids: Sequence[int]) -> tuple[str, Path]
     for place in (native.INSTALLED_LIBEXEC, native.BUILD_DIR):  # where launch() finds mm-init
         if (place / native.MM_INIT).is_file():
             cmd += ["--init-exe", str(place / native.MM_INIT)]
+    for fd in given:
+        st = os.fstat(fd)
+        cmd += ["--given", f"{st.st_dev}:{st.st_ino}"]
     script.write_text(
         "#!/bin/sh\n"
         '[ "$CRTOOLS_SCRIPT_ACTION" = pre-resume ] || exit 0\n'
@@ -268,7 +272,7 @@ def _criu_restore(criu: Criu, images_dir: Path, meta: dict, inherit: dict[int, s
         work = Path(tmp)
         action, verdict_path = (None, None)
         if owner_uid is not None:
-            action, verdict_path = _owner_script(work, owner_uid, _owner_gids(owner_uid, owner_gids))
+            action, verdict_path = _owner_script(work, owner_uid, _owner_gids(owner_uid, owner_gids), list(inherit))
         try:
             root = criu.restore(images_dir, inherit_fds=inherit, join_cgroups=join_cgroups,
                                 log_path=log_path, action_script=action,
