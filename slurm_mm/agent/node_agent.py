@@ -71,6 +71,7 @@ class NodeAgent:
         self.stopping = threading.Event()
         self._preempt_modes: dict[str, str] = {}
         self.admission = admission.Admission()
+        self._manual_at: dict[str, float] = {}  # job -> last manual checkpoint (monotonic)
 
     # ------------------------------------------------------------ helpers for supervisors
 
@@ -93,6 +94,7 @@ class NodeAgent:
     def forget(self, job_id: str) -> None:
         with self.jobs_lock:
             self.jobs.pop(job_id, None)
+            self._manual_at.pop(job_id, None)
 
     # ------------------------------------------------------------ server
 
@@ -281,11 +283,23 @@ class NodeAgent:
         if trigger not in ("manual", "drain") or (trigger == "drain" and uid != 0):
             raise PermissionDenied(f"trigger {_printable(trigger)} is not allowed")
         requeue = bool(message.get("requeue")) or trigger == "drain"
+        if uid != 0 and not requeue:
+            self._rate_limit_manual(job_id)
         image = supervisor.checkpoint(trigger, requeue=requeue, defer_requeue=True)
         if image is None:
             raise SlurmMMError(f"checkpoint of job {job_id} failed: {supervisor.record.last_error or 'job not running'}")
         reply = {"op": "checkpointed", "image": image.path.name, "trigger": trigger, "requeued": requeue}
         return reply, (lambda: supervisor.finish_stop(image, trigger)) if requeue else None
+
+    def _rate_limit_manual(self, job_id: str) -> None:
+        """A user's manual checkpoints of a job: no more often than periodic ones may be."""
+        now, spacing = time.monotonic(), self.config.min_interval
+        with self.jobs_lock:
+            last = self._manual_at.get(job_id)
+            if last is not None and now - last < spacing:
+                raise PermissionDenied(f"job {job_id} was checkpointed on request {now - last:.0f} s ago: "
+                                       f"one manual checkpoint per {spacing} s (min_interval)")
+            self._manual_at[job_id] = now
 
     def on_job_signal(self, supervisor: JobSupervisor, signum: int) -> None:
         if signum in (signal.SIGUSR1, signal.SIGTERM) and self._being_preempted(supervisor.job_id):
