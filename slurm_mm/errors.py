@@ -50,6 +50,11 @@ class ImageRefused(ImageError):
     """An image is well-formed but must not be restored here (owner, epoch, node)."""
 
 
+class FileStateRefused(ImageRefused):
+    """The files an image depends on are not as it recorded them and cannot be put back
+    (the message names each file and its difference)."""
+
+
 class NoImage(ImageError):
     """A job has no complete, verified image."""
 
@@ -76,6 +81,10 @@ class RestoreFailed(CheckpointFailed):
     """A restore did not complete. Carries CRIU's log excerpt."""
 
     exit_code = 6
+
+
+class RestoreRefusedByPolicy(RestoreFailed):
+    """No image of a requeued job could be restored and the restore policy says fail."""
 
 
 class NodeIncompatible(RestoreFailed):
