@@ -20,8 +20,7 @@ FLOOD = textwrap.dedent("""
     path, count, hold = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
     socks, refused = [], 0
     for _ in range(count):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(2)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # blocking: waits for the backlog
         try:
             s.connect(path)
             socks.append(s)

@@ -59,13 +59,21 @@ def test_other_user_cannot_checkpoint_list_or_read_images(cluster, job_dir, runn
     assert res.returncode == 0 and "ckpt-" in res.stdout
 
 
-def _root_tree(kind: str, marker: Path) -> int:
-    """A root-owned tree to image: mm-init with a root app, or a bare root namespace init
-    that is not mm-init (one process, so only the init check can catch it)."""
+def _root_tree(kind: str, marker: Path, uid: int, gid: int) -> int:
+    """A root-owned tree to image: mm-init with a root app, or a root namespace init that
+    is not mm-init over an app of the user's (only the init check can catch that one)."""
     if kind != "foreign-init":
         script = f"while true; do sleep 0.2; done; touch {marker}"
         return launch(["/bin/sh", "-c", script], uid=0, gid=0, allow_root=True, cwd="/").init_pid
-    code = f"import time\nwhile True:\n    time.sleep(0.2)\n    open({str(marker)!r}, 'a').write('x')\n"
+    code = (
+        "import os, time\n"
+        "if os.fork() == 0:\n"
+        f"    os.setgroups([{gid}]); os.setgid({gid}); os.setuid({uid})\n"
+        "    while True: time.sleep(1)\n"
+        "while True:\n"
+        "    time.sleep(0.2)\n"
+        f"    open({str(marker)!r}, 'a').write('x')\n"
+    )
     outer = subprocess.Popen(["unshare", "--pid", "--fork", "setsid", "/usr/bin/python3", "-c", code],
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True, cwd="/")
@@ -81,7 +89,7 @@ def _crafted_root_image(cluster, job: str, uid: int, gid: int, kind: str) -> str
     marker = work / "root-ran"
     work.mkdir(exist_ok=True)
     marker.unlink(missing_ok=True)
-    init = _root_tree(kind, marker)
+    init = _root_tree(kind, marker, uid, gid)
     images = work / "images"
     if images.exists():
         subprocess.run(["rm", "-rf", str(images)], check=True)

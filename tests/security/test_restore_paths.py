@@ -23,11 +23,25 @@ SECRET = "ROOTSECRET-DATA-01\n"  # same size: CRIU's own check passes
 
 HOLDER = """\
 import os, sys, time
-fd = os.open("held/data", os.O_RDONLY)
+fd = os.open(sys.argv[1], os.O_RDONLY)
 for step in range(1, 400):
     print(f"step {step} reads {os.pread(fd, 64, 0).decode(errors='replace').strip()}", flush=True)
     time.sleep(0.25)
 """
+
+
+@pytest.fixture()
+def users_dir():
+    """A directory of the user's under a system prefix (as an admin-made scratch area
+    would be): the file-state check before CRIU leaves such paths alone, so the owner
+    check after CRIU is what must catch the swap."""
+    path = Path("/var/lib/slurm_mm-sec-user")
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir()
+    user = pwd.getpwnam(tc.USER)
+    os.chown(path, user.pw_uid, user.pw_gid)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture()
@@ -41,15 +55,16 @@ def root_only_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def test_restore_refuses_a_file_the_owner_swapped_for_a_root_only_one(cluster, job_dir, root_only_dir):
+def test_restore_refuses_a_file_the_owner_swapped_for_a_root_only_one(cluster, job_dir, users_dir,
+                                                                    root_only_dir):
     user = pwd.getpwnam(tc.USER)
-    held = job_dir / "held"
+    held = users_dir / "held"
     held.mkdir()
     (held / "data").write_text(ORIGINAL)
     (job_dir / "holder.py").write_text(HOLDER)
     for p in (held, held / "data", job_dir / "holder.py"):
         os.chown(p, user.pw_uid, user.pw_gid)
-    job = tc.job_id(tc.sbatch(cluster, f"#!/bin/sh\nexec /usr/bin/python3 {job_dir}/holder.py\n",
+    job = tc.job_id(tc.sbatch(cluster, f"#!/bin/sh\nexec /usr/bin/python3 {job_dir}/holder.py {held}/data\n",
                               "--checkpoint-interval=10m", "-o", str(job_dir / "holder.out"), cwd=job_dir))
     try:
         tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)
