@@ -101,3 +101,25 @@ def test_batch_step_is_recognised_only_where_slurm_puts_it(monkeypatch, cgroup, 
 
     monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: cgroup)
     assert auth.batch_step_job(1, "n1") == job
+
+
+def test_a_stopping_dump_waiting_for_criu_goes_before_earlier_ordinary_ones():
+    import threading
+
+    from slurm_mm.agent.criu_gate import CriuGate
+
+    gate, order = CriuGate(), []
+
+    def run(name: str, urgent: bool) -> None:
+        with gate.hold(urgent=urgent):
+            order.append(name)
+
+    with gate.hold():  # a dump in progress
+        threads = [threading.Thread(target=run, args=(f"periodic{i}", False)) for i in range(3)]
+        threads.append(threading.Thread(target=run, args=("preempt", True)))
+        for t in threads:
+            t.start()
+            time.sleep(0.05)  # queued in this order
+    for t in threads:
+        t.join(5)
+    assert order == ["preempt", "periodic0", "periodic1", "periodic2"]
