@@ -35,14 +35,18 @@ def batch_step_job(pid: int, node: str) -> str | None:
     return None
 
 
+def check_batch_step(peer_pid: int, job_id: str, node: str) -> None:
+    """The kernel places the peer in job `job_id`'s batch step on this node (cheap: /proc only)."""
+    if not job_id.isdigit():
+        raise PermissionDenied(f"invalid job id {job_id[:32]!r}")
+    if batch_step_job(peer_pid, node) != job_id:
+        raise PermissionDenied(f"process {peer_pid} is not the batch step of job {job_id} on {node}")
+
+
 def authorize_batch_step(peer_pid: int, peer_uid: int, job_id: str, node: str,
                          slurm: SlurmClient) -> Job:
     """The peer is job `job_id`'s batch task on this node, run by the job's owner."""
-    if not job_id.isdigit():
-        raise PermissionDenied(f"invalid job id {job_id[:32]!r}")
-    in_cgroup = batch_step_job(peer_pid, node)
-    if in_cgroup != job_id:
-        raise PermissionDenied(f"process {peer_pid} is not the batch step of job {job_id} on {node}")
+    check_batch_step(peer_pid, job_id, node)
     job = slurm.job(job_id)
     if job.user_id != peer_uid:
         raise PermissionDenied(f"job {job_id} belongs to uid {job.user_id}, not {peer_uid}")

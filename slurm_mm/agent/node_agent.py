@@ -200,6 +200,7 @@ class NodeAgent:
                slot: admission.Slot) -> None:
         job_id = str(message.get("job_id", ""))
         try:
+            auth.check_batch_step(pid, job_id, self.node)
             with self.jobs_lock:
                 earlier = self.jobs.get(job_id)
             if earlier is not None and earlier.record.state in ("starting", "running"):

@@ -16,8 +16,10 @@ from slurm_jobs import as_user, assert_correct_result, image_names, logged_steps
 pytestmark = pytest.mark.cluster
 
 FLOOD = textwrap.dedent("""
-    import socket, sys, time
+    import resource, socket, sys, time
     path, count, hold = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # any user may
     socks, refused = [], 0
     for _ in range(count):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # blocking: waits for the backlog
