@@ -144,3 +144,14 @@ def test_node_local_files_past_the_budget_make_a_same_node_only_image(workload, 
                           work=tmp_path / "handed")
     code, out, _ = restore_with_files(w, tmp_path / "img", tmp_path, node="n1")
     assert code == 0 and "PASS" in out, out
+
+
+@pytest.mark.parametrize("how", ["fd", "mmap"])
+def test_file_rewritten_in_place_gets_its_saved_content_back(workload, tmp_path, how):
+    w = workload("file_state.py", "rewriter", *(["mmap"] if how == "mmap" else []))
+    w.start()
+    result = image_then_move_on(w, tmp_path / "img", spec(w))
+    assert result.files["saved_bytes"] >= 4096
+    code, out, report = restore_with_files(w, tmp_path / "img", tmp_path)
+    assert code == 0 and "PASS" in out, out
+    assert any("data.bin: rewritten since the image" in line for line in report), report

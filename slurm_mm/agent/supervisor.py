@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# What the batch task exits with once its job is requeued (128 + SIGTERM, as if Slurm's
+# own kill had ended it).
+REQUEUED_EXIT = 143
 # Triggers after which the job stops (and is requeued) rather than running on.
 STOPPING = {"preempt", "drain"}
 
@@ -349,6 +352,10 @@ class JobSupervisor:
         try:
             self.agent.slurm.requeue(self.job_id)
             self.record.state = "requeued"
+            # Slurm has the requeue: the batch task may go now instead of waiting out KillWait
+            # (it would hold the node from the preemptor). Not 0: should the requeue somehow
+            # not take, the run must never read as a success.
+            self.send({"op": "exit", "status": REQUEUED_EXIT})
         except SlurmMMError as exc:
             self.tell(f"requeue failed ({exc}); Slurm's own preemption or the admin must requeue it")
 

@@ -55,6 +55,7 @@ SYSTEM_PREFIXES = ("/usr/", "/lib/", "/lib32/", "/lib64/", "/bin/", "/sbin/", "/
                    "/proc/", "/sys/", "/dev/", "/run/", "/boot/", "/var/lib/", "/var/cache/")
 ALWAYS_TRACKED = ("/dev/shm/",)
 DELETED = " (deleted)"
+MAPPED_WRITABLE = -1  # note()'s flags for a shared writable mapping (no fd, no offset)
 HASH_LIMIT = 64 << 20  # node-local files not saved are still hashed up to this size
 
 
@@ -206,8 +207,8 @@ def _open_files(pid: int) -> Iterable[tuple[str, str, int, int]]:
             yield target, handle, flags, pos
 
 
-def _mapped_files(pid: int) -> Iterable[tuple[str, str]]:
-    """(path, /proc/PID/map_files handle) of each file-backed mapping."""
+def _mapped_files(pid: int) -> Iterable[tuple[str, str, bool]]:
+    """(path, /proc/PID/map_files handle, shared-writable) of each file-backed mapping."""
     try:
         with open(f"/proc/{pid}/maps", encoding="utf-8", errors="surrogateescape") as f:
             lines = f.readlines()
@@ -218,10 +219,11 @@ def _mapped_files(pid: int) -> Iterable[tuple[str, str]]:
         parts = line.rstrip("\n").split(maxsplit=5)
         if len(parts) < 6 or not parts[5].startswith("/") or parts[4] == "0":
             continue
-        if parts[5] in seen:
+        writes = "w" in parts[1] and "s" in parts[1]  # MAP_SHARED + PROT_WRITE: rewrites the file
+        if (parts[5], writes) in seen:
             continue
-        seen.add(parts[5])
-        yield parts[5], f"/proc/{pid}/map_files/{parts[0]}"
+        seen.add((parts[5], writes))
+        yield parts[5], f"/proc/{pid}/map_files/{parts[0]}", writes
 
 
 def _strip_deleted(path: str) -> tuple[str, bool]:
@@ -252,11 +254,15 @@ def capture(spec: CaptureSpec, pids: Sequence[int]) -> FileState:
             rec = FileRecord(path=path, dev=st.st_dev, ino=st.st_ino, size=st.st_size,
                              mtime_ns=st.st_mtime_ns, mode=st.st_mode, uid=st.st_uid,
                              node_local=_under(path, spec.node_local), deleted=deleted,
-                             flags=flags or os.O_RDONLY, pos=pos)
+                             flags=flags if flags and flags > 0 else os.O_RDONLY, pos=pos)
             by_inode[key] = rec
             handles[key] = handle
         if flags is None:
             rec.mapped = True
+            return
+        if flags == MAPPED_WRITABLE:
+            rec.mapped = rec.writer = rec.read_write = True
+            rec.append_only = False
             return
         if flags & os.O_ACCMODE != os.O_RDONLY:
             rec.writer = True
@@ -268,8 +274,8 @@ def capture(spec: CaptureSpec, pids: Sequence[int]) -> FileState:
     for pid in pids:
         for path, handle, flags, pos in _open_files(pid):
             note(path, handle, flags, pos)
-        for path, handle in _mapped_files(pid):
-            note(path, handle, None, 0)
+        for path, handle, writes in _mapped_files(pid):
+            note(path, handle, MAPPED_WRITABLE if writes else None, 0)
         try:
             cwd, gone = _strip_deleted(os.readlink(f"/proc/{pid}/cwd"))
             if not gone and _under(cwd, spec.node_local):

@@ -4,6 +4,7 @@
     file_state.py writer        a log opened with a plain truncating open(..., "w")
     file_state.py intermediate  a file written, reopened read-only, deleted after the image
     file_state.py reader        an input file held open read-only
+    file_state.py rewriter [mmap]  a counter rewritten in place (O_RDWR, or a shared mapping)
 
 Prints READY once set up; where the harness lets the world move on after the image it
 waits for STEP1, makes its progress, prints MOVED; then waits for GO, checks that what it
@@ -87,10 +88,47 @@ def reader() -> int:
     return verdict(f.read() == BLOCK, "input changed under the job")
 
 
+def rewriter(use_mmap: bool) -> int:
+    """Its counter in memory and in the file must agree at every step."""
+    import mmap
+
+    f = open("data.bin", "w+b")
+    f.write(b"%08d" % 1 + b"\0" * 4088)
+    f.flush()
+    view = mmap.mmap(f.fileno(), 4096) if use_mmap else None
+    count = 1
+
+    def read() -> int:
+        if view is not None:
+            return int(view[:8])
+        f.seek(0)
+        return int(f.read(8))
+
+    def write(value: int) -> None:
+        if view is not None:
+            view[:8] = b"%08d" % value
+            view.flush()
+        else:
+            f.seek(0)
+            f.write(b"%08d" % value)
+            f.flush()
+
+    say("READY")
+    wait("STEP1")
+    ok = read() == count
+    count += 1
+    write(count)
+    say("MOVED")
+    wait("GO")
+    return verdict(ok and read() == count, f"file says {read()}, memory {count}")
+
+
 def main() -> int:
     mode = sys.argv[1]
     if mode == "local":
         return local(sys.argv[2], sys.argv[3:] == ["fd-only"])
+    if mode == "rewriter":
+        return rewriter(sys.argv[2:] == ["mmap"])
     if mode == "reader":
         with open("input.dat", "wb") as f:
             f.write(BLOCK)
