@@ -5,6 +5,14 @@ the store compresses and writes the image to the shared filesystem in the backgr
 When staging space is short for the tree's memory, the dump goes to a root-only
 directory on the shared filesystem instead ("direct" mode): slower to write, but it
 never fails for want of local space.
+
+Root writes images here and CRIU restores from here, so nobody but root may be able to
+create, rename or replace anything on the way: prepare_staging_root() (at agent start)
+makes sure every directory from / down to the staging directory is root's and not
+writable by others (a sticky directory such as /var/tmp is fine: others cannot rename
+root's entries in it), that none is a symlink, and that the staging directory itself is
+root's with mode 0700. From then on, paths below it cannot change under root's feet:
+that property, not checks at each use, is what makes path-based access there safe.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from slurm_mm.errors import PermissionDenied
+from slurm_mm.errors import ConfigError, PermissionDenied
 
 log = logging.getLogger(__name__)
 
@@ -101,3 +109,55 @@ def gpu_dump_dir(top: Path, job_id: str, name: str, needed: int, gpu_bytes: int,
     if not (fits(top, needed, min_free_ratio) and memory_allows(needed + gpu_bytes, min_free_ratio)):
         return None
     return root_only_dir(top / job_id / name, create=create)
+
+
+def _check_ancestor(where: str, st: os.stat_result) -> None:
+    if st.st_uid != 0:
+        raise PermissionDenied(f"{where} belongs to uid {st.st_uid}, not root: it cannot hold root's staging")
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise PermissionDenied(f"{where} is writable by others and not sticky: it cannot hold root's staging")
+
+
+def prepare_staging_root(path: Path) -> None:
+    """Create `path` (root, 0700) or check it; PermissionDenied naming what is wrong.
+
+    Every directory from / down is opened without following symlinks and must be
+    root's and not writable by others unless sticky; `path` itself must be root's and
+    is tightened to 0700 (refused if others could write in it: they may have put
+    something there).
+    """
+    if not path.is_absolute() or ".." in path.parts:
+        raise ConfigError(f"staging_dir {path} must be an absolute path without '..'")
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        here = "/"
+        for i, name in enumerate(path.parts[1:]):
+            last = i == len(path.parts) - 2
+            _check_ancestor(here, os.fstat(fd))
+            here = os.path.join(here, name)
+            try:
+                st = os.lstat(name, dir_fd=fd)
+            except FileNotFoundError:
+                os.mkdir(name, 0o700 if last else 0o755, dir_fd=fd)
+                st = os.lstat(name, dir_fd=fd)
+            if stat.S_ISLNK(st.st_mode):
+                raise PermissionDenied(f"staging_dir {path}: {here} is a symlink")
+            if not stat.S_ISDIR(st.st_mode):
+                raise PermissionDenied(f"staging_dir {path}: {here} is not a directory")
+            nfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        st = os.fstat(fd)
+        if st.st_uid != 0:
+            raise PermissionDenied(f"staging_dir {path} belongs to uid {st.st_uid}, not root "
+                                   "(someone else made it first?): remove it and start the agent again")
+        if st.st_mode & 0o022:
+            raise PermissionDenied(f"staging_dir {path} is writable by others (mode {st.st_mode & 0o7777:o}): "
+                                   "remove it and start the agent again")
+        if st.st_mode & 0o7777 != 0o700:
+            log.info("staging_dir %s: mode %o -> 700", path, st.st_mode & 0o7777)
+            os.fchmod(fd, 0o700)
+    except OSError as exc:
+        raise PermissionDenied(f"staging_dir {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
