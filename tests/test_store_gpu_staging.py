@@ -34,7 +34,7 @@ def test_gpu_staging_made_by_someone_else_is_not_used(base, owner):
     os.chown(top, owner.pw_uid, owner.pw_gid)
     assert staging.gpu_dump_dir(top, "77", "dump-1", 1 << 20, 0, 0.1) is None
     os.chown(top, 0, 0)
-    os.chmod(top, 0o755)
+    os.chmod(top, 0o777)
     assert staging.gpu_dump_dir(top, "77", "dump-1", 1 << 20, 0, 0.1) is None
     os.rmdir(top)
     os.symlink(base, top)

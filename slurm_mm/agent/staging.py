@@ -98,13 +98,9 @@ def gpu_dump_dir(top: Path, job_id: str, name: str, needed: int, gpu_bytes: int,
     a world-writable /dev/shm: a user could have made it first). Also used for a GPU
     image's restore (create=False: the store creates the directory itself)."""
     try:
-        top.mkdir(mode=0o700, exist_ok=True)
-        st = os.lstat(top)
-    except OSError as exc:
-        log.warning("GPU staging %s unusable: %s", top, exc.strerror)
-        return None
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
-        log.warning("GPU staging %s is not a root-only directory: not used", top)
+        prepare_staging_root(top)
+    except (PermissionDenied, ConfigError, OSError) as exc:
+        log.warning("GPU staging %s not used: %s", top, exc)
         return None
     if not (fits(top, needed, min_free_ratio) and memory_allows(needed + gpu_bytes, min_free_ratio)):
         return None
