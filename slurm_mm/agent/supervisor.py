@@ -204,7 +204,7 @@ class JobSupervisor:
             yield image
 
     def _restore(self, image):
-        staging = self.agent.staging(self.job_id, f"restore-{image.seq}", create=False)
+        staging = self.agent.restore_staging(self.job_id, image)
         try:
             self.record.progress = Progress("extracting", "restore", time.time())
             self.agent.store.extract(image, staging, progress=self._progress)
