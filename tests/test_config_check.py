@@ -79,3 +79,9 @@ def test_shipped_plugstack_conf_agrees_with_default_config(tmp_path):
     shipped = Path(__file__).resolve().parents[1] / "contrib" / "slurm" / "plugstack.conf"
     proc = run(tmp_path, "", shipped.read_text())
     assert proc.returncode == 0, proc.stderr
+
+
+def test_shipped_config_yaml_shows_the_built_in_defaults():
+    from slurm_mm import config
+    shipped = Path(__file__).resolve().parents[1] / "contrib" / "slurm" / "config.yaml"
+    assert config.load(shipped) == config.Config()
