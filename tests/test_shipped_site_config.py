@@ -50,3 +50,17 @@ def test_slurm_mm_is_on_a_login_shells_path():
     proc = subprocess.run(["runuser", "-l", tc.USER, "-c", "slurm-mm --help"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "checkpoint" in proc.stdout, proc.stderr
+
+
+def test_agent_publishes_metrics_and_admin_comment(cluster, job_dir):
+    job = submit_chain(cluster, job_dir, 40, 0.25, interval="5s", name="observed")
+    info = tc.wait_job(cluster, job, {"RUNNING"}, timeout=60)
+    tc.wait_for(lambda: "last_image=ckpt-" in tc.admin_comment(cluster, job), 60, "AdminComment with the image")
+    assert "trigger=periodic" in tc.admin_comment(cluster, job)
+    prom = cluster.metrics / f"slurm_mm_{info['BatchHost']}.prom"
+    text = prom.read_text()
+    assert f'slurm_mm_checkpoints_total{{node="{info["BatchHost"]}",outcome="success",trigger="periodic"}}' in text
+    assert 'slurm_mm_jobs_started_total{mode="launched"' in text
+    agent_log = (cluster.log / f"agent-{info['BatchHost']}.log").read_text()
+    assert f"event=checkpoint job={job} trigger=periodic outcome=success" in agent_log
+    tc.wait_job(cluster, job, {"COMPLETED", "FAILED"}, timeout=120)

@@ -84,12 +84,43 @@ def story(c) -> int:
         return 1
     say(f"job {job} was checkpointed in its grace time (trigger preempt) and requeued")
     info = tc.wait_job(c, job, {"RUNNING"}, timeout=120, node_not=first_node)
-    say(f"job {job} resumed on {info['BatchHost']} (restart {info['Restarts']}) from its image")
+    say(f"job {job} runs again on {info['BatchHost']} (restart {info['Restarts']}); slurm_mm restores it from its image")
     show(["slurm-mm", "status"], c)
+    tc.wait_for(lambda: "slurm_mm: restored from" in (work / "demo.out").read_text(), 120, "the restore")
+    say(f"job {job} resumed from its image (the job's output says so; admins see the image in AdminComment):")
+    print([l for l in (work / "demo.out").read_text().splitlines() if "restored from" in l][-1])
+    comment = tc.admin_comment(c, job)
+    print(f"AdminComment={comment}")
     info = tc.wait_job(c, job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=180)
     output = (work / "demo.out").read_text()
     print(output, end="")
-    return verdict(job, info, output, expected)
+    code = verdict(job, info, output, expected)
+    return code or scrape_metrics(c)
+
+
+def scrape_metrics(c) -> int:
+    """What Prometheus' node_exporter would collect from the agents' textfiles."""
+    say(f"the node agents' metrics ({c.metrics}/slurm_mm_<node>.prom), as a scrape would see them:")
+    totals: dict[str, float] = {}
+    for path in sorted(c.metrics.glob("slurm_mm_*.prom")):
+        for line in path.read_text().splitlines():
+            if line.startswith("#"):
+                continue
+            name_labels, value = line.rsplit(" ", 1)
+            if name_labels.startswith(("slurm_mm_checkpoints_total", "slurm_mm_restores_total",
+                                       "slurm_mm_checkpoint_duration_seconds", "slurm_mm_restore_duration_seconds",
+                                       "slurm_mm_checkpoint_freeze_seconds", "slurm_mm_jobs_started_total")):
+                print(line)
+            name = name_labels.split("{")[0]
+            if 'outcome="failure"' not in name_labels:
+                totals[name] = totals.get(name, 0.0) + float(value)
+    wanted = ("slurm_mm_checkpoints_total", "slurm_mm_restores_total",
+              "slurm_mm_checkpoint_duration_seconds_sum", "slurm_mm_restore_duration_seconds_sum")
+    missing = [name for name in wanted if totals.get(name, 0.0) <= 0]
+    if missing:
+        say(f"FAILED: metrics without successful events: {', '.join(missing)}")
+        return 1
+    return 0
 
 
 def verdict(job: str, info: dict[str, str], output: str, expected: list[str]) -> int:

@@ -528,6 +528,16 @@ def job_info(c: Cluster, job: str) -> dict[str, str]:
     return info
 
 
+def admin_comment(c: Cluster, job: str) -> str:
+    """The job's AdminComment (it holds spaces, so not from job_info's tokens)."""
+    out = subprocess.run(["scontrol", "show", "job", job], env=c.env(), capture_output=True,
+                         text=True, timeout=30).stdout
+    for line in out.splitlines():
+        if line.strip().startswith("AdminComment="):
+            return line.strip().partition("=")[2].strip()
+    return ""
+
+
 def wait_job(c: Cluster, job: str, states: set[str], timeout: float,
              node_not: str | None = None) -> dict[str, str]:
     """Wait until the job is in one of `states` (and, if given, not on `node_not`)."""
