@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,7 @@ sys.modules["testcluster"] = tc
 spec.loader.exec_module(tc)
 
 STEPS = 500  # 0.1 s each: a 50 s job
+NOT_WORKLOAD = re.compile(r"^(slurm_mm|slurmstepd(-[^:\s]+)?): ")
 
 
 def say(text: str) -> None:
@@ -126,11 +128,11 @@ def scrape_metrics(c) -> int:
 def verdict(job: str, info: dict[str, str], output: str, expected: list[str]) -> int:
     """Compare the job's own output with the uninterrupted run's, line by line.
 
-    Lines from slurm_mm's wrapper (`slurm_mm: ...`) and Slurm (`slurmstepd: ...`) are
-    not the workload's; everything else must match exactly: one fresh start, no step
+    Lines from slurm_mm's wrapper (`slurm_mm: ...`) and Slurm (`slurmstepd: ...`, or
+    `slurmstepd-<node>: ...` with several slurmd per host) are not the workload's; everything else must match exactly: one fresh start, no step
     lost or repeated, the same result.
     """
-    lines = [l for l in output.splitlines() if not l.startswith(("slurm_mm:", "slurmstepd:"))]
+    lines = [l for l in output.splitlines() if not NOT_WORKLOAD.match(l)]
     problems = []
     if info["JobState"] != "COMPLETED" or info.get("Restarts") != "1":
         problems.append(f"job ended {info['JobState']} after {info.get('Restarts')} restarts (expected COMPLETED after 1)")
