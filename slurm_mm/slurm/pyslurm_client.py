@@ -114,10 +114,10 @@ class PyslurmClient:
 
         return self._call(f"node '{name}'", load)
 
-    def requeue(self, job_id: str) -> None:
+    def requeue(self, job_id: str, hold: bool = False) -> None:
         if not job_id.isdigit():
             raise SlurmError(f"invalid job id '{job_id}'")
-        self._call(f"requeue of job {job_id}", lambda: pyslurm.Job(int(job_id)).requeue())
+        self._call(f"requeue of job {job_id}", lambda: pyslurm.Job(int(job_id)).requeue(hold=hold))
 
     def set_admin_comment(self, job_id: str, text: str) -> None:
         from slurm_mm.slurm.client import CommandClient  # noqa: PLC0415
