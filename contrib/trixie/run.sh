@@ -16,8 +16,8 @@ set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 ROOT=${SLURM_MM_TRIXIE_ROOT:-/var/tmp/slurm_mm-trixie}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-DEFAULT_TESTS=(tests/test_shipped_site_config.py tests/test_slurm_client.py tests/test_slurm_jobs.py
-               tests/test_slurm_suspend_and_fencing.py)
+DEFAULT_TESTS=(tests/test_cluster_foundation.py tests/test_shipped_site_config.py tests/test_slurm_client.py
+               tests/test_slurm_jobs.py)
 log() { printf 'trixie: %s\n' "$*"; }
 die() { printf 'trixie: error: %s\n' "$*" >&2; exit 1; }
 
@@ -40,22 +40,6 @@ if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then
 fi
 [ ! -f /etc/pip.conf ] || cp /etc/pip.conf "$ROOT/etc/pip.conf"
 
-mounts=()
-bind() { mkdir -p "$ROOT$1"; mount --rbind "$1" "$ROOT$1"; mount --make-rslave "$ROOT$1"; mounts+=("$ROOT$1"); }
-cleanup() {
-    # The cluster inside may have left daemons if the run was killed: stop it first.
-    chroot "$ROOT" /opt/slurm_mm/venv/bin/python /root/slurm_mm/contrib/testcluster/testcluster.py \
-        --state-dir /tmp/slurm_mm-test-cluster stop >/dev/null 2>&1 || true
-    chroot "$ROOT" /opt/slurm_mm/venv/bin/python /root/slurm_mm/contrib/testcluster/testcluster.py \
-        --state-dir /tmp/slurm_mm-demo stop >/dev/null 2>&1 || true
-    for ((i=${#mounts[@]}-1; i>=0; i--)); do umount -R "${mounts[i]}" 2>/dev/null || umount -lR "${mounts[i]}" || true; done
-}
-trap cleanup EXIT
-mkdir -p "$ROOT/proc" && mount -t proc proc "$ROOT/proc" && mounts+=("$ROOT/proc")
-bind /sys
-bind /dev
-mkdir -p "$ROOT/run" && mount -t tmpfs -o mode=0755 tmpfs "$ROOT/run" && mounts+=("$ROOT/run")
-
 log "copying $REPO into $ROOT/root/slurm_mm (mode 0700 /root)"
 rm -rf "$ROOT/root/slurm_mm"
 mkdir -p "$ROOT/root/slurm_mm"
@@ -65,18 +49,43 @@ chmod 0700 "$ROOT/root"
 tests=("$@")
 [ ${#tests[@]} -gt 0 ] || tests=("${DEFAULT_TESTS[@]}")
 logfile="$ROOT/root/trixie-run.log"
+mkdir -p "$ROOT/.oldroot"
 log "running the demo and tests in the root (log: $logfile)"
+# A private mount namespace whose root IS the trixie root (pivot_root, not just chroot):
+# CRIU dumps a job's mount tree and refuses mounts whose parent it cannot see
+# ("No parent found for mountpoint"), as under a plain chroot. Everything mounted here,
+# and the test cluster's daemons (stopped at the end, inside), live in that namespace.
 set +e
-chroot "$ROOT" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-    HOME=/root LANG=C.UTF-8 bash -c '
-        cd /root/slurm_mm || exit 1
-        . /etc/os-release; echo "== $PRETTY_NAME, kernel $(uname -r)"
-        bash contrib/demo.sh; demo=$?
-        echo "== demo exit $demo"
-        echo "== slurm $(dpkg-query -W -f="\${Version}" slurmd), $(/opt/slurm_mm/criu/sbin/criu --version | head -1)"
-        bash contrib/run-tests.sh -ra "$@"; tests=$?
-        echo "== tests exit $tests"
-        [ $demo = 0 ] && [ $tests = 0 ]' trixie "${tests[@]}" 2>&1 | tee "$logfile"
+unshare --mount --propagation private /bin/bash -s "$ROOT" "${tests[@]}" <<'INNER' 2>&1 | tee "$logfile"
+set -e
+root=$1; shift
+mount --bind "$root" "$root"
+mount -t proc proc "$root/proc"
+mount --rbind /sys "$root/sys"
+mount --rbind /dev "$root/dev"
+mount -t tmpfs -o mode=0755 tmpfs "$root/run"
+mount -t tmpfs -o mode=1777 tmpfs "$root/tmp"
+cd "$root"
+pivot_root . .oldroot
+umount -l /.oldroot
+set +e
+exec /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    HOME=/root LANG=C.UTF-8 /bin/bash -c '
+    cd /root/slurm_mm || exit 1
+    stop() {
+        for d in /tmp/slurm_mm-test-cluster /tmp/slurm_mm-demo; do
+            /opt/slurm_mm/venv/bin/python contrib/testcluster/testcluster.py --state-dir $d stop >/dev/null 2>&1
+        done
+    }
+    trap stop EXIT
+    . /etc/os-release; echo "== $PRETTY_NAME, kernel $(uname -r), $(date -u +%FT%TZ)"
+    bash contrib/demo.sh; demo=$?
+    echo "== demo exit $demo"
+    echo "== slurm $(dpkg-query -W -f="\${Version}" slurmd), $(/opt/slurm_mm/criu/sbin/criu --version | head -1)"
+    bash contrib/run-tests.sh "$@"; tests=$?
+    echo "== tests exit $tests"
+    [ $demo = 0 ] && [ $tests = 0 ]' trixie "$@"
+INNER
 rc=${PIPESTATUS[0]}
 set -e
 log "done: exit $rc (log: $logfile)"
