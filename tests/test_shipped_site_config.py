@@ -8,7 +8,9 @@ an empty default agent_socket once left every such job silently unprotected.
 
 from __future__ import annotations
 
+import os
 import subprocess
+from pathlib import Path
 
 from conftest import REPO
 from conftest import testcluster as tc
@@ -64,3 +66,13 @@ def test_agent_publishes_metrics_and_admin_comment(cluster, job_dir):
     agent_log = (cluster.log / f"agent-{info['BatchHost']}.log").read_text()
     assert f"event=checkpoint job={job} trigger=periodic outcome=success" in agent_log
     tc.wait_job(cluster, job, {"COMPLETED", "FAILED"}, timeout=120)
+
+
+def test_agents_run_the_installed_package_not_the_checkout(cluster):
+    for node in tc.NODES:
+        pid = tc.read_pid(cluster.pid_file(f"agent-{node}"))
+        assert pid is not None
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        loaded = {line.split()[-1] for line in maps.splitlines() if line.endswith(".py")}
+        assert not any(p.startswith(str(REPO)) for p in loaded)
+        assert os.readlink(f"/proc/{pid}/cwd") == "/"

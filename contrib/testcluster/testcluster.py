@@ -330,10 +330,12 @@ def start_agent(c: Cluster, node: str) -> None:
     if read_pid(pid_file):
         return
     log = open(c.log / f"agent-{node}.log", "ab")
+    # -I and cwd /: the installed package, never a checkout that happens to be the cwd
+    # (its files may be unreadable to the job users the agent runs helpers as).
     proc = subprocess.Popen(
-        [str(PYTHON), "-m", "slurm_mm.agent", "--node", node, "--pid-file", str(pid_file),
+        [str(PYTHON), "-I", "-m", "slurm_mm.agent", "--node", node, "--pid-file", str(pid_file),
          "--poll-interval", "1"],
-        env=c.env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        env=c.env(), cwd="/", stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
     )
     log.close()
     sock = c.agent_socket(node)
