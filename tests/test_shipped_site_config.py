@@ -72,7 +72,8 @@ def test_agents_run_the_installed_package_not_the_checkout(cluster):
     for node in tc.NODES:
         pid = tc.read_pid(cluster.pid_file(f"agent-{node}"))
         assert pid is not None
-        maps = Path(f"/proc/{pid}/maps").read_text()
-        loaded = {line.split()[-1] for line in maps.splitlines() if line.endswith(".py")}
-        assert not any(p.startswith(str(REPO)) for p in loaded)
-        assert os.readlink(f"/proc/{pid}/cwd") == "/"
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert b"-I" in argv and os.readlink(f"/proc/{pid}/cwd") == "/"
+    where = subprocess.run([str(tc.PYTHON), "-I", "-c", "import slurm_mm; print(slurm_mm.__file__)"],
+                           cwd="/", capture_output=True, text=True, check=True).stdout
+    assert where.startswith(str(tc.PREFIX)) and not where.startswith(str(REPO))
