@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Install what slurm_mm needs on Debian 12 (Slurm 22.05) or Debian 13 (Slurm 24.11):
 # Slurm + munge from apt, CRIU 4.2.1 built from Debian sid's source into a
-# project-owned prefix, and a Python venv with slurm_mm installed.
+# project-owned prefix, a Python venv with slurm_mm, then `make install`: the SPANK
+# plugin in $PREFIX/lib, native helpers in $PREFIX/libexec, prolog/epilog in
+# $PREFIX/prolog_epilog, `slurm-mm`/`slurm-mm-run` in /usr/local/bin, the systemd unit
+# and tmpfiles.d entry (the same layout as the .deb from debian/build-deb.sh).
 # Idempotent: every step checks whether its work is already done, so a second run
 # takes seconds. Run as root.
 set -euo pipefail
@@ -20,7 +23,7 @@ case "${VERSION_ID:-}" in
 esac
 
 APT_PKGS=(munge slurmctld slurmd slurm-client libslurm-dev slurm-wlm-basic-plugins-dev
-          python3-venv python3-dev gcc make pkg-config iproute2 procps util-linux
+          python3-venv python3-dev gcc make pkg-config iproute2 procps util-linux xz-utils
           protobuf-c-compiler libprotobuf-c-dev libnl-3-dev libnet1-dev libcap-dev
           libbsd-dev uuid-dev protobuf-compiler libprotobuf-dev python3-protobuf)
 missing=()
@@ -94,10 +97,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "$want" > "$stamp"
 fi
 # Native parts are built against what is installed here: the SPANK plugin must match
-# the running Slurm (24.11 refuses a 22.05 build).
-make -s -C "$REPO/spank"
-if [ -f "$REPO/slurm_mm/native/Makefile" ]; then
-    make -s -C "$REPO/slurm_mm/native" install PREFIX="$PREFIX"
-fi
+# the running Slurm (24.11 refuses a 22.05 build). Job users load the plugin, the
+# wrapper and the prolog from $PREFIX, never from this checkout (which may be 0700).
+make -s -C "$REPO" install PREFIX="$PREFIX" >"$PREFIX/make-install.log" 2>&1 ||
+    { tail -20 "$PREFIX/make-install.log"; die "make install failed (log: $PREFIX/make-install.log)"; }
 chmod -R go+rX "$PREFIX"
 log "ok: $("$CRIU" --version | head -1), Slurm $(dpkg-query -W -f="\${Version}" slurmd), python $("$VENV/bin/python" -V 2>&1)"

@@ -16,11 +16,12 @@ import socket
 import sys
 from types import FrameType
 
+from slurm_mm import defaults
 from slurm_mm.agent import protocol
 
 RELAYED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
            signal.SIGUSR2, signal.SIGTSTP, signal.SIGCONT, signal.SIGALRM)
-DEFAULT_SOCKET = "/run/slurm_mm/agent.sock"
+DEFAULT_SOCKET = defaults.AGENT_SOCKET
 
 
 def say(text: str) -> None:

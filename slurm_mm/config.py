@@ -17,58 +17,60 @@ from typing import Any
 
 import yaml
 
+from slurm_mm import defaults as d
 from slurm_mm.errors import ConfigError
 
-DEFAULT_PATH = Path("/etc/slurm_mm/config.yaml")
+DEFAULT_PATH = Path(d.CONFIG_PATH)
 
 
 @dataclass(frozen=True)
 class Timeouts:
     """Upper bounds (seconds) so that no step can hang a job or the node agent."""
 
-    checkpoint: float = 600.0
-    restore: float = 600.0
-    gpu_call: float = 300.0
-    lock: float = 60.0
+    checkpoint: float = d.TIMEOUT_CHECKPOINT
+    restore: float = d.TIMEOUT_RESTORE
+    lock: float = d.TIMEOUT_LOCK
 
 
 @dataclass(frozen=True)
 class Config:
-    checkpoint_root: Path = Path("/shared/slurm_mm/checkpoints")
-    staging_dir: Path = Path("/var/tmp/slurm_mm")
+    checkpoint_root: Path = Path(d.CHECKPOINT_ROOT)
+    staging_dir: Path = Path(d.STAGING_DIR)
     # GPU jobs dump here (tmpfs) when their image fits in it and in RAM, else to staging_dir.
-    gpu_staging_dir: Path = Path("/dev/shm/slurm_mm")
-    run_dir: Path = Path("/run/slurm_mm")
+    gpu_staging_dir: Path = Path(d.GPU_STAGING_DIR)
+    run_dir: Path = Path(d.RUN_DIR)
     # %n = node name; must match agent_socket= in plugstack.conf.
-    agent_socket: Path = Path("/run/slurm_mm/agent.sock")
-    criu_path: Path = Path("/opt/slurm_mm/criu/sbin/criu")
-    libexec_dir: Path = Path("/opt/slurm_mm/libexec")
-    keep_images: int = 3
-    compression_level: int = 1  # level 3 cost 30-50% more time for no better ratio (benchmarks)
+    agent_socket: Path = Path(d.AGENT_SOCKET)
+    criu_path: Path = Path(d.CRIU_PATH)
+    libexec_dir: Path = Path(d.LIBEXEC_DIR)
+    # Prometheus textfile collector directory; metrics are written only if it exists.
+    metrics_dir: Path = Path(d.METRICS_DIR)
+    keep_images: int = d.KEEP_IMAGES
+    compression_level: int = d.COMPRESSION_LEVEL
     compression_threads: int = 0
-    min_interval: int = 60
+    min_interval: int = d.MIN_INTERVAL
     async_checkpoints: bool = True
     staging_min_free_ratio: float = 0.1
     # CPU time per second that a periodic commit may take from the node, on top of its idle
     # priority (0 = no limit): even idle-priority work slows a job on the other vCPU of a VM.
     commit_background_cpus: float = 0.0
-    log_level: str = "info"
+    log_level: str = d.LOG_LEVEL
     # Jobs get their own mount namespace and /proc: needed for CUDA in a PID namespace
     # (docs/gpu-validation.md). auto = on nodes with GPU checkpointing.
     job_mount_namespace: str = "auto"
     # Directories whose files exist on one node only: files a job holds there travel in
     # its image. The job's own $TMPDIR and the directory of its batch script are added.
-    node_local_paths: tuple[str, ...] = ("/tmp", "/var/tmp", "/dev/shm")
+    node_local_paths: tuple[str, ...] = d.NODE_LOCAL_PATHS
     # Bytes of file copies (node-local files, files rewritten in place) one image may carry.
-    file_state_budget: int = 1 << 30
+    file_state_budget: int = d.FILE_STATE_BUDGET
     # When no image of a requeued job can be restored: rerun the script, fail the job, or
     # hold it for its user (scontrol release).
-    restore_policy: str = "rerun"
+    restore_policy: str = d.RESTORE_POLICY
     timeouts: Timeouts = field(default_factory=Timeouts)
 
 
 _PATH_KEYS = {"checkpoint_root", "staging_dir", "gpu_staging_dir", "run_dir", "agent_socket", "criu_path",
-              "libexec_dir"}
+              "libexec_dir", "metrics_dir"}
 _LOG_LEVELS = {"debug", "info", "warning", "error"}
 RESTORE_POLICIES = ("rerun", "fail", "hold")
 
@@ -131,7 +133,9 @@ def _timeouts(raw: Any, source: str) -> Timeouts:
     out = {}
     for key, value in raw.items():
         if key not in names:
-            raise ConfigError(f"{source}: unknown key 'timeouts.{key}'")
+            hint = " (removed: GPU driver calls are bounded by the GPU memory they move)" \
+                if key == "gpu_call" else ""
+            raise ConfigError(f"{source}: unknown key 'timeouts.{key}'{hint}")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ConfigError(f"{source}: 'timeouts.{key}' must be a positive number, got {value!r}")
         out[key] = float(value)
@@ -193,6 +197,11 @@ def _check_range(key: str, value: int, source: str) -> None:
     low, high = _RANGES[key]
     if not low <= value <= high:
         raise ConfigError(f"{source}: '{key}' must be between {low} and {high}, got {value}")
+
+
+def log_level(config: Config) -> int:
+    """The `logging` level for `log_level` (the agent, prolog and epilog honour it)."""
+    return {"debug": 10, "info": 20, "warning": 30, "error": 40}[config.log_level]
 
 
 def agent_socket(config: Config, node: str) -> Path:

@@ -8,6 +8,7 @@
 #include <slurm/spank.h>
 
 #include "mm_args.h"
+#include "mm_defaults.h"
 
 /* Read up to `max` unsigned decimal fields separated by `sep` from *p. */
 static int read_fields(const char **p, char sep, long *out, int max)
@@ -95,19 +96,27 @@ static int set_path(char *dst, size_t size, const char *key, const char *path)
 		slurm_error("slurm_mm: plugstack.conf: %s must be an absolute path, got '%s'", key, path);
 		return -1;
 	}
+	for (const char *c = path; *c; c++) {
+		if (iscntrl((unsigned char)*c) || isspace((unsigned char)*c)) {
+			slurm_error("slurm_mm: plugstack.conf: %s must not contain spaces or control characters, got '%s'",
+				    key, path);
+			return -1;
+		}
+	}
 	snprintf(dst, size, "%s", path);
 	return 0;
 }
 
 int mm_config_parse(struct mm_config *cfg, int ac, char **av)
 {
-	cfg->min_interval = 60;
-	snprintf(cfg->run_wrapper, sizeof(cfg->run_wrapper), "%s",
-		 "/opt/slurm_mm/venv/bin/slurm-mm-run");
+	/* Every argument has a default (slurm_mm/defaults.py): a bare plugstack line works. */
+	cfg->min_interval = MM_DEFAULT_MIN_INTERVAL;
+	snprintf(cfg->run_wrapper, sizeof(cfg->run_wrapper), "%s", MM_DEFAULT_RUN_WRAPPER);
+	snprintf(cfg->agent_socket, sizeof(cfg->agent_socket), "%s", MM_DEFAULT_AGENT_SOCKET);
 	for (int i = 0; i < ac; i++) {
 		if (!strncmp(av[i], "min_interval=", 13)) {
 			long v = mm_parse_interval(av[i] + 13);
-			if (v <= 0) {
+			if (v <= 0 || !av[i][13]) {
 				slurm_error("slurm_mm: plugstack.conf: invalid min_interval '%s'", av[i] + 13);
 				return -1;
 			}
@@ -116,7 +125,8 @@ int mm_config_parse(struct mm_config *cfg, int ac, char **av)
 			if (set_path(cfg->run_wrapper, sizeof(cfg->run_wrapper), "run_wrapper", av[i] + 12) < 0)
 				return -1;
 		} else if (!strncmp(av[i], "agent_socket=", 13)) {
-			if (set_path(cfg->agent_socket, sizeof(cfg->agent_socket), "agent_socket", av[i] + 13) < 0)
+			/* A unix socket path must fit sun_path (108 bytes) once %n is expanded. */
+			if (set_path(cfg->agent_socket, MM_MAX_SOCKET_PATH, "agent_socket", av[i] + 13) < 0)
 				return -1;
 		} else {
 			slurm_error("slurm_mm: plugstack.conf: unknown argument '%s'", av[i]);

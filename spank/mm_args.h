@@ -3,6 +3,7 @@
 #define MM_ARGS_H
 
 #define MM_MAX_INTERVAL (365L * 86400L)
+#define MM_MAX_SOCKET_PATH 100 /* sun_path is 108 bytes, leave room for %n */
 
 struct mm_config {
 	long min_interval;   /* seconds; shorter intervals are refused by sbatch */

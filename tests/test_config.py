@@ -20,10 +20,10 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_valid_file_loads(tmp_path):
-    cfg = config.load(write(tmp_path, "checkpoint_root: /shared/ckpt\nkeep_images: 5\ntimeouts:\n  gpu_call: 30\n"))
+    cfg = config.load(write(tmp_path, "checkpoint_root: /shared/ckpt\nkeep_images: 5\ntimeouts:\n  lock: 30\n"))
     assert cfg.checkpoint_root == Path("/shared/ckpt")
     assert cfg.keep_images == 5
-    assert cfg.timeouts.gpu_call == 30.0
+    assert cfg.timeouts.lock == 30.0
     assert cfg.compression_level == config.Config().compression_level
 
 
@@ -34,6 +34,7 @@ def test_dump_round_trips(tmp_path):
 
 @pytest.mark.parametrize("text,needle", [
     ("bogus_key: 1\n", "unknown key 'bogus_key'"),
+    ("timeouts:\n  gpu_call: 30\n", "unknown key 'timeouts.gpu_call' (removed"),
     ("keep_images: many\n", "'keep_images' must be an integer, got 'many'"),
     ("keep_images: 0\n", "'keep_images' must be between 1 and 1000, got 0"),
     ("compression_level: 40\n", "'compression_level' must be between 1 and 22, got 40"),

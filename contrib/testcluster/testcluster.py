@@ -4,9 +4,16 @@
 munged + slurmctld + three slurmd (n1..n3, Debian's MULTIPLE_SLURMD build) with
 proctrack/cgroup, two partitions (`low`: preemptible, `high`), the slurm_mm SPANK
 plugin, Prolog/Epilog, a node agent per node, and a directory standing in for the
-shared parallel filesystem. Everything lives under one state directory; `stop` kills
-the daemons by PID file and removes the cgroups they made. Never touches the
-machine's own /etc/slurm.
+shared parallel filesystem. Never touches the machine's own /etc/slurm.
+
+slurm_mm is used as a site gets it: the installed layout under /opt/slurm_mm (`make
+install`, run by contrib/install-deps.sh, or the .deb) and the installed copies of
+contrib/slurm/ (plugstack.conf, slurm.conf.snippet, cli_filter.lua) as shipped, with
+only site values substituted (paths, node names, the minimum interval). Nothing a job
+user loads comes from the checkout. Config, logs and spool live under one state
+directory; the agents' sockets and pid files in slurm_mm's default run dir
+(/run/slurm_mm), as on a real node. `stop` kills the daemons by PID file and removes
+the cgroups they made.
 
     testcluster.py start [--preempt-mode requeue|suspend]   testcluster.py stop
     testcluster.py status                                   testcluster.py env
@@ -31,6 +38,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 PREFIX = Path(os.environ.get("SLURM_MM_PREFIX", "/opt/slurm_mm"))
 PYTHON = PREFIX / "venv" / "bin" / "python"
+SHIPPED = PREFIX / "share" / "slurm"  # contrib/slurm/ as installed
+RUN_DIR = Path("/run/slurm_mm")  # slurm_mm's default run_dir and agent socket dir
 NODES = ("n1", "n2", "n3")
 CTLD_PORT = 17817
 NODE_PORTS = {name: 17818 + i for i, name in enumerate(NODES)}
@@ -71,7 +80,17 @@ class Cluster:
 
     @property
     def run(self) -> Path:
-        return self.state / "run"
+        """Pid files and the agents' sockets: slurm_mm's default run dir."""
+        return RUN_DIR
+
+    def agent_socket(self, node: str) -> Path:
+        """The plugin's and agent's default agent_socket, /run/slurm_mm/agent-%n.sock."""
+        return self.run / f"agent-{node}.sock"
+
+    @property
+    def metrics(self) -> Path:
+        """Stands in for node_exporter's textfile collector directory."""
+        return self.state / "metrics"
 
     @property
     def log(self) -> Path:
@@ -102,7 +121,7 @@ def slurm_version() -> tuple[int, int]:
 
 
 def write_configs(c: Cluster, preempt_mode: str) -> None:
-    for d in (c.etc, c.run, c.log, c.state / "ctld", c.shared, c.state / "staging"):
+    for d in (c.etc, c.run, c.log, c.state / "ctld", c.shared, c.state / "staging", c.metrics):
         d.mkdir(parents=True, exist_ok=True)
     for n in NODES:
         (c.state / "spool" / n).mkdir(parents=True, exist_ok=True)
@@ -112,13 +131,6 @@ def write_configs(c: Cluster, preempt_mode: str) -> None:
     os.chmod(c.checkpoint_root, 0o711)
 
     version = slurm_version()
-    # 22.05 spells the preemption-signal switch in SlurmctldParameters; 23.02+ in
-    # PreemptParameters (24.11 still accepts the old one, FACTS.md).
-    signal_param = (
-        "SlurmctldParameters=preempt_send_user_signal"
-        if version < (23, 2)
-        else "PreemptParameters=send_user_signal"
-    )
     suspend = preempt_mode == "suspend"
     host = socket.gethostname()
     nodes = "\n".join(
@@ -145,7 +157,6 @@ SlurmctldLogFile={c.log}/slurmctld.log
 SlurmdLogFile={c.log}/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
-ProctrackType=proctrack/cgroup
 TaskPlugin=task/cgroup
 SlurmdParameters=config_overrides
 JobCompType=jobcomp/none
@@ -156,53 +167,80 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 PreemptType=preempt/partition_prio
 PreemptMode={'SUSPEND,GANG' if suspend else 'REQUEUE'}
-{signal_param}
-JobRequeue=1
 SlurmdTimeout=10
 ReturnToService=2
 KillWait=10
 MinJobAge=600
 InactiveLimit=0
 MpiDefault=none
-Prolog={c.etc / 'prolog'}
-Epilog={c.etc / 'epilog'}
 PlugStackConfig={c.etc / 'plugstack.conf'}
-CliFilterPlugins=cli_filter/lua
+{shipped_slurm_conf(c, version)}
 {nodes}
 PartitionName=low Nodes={','.join(NODES)} Default=YES PriorityTier=1 PreemptMode={'SUSPEND' if suspend else 'REQUEUE'} GraceTime=20 MaxTime=INFINITE State=UP
 PartitionName=high Nodes={','.join(NODES)} PriorityTier=10 PreemptMode=OFF MaxTime=INFINITE State=UP
 """)
-    shutil.copy(REPO / "contrib" / "slurm" / "cli_filter.lua", c.etc / "cli_filter.lua")
+    shutil.copy(shipped("cli_filter.lua"), c.etc / "cli_filter.lua")
     (c.etc / "cgroup.conf").write_text(
         "CgroupPlugin=autodetect\nConstrainCores=no\nConstrainRAMSpace=no\nConstrainDevices=no\n"
     )
-    spank = REPO / "spank" / "slurm_mm_spank.so"
-    (c.etc / "plugstack.conf").write_text(
-        f"required {spank} min_interval=5s run_wrapper={PREFIX / 'venv' / 'bin' / 'slurm-mm-run'}"
-        f" agent_socket={c.run}/agent-%n.sock\n"
-    )
+    (c.etc / "plugstack.conf").write_text(shipped_plugstack_conf())
     for hook in ("prolog", "epilog"):
         script = c.etc / hook
-        # Slurm builds the prolog's environment itself: pin the config here.
+        # Slurm builds the prolog's environment itself: point the installed hook at
+        # this cluster's config (a site keeps it at /etc/slurm_mm/config.yaml).
         script.write_text(
             "#!/bin/sh\n"
             f"SLURM_MM_CONFIG={c.mm_config}; export SLURM_MM_CONFIG\n"
-            f"exec {PYTHON} {REPO / 'prolog_epilog' / hook}\n"
+            f"exec {PREFIX / 'prolog_epilog' / hook}\n"
         )
         script.chmod(0o755)
     c.mm_config.write_text(f"""\
 # slurm_mm configuration of the test cluster (see docs/admin-guide.md).
+# run_dir, agent_socket, criu_path, libexec_dir: the built-in defaults.
 checkpoint_root: {c.checkpoint_root}
 staging_dir: {c.state / 'staging'}
-run_dir: {c.run}
-agent_socket: {c.run}/agent-%n.sock
-criu_path: {PREFIX / 'criu' / 'sbin' / 'criu'}
-libexec_dir: {PREFIX / 'libexec'}
-keep_images: 3
-compression_level: 1
+metrics_dir: {c.metrics}
 min_interval: 5
 job_mount_namespace: {os.environ.get("SLURM_MM_TEST_MOUNT_NS", "never")}
 """)
+
+
+def shipped(name: str) -> Path:
+    path = SHIPPED / name
+    if not path.is_file():
+        raise RuntimeError(f"{path} is not installed: run contrib/install-deps.sh (make install)")
+    return path
+
+
+# Site values the test cluster substitutes in the shipped files (text -> replacement).
+PLUGSTACK_SITE_VALUES = {"min_interval=5m": "min_interval=5s"}
+
+
+def shipped_plugstack_conf() -> str:
+    """contrib/slurm/plugstack.conf with only the site's minimum interval changed."""
+    text = shipped("plugstack.conf").read_text()
+    for old, new in PLUGSTACK_SITE_VALUES.items():
+        if old not in text:
+            raise RuntimeError(f"shipped plugstack.conf no longer contains '{old}'")
+        text = text.replace(old, new)
+    return text
+
+
+def shipped_slurm_conf(c: Cluster, version: tuple[int, int]) -> str:
+    """contrib/slurm/slurm.conf.snippet with site paths (and 23.02+'s spelling of the
+    preemption-signal switch, as the snippet's own comment tells admins to)."""
+    subs = {
+        f"Prolog={PREFIX}/prolog_epilog/prolog": f"Prolog={c.etc / 'prolog'}",
+        f"Epilog={PREFIX}/prolog_epilog/epilog": f"Epilog={c.etc / 'epilog'}",
+    }
+    if version >= (23, 2):
+        subs["SlurmctldParameters=preempt_send_user_signal"] = "PreemptParameters=send_user_signal"
+    text = shipped("slurm.conf.snippet").read_text()
+    for old, new in subs.items():
+        if old not in text:
+            raise RuntimeError(f"shipped slurm.conf.snippet no longer contains '{old}'")
+        text = text.replace(old, new)
+    return text.rstrip("\n")
 
 
 # ---------------------------------------------------------------- daemons
@@ -287,20 +325,20 @@ def start_node(c: Cluster, node: str) -> None:
 
 
 def start_agent(c: Cluster, node: str) -> None:
-    """The node agent (issue 4) runs beside each slurmd, as on a real node."""
-    if not (REPO / "slurm_mm" / "agent" / "__main__.py").exists():
-        return
+    """The node agent runs beside each slurmd, as on a real node."""
     pid_file = c.pid_file(f"agent-{node}")
     if read_pid(pid_file):
         return
     log = open(c.log / f"agent-{node}.log", "ab")
+    # -I and cwd /: the installed package, never a checkout that happens to be the cwd
+    # (its files may be unreadable to the job users the agent runs helpers as).
     proc = subprocess.Popen(
-        [str(PYTHON), "-m", "slurm_mm.agent", "--node", node, "--pid-file", str(pid_file),
+        [str(PYTHON), "-I", "-m", "slurm_mm.agent", "--node", node, "--pid-file", str(pid_file),
          "--poll-interval", "1"],
-        env=c.env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        env=c.env(), cwd="/", stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
     )
     log.close()
-    sock = c.run / f"agent-{node}.sock"
+    sock = c.agent_socket(node)
     wait_for(lambda: sock.exists() or proc.poll() is not None, 15, f"agent {node}")
     if proc.poll() is not None:
         raise RuntimeError(f"agent for {node} exited with {proc.returncode}; see {c.log}/agent-{node}.log")
@@ -334,8 +372,20 @@ def ensure_user() -> None:
         subprocess.run(["useradd", "-m", "-s", "/bin/bash", USER], check=True)
 
 
-def build_spank() -> None:
-    subprocess.run(["make", "-s", "-C", str(REPO / "spank")], check=True)
+def check_installed() -> None:
+    """The cluster runs the installed slurm_mm, never the checkout's build."""
+    for path in (PREFIX / "lib" / "slurm_mm_spank.so", PREFIX / "venv" / "bin" / "slurm-mm-run",
+                 PREFIX / "prolog_epilog" / "prolog", PREFIX / "libexec" / "mm-init"):
+        if not path.exists():
+            raise RuntimeError(f"{path} is not installed: run contrib/install-deps.sh (make install)")
+
+
+def clean_run_dir(c: Cluster) -> None:
+    """A fresh cluster starts job ids at 1 again: stale completion markers or sockets of
+    an earlier cluster must not be taken for this one's."""
+    if c.run.exists():
+        shutil.rmtree(c.run)
+    c.run.mkdir(mode=0o755, parents=True)
 
 
 def start(c: Cluster, preempt_mode: str = "requeue") -> None:
@@ -346,7 +396,8 @@ def start(c: Cluster, preempt_mode: str = "requeue") -> None:
         raise RuntimeError(f"ports {busy} are in use: is another test cluster running? "
                            "(stop it with: testcluster.py --state-dir DIR stop)")
     ensure_user()
-    build_spank()
+    check_installed()
+    clean_run_dir(c)
     write_configs(c, preempt_mode)
     start_munge(c)
     start_ctld(c)
@@ -477,6 +528,16 @@ def job_info(c: Cluster, job: str) -> dict[str, str]:
         if sep and key not in info:
             info[key] = value
     return info
+
+
+def admin_comment(c: Cluster, job: str) -> str:
+    """The job's AdminComment (it holds spaces, so not from job_info's tokens)."""
+    out = subprocess.run(["scontrol", "show", "job", job], env=c.env(), capture_output=True,
+                         text=True, timeout=30).stdout
+    for line in out.splitlines():
+        if line.strip().startswith("AdminComment="):
+            return line.strip().partition("=")[2].strip()
+    return ""
 
 
 def wait_job(c: Cluster, job: str, states: set[str], timeout: float,

@@ -28,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         cfg = config.load(require_safe_owner=True)
+        logging.getLogger().setLevel(config.log_level(cfg))
+        from slurm_mm.agent import metrics  # noqa: PLC0415
+
+        metrics.configure(cfg.metrics_dir, args.node)
         from slurm_mm.agent.job_engine import JobEngine  # noqa: PLC0415
         from slurm_mm.agent.node_agent import NodeAgent  # noqa: PLC0415
         from slurm_mm.slurm.client import connect  # noqa: PLC0415

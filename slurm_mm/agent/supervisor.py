@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from slurm_mm.agent import protocol
+from slurm_mm.agent import job_comment, metrics, protocol
 from slurm_mm.config import RESTORE_POLICIES
 from slurm_mm.engine import filestate
 from slurm_mm.engine.proctree import tree_pids
@@ -119,12 +119,15 @@ class JobSupervisor:
             tried = []
             for image in self._candidate_images():
                 tried.append(image.path.name)
+                restore_started = time.monotonic()
                 try:
                     self.tree = self._restore(image)
                 except (ImageError, SlurmMMError) as exc:
+                    metrics.registry.restore_done(self.job_id, image, restore_started, exc)
                     self.tell(f"cannot restore {image.path.name}: {exc}")
                     continue
                 mode = "restored"
+                metrics.registry.restore_done(self.job_id, image, restore_started)
                 self.tell(f"restored from {image.path.name} (taken {_age(image.manifest.created)} ago "
                           f"on {image.manifest.node}, trigger {image.manifest.trigger})")
                 for line in getattr(self.tree, "files_report", []):
@@ -142,6 +145,7 @@ class JobSupervisor:
     def _running(self, mode: str) -> None:
         self.record.mode = mode
         self.record.state = "running"
+        metrics.registry.job_started(self.job_id, mode)
         threading.Thread(target=self._wait_exit, name=f"wait-{self.job_id}", daemon=True).start()
         if self.req.interval > 0:
             threading.Thread(target=self._periodic, name=f"periodic-{self.job_id}", daemon=True).start()
@@ -275,6 +279,7 @@ class JobSupervisor:
                 log.info("job %s: no %s checkpoint while suspended", self.job_id, trigger)
                 return None
             self.record.progress = Progress("dumping", trigger, time.time())
+            started = time.monotonic()
             staging: Path | None = None
             try:
                 staging, mode = self.agent.dump_staging(
@@ -283,6 +288,7 @@ class JobSupervisor:
                 image = self._dump_and_commit(staging, trigger, stopping)
             except SlurmMMError as exc:
                 self.record.last_error = str(exc)
+                metrics.registry.checkpoint_failed(self.job_id, trigger, started, exc)
                 self.tell(f"{trigger} checkpoint failed: {exc}" + self._fallback_note(stopping))
                 return None
             finally:
@@ -290,6 +296,8 @@ class JobSupervisor:
                 if staging is not None:
                     shutil.rmtree(staging, ignore_errors=True)
             m = image.manifest
+            metrics.registry.checkpoint_done(self.job_id, trigger, started, image)
+            job_comment.publish(self.agent.slurm, self.job_id, image)
             self.record.last_image = {"name": image.path.name, "created": m.created, "trigger": m.trigger,
                                       "size": sum(f.stored_size for f in m.files),
                                       "same_node_only": bool(m.extra.get("files", {}).get("same_node_only"))}

@@ -194,9 +194,12 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def _progress_text(prog: dict[str, Any]) -> str:
+    """`restore extracting 1.2 MiB/3.6 MiB (0.8 MiB/s, 1.5 s)`: the phase, bytes so far and
+    time since the step began; no rate before the first byte (it would read 0 B/s)."""
     done, total = prog.get("bytes_done", 0), prog.get("bytes_total", 0)
-    elapsed = max(time.time() - prog.get("started", time.time()), 1e-6)
+    elapsed = max(time.time() - prog.get("started", time.time()), 0.0)
     text = f"{prog.get('trigger', '')} {prog.get('phase', '')}"
     if total:
-        text += f" {_human_bytes(done)}/{_human_bytes(total)} ({_human_bytes(done / elapsed)}/s)"
-    return text
+        text += f" {_human_bytes(done)}/{_human_bytes(total)}"
+    rate = f"{_human_bytes(done / elapsed)}/s, " if done and elapsed > 0 else ""
+    return text + f" ({rate}{elapsed:.1f} s)"

@@ -2,8 +2,10 @@
 
 By default it runs Slurm's own commands (`squeue --json`, `sinfo --json`, `scontrol`),
 reading both JSON shapes seen on these machines: 22.05 (data_parser v0.0.38: plain
-strings and integers) and 24.11 (v0.0.42: `job_state` is a list, numbers are
-`{set, infinite, number}` objects). pyslurm is used when it is installed and matches
+strings and integers; `sinfo --json` lists node records under "nodes") and 24.11
+(v0.0.42: `job_state` is a list, numbers are `{set, infinite, number}` objects, and
+`sinfo --json` lists one summary record per partition and node state under "sinfo",
+each naming its nodes in `nodes.nodes`). tests/data/slurm-24.11/ holds recorded output. pyslurm is used when it is installed and matches
 the running Slurm. Nothing else in slurm_mm calls Slurm. It knows Slurm, never CRIU.
 """
 
@@ -104,6 +106,7 @@ def job_from_json(data: dict[str, Any]) -> Job:
 
 
 def node_from_json(data: dict[str, Any]) -> Node:
+    """A Node from one node record (22.05's `sinfo --json`, `scontrol show node --json`)."""
     state = data.get("state", "unknown")
     flags = list(data.get("state_flags", []))
     if isinstance(state, list):  # 24.11: ["IDLE", "DRAIN"]
@@ -111,6 +114,31 @@ def node_from_json(data: dict[str, Any]) -> Node:
         state = state[0] if state else "unknown"
     return Node(name=str(data["name"]), state=str(state).lower(),
                 flags=tuple(str(f).upper() for f in flags), reason=str(data.get("reason") or ""))
+
+
+def nodes_from_sinfo(data: dict[str, Any]) -> list[Node]:
+    """Every node in `sinfo --json` output of either shape (each node once)."""
+    if isinstance(data.get("nodes"), list):  # 22.05
+        try:
+            return [node_from_json(entry) for entry in data["nodes"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SlurmError(f"unreadable node record from sinfo: {exc!r}") from None
+    records = data.get("sinfo")
+    if not isinstance(records, list):
+        raise SlurmError("sinfo --json gave neither 'nodes' nor 'sinfo' records")
+    found: dict[str, Node] = {}
+    for record in records:  # 24.11: one record per partition x state, naming its nodes
+        try:
+            names = record["nodes"]["nodes"]
+            state = record["node"]["state"]
+            reason = record.get("reason") or ""
+            if isinstance(reason, dict):
+                reason = reason.get("description") or ""
+            for name in names:
+                found.setdefault(str(name), node_from_json({"name": name, "state": state, "reason": reason}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SlurmError(f"unreadable sinfo record: {exc!r}") from None
+    return list(found.values())
 
 
 class CommandClient:
@@ -157,10 +185,9 @@ class CommandClient:
         return [j for j in jobs if node is None or j.batch_host == node]
 
     def node(self, name: str) -> Node:
-        data = self._json("sinfo", "--json", "-n", name)
-        for entry in data.get("nodes", []):
-            if entry.get("name") == name:
-                return node_from_json(entry)
+        for node in nodes_from_sinfo(self._json("sinfo", "--json", "-n", name)):
+            if node.name == name:
+                return node
         raise SlurmError(f"node '{name}' not found")
 
     def requeue(self, job_id: str, hold: bool = False) -> None:
@@ -190,6 +217,12 @@ class CommandClient:
 
     def drain(self, node: str, reason: str) -> None:
         self._run("scontrol", "update", f"NodeName={node}", "State=DRAIN", f"Reason={reason}")
+
+    def set_admin_comment(self, job_id: str, text: str) -> None:
+        """Set the job's AdminComment (root/operators only; shown by scontrol and sacct)."""
+        if not job_id.isdigit():
+            raise SlurmError(f"invalid job id '{job_id}'")
+        self._run("scontrol", "update", f"JobId={job_id}", f"AdminComment={text}")
 
 
 def connect() -> SlurmClient:

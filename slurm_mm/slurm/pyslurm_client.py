@@ -119,6 +119,11 @@ class PyslurmClient:
             raise SlurmError(f"invalid job id '{job_id}'")
         self._call(f"requeue of job {job_id}", lambda: pyslurm.Job(int(job_id)).requeue(hold=hold))
 
+    def set_admin_comment(self, job_id: str, text: str) -> None:
+        from slurm_mm.slurm.client import CommandClient  # noqa: PLC0415
+
+        CommandClient().set_admin_comment(job_id, text)
+
     def drain(self, node: str, reason: str) -> None:
         self._call(f"drain of node '{node}'",
                    lambda: pyslurm.Node.load(node).modify(pyslurm.Node(state="DRAIN", reason=reason)))
