@@ -126,7 +126,7 @@ class Workload:
     def restore(self, images: Path, out_name: str = "restored.log", **kw):
         out = self.output(out_name)
         kw.setdefault("owner_uid", self.env.user.pw_uid)
-        return restore_tree(images, stdout=out, stderr=out, criu=self.env.criu, **kw)
+        return restore_tree(images, stdout=out, stderr=out, criu=self.env.criu, libexec=self.env.libexec, **kw)
 
     def close(self) -> None:
         if self.tree is not None and self.tree.poll() is None:

@@ -71,7 +71,8 @@ class JobEngine:
                                     join_cgroups=[str(p) for p in req.cgroup_procs], owner_uid=req.uid,
                                     owner_gids=req.groups, gpu=self.gpu if gpu else None,
                                     gpu_resume_options=options, criu=self.criu,
-                                    timeout=self.cfg.timeouts.restore, extra_inherit=files.inherit)
+                                    timeout=self.cfg.timeouts.restore, extra_inherit=files.inherit,
+                                    libexec=self.cfg.libexec_dir)
         finally:
             files.close()
         tree.files_report = files.report

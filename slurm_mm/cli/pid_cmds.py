@@ -45,6 +45,7 @@ from slurm_mm.errors import (
     ImageRefused,
     NodeIncompatible,
     NoImage,
+    RestoreFailed,
     SlurmMMError,
     StaleEpoch,
     UnsafePath,
@@ -401,8 +402,8 @@ def restore_dir(args: argparse.Namespace) -> int:
             tree = restore_tree(images, stdin=fds.get(0), stdout=fds.get(1), stderr=fds.get(2),
                                 owner_uid=m.uid, owner_gids=_owner_gids(m.uid, m.gid), gpu=gpu,
                                 gpu_resume_options=gpu_options, criu=_criu(cfg, cfg.timeouts.restore),
-                                timeout=cfg.timeouts.restore)
-        except CheckpointFailed as exc:  # RestoreFailed and NodeIncompatible
+                                timeout=cfg.timeouts.restore, libexec=cfg.libexec_dir)
+        except RestoreFailed as exc:  # and NodeIncompatible: CRIU's log excerpt first
             if exc.log_excerpt:
                 log.info("CRIU's log:\n%s", exc.log_excerpt)
             raise

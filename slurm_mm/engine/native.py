@@ -35,6 +35,22 @@ def find(name: str, libexec: str | os.PathLike | None = None) -> Path:
     )
 
 
+def installed_inits(libexec: str | os.PathLike | None = None) -> list[Path]:
+    """Every mm-init a restored tree's root init may run: the current one (where launch()
+    finds it) and the versioned builds an upgrade keeps (mm-init-<id>) for older images,
+    root-owned files only. `libexec`: the site's directory (config libexec_dir), else the
+    default places."""
+    places = [Path(libexec).absolute()] if libexec else [INSTALLED_LIBEXEC, BUILD_DIR]
+    found = []
+    for place in places:
+        if (place / MM_INIT).is_file():
+            found.append(place / MM_INIT)
+        if place.is_dir():
+            found += sorted(p for p in place.glob(f"{MM_INIT}-*")
+                            if p.is_file() and not p.is_symlink() and p.stat().st_uid == 0)
+    return found
+
+
 def has_cap_sys_resource() -> bool:
     """Whether this process's effective capabilities include CAP_SYS_RESOURCE."""
     with open("/proc/self/status", encoding="ascii") as f:

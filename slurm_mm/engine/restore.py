@@ -163,16 +163,16 @@ def _owner_gids(uid: int, gids: Sequence[int] | None) -> list[int]:
     return sorted(set(os.getgrouplist(pw.pw_name, pw.pw_gid)))
 
 
-def _owner_script(work: Path, uid: int, gids: Sequence[int], given: Sequence[int] = ()) -> tuple[str, Path]:
+def _owner_script(work: Path, uid: int, gids: Sequence[int], given: Sequence[int] = (),
+                  libexec: str | os.PathLike | None = None) -> tuple[str, Path]:
     """An action script for criu (it execs the path, no shell) and its verdict file.
     `given`: fds the caller hands the tree (--inherit-fd): their files are the caller's choice."""
     verdict = work / "owner.json"
     script = work / "owner-check.sh"
     cmd = [sys.executable, "-I", str(OWNER_CHECK), "--uid", str(uid),
            "--gids", ",".join(str(g) for g in gids), "--verdict", str(verdict)]
-    for place in (native.INSTALLED_LIBEXEC, native.BUILD_DIR):  # where launch() finds mm-init
-        if (place / native.MM_INIT).is_file():
-            cmd += ["--init-exe", str(place / native.MM_INIT)]
+    for exe in native.installed_inits(libexec):
+        cmd += ["--init-exe", str(exe)]
     for fd in given:
         st = os.fstat(fd)
         cmd += ["--given", f"{st.st_dev}:{st.st_ino}"]
@@ -212,6 +212,7 @@ def restore_tree(
     extra_criu_args: Sequence[str] = (),
     timeout: float | None = None,
     extra_inherit: Mapping[int, str] | None = None,
+    libexec: str | os.PathLike | None = None,
 ) -> RestoredTree:
     """Restore the tree in `images_dir` as a child of this process.
 
@@ -222,7 +223,8 @@ def restore_tree(
     `gpu`: resumes the GPU state of the processes checkpointed with it;
     `gpu_resume_options` go to its resume() (e.g. gpu_pairs). `log_path`: CRIU's log
     (default images_dir/restore.log). `extra_inherit`: more fds standing in for files of
-    the image (fd -> CRIU key; filestate.prepare's copies). Raises RestoreFailed (CRIU's log excerpt in
+    the image (fd -> CRIU key; filestate.prepare's copies). `libexec`: the directory the
+    tree's mm-init was launched from (the only root executables its init may run). Raises RestoreFailed (CRIU's log excerpt in
     `.log_excerpt`), ImageRefused or ImageCorrupt; on any failure no restored process
     is left running.
     """
@@ -243,7 +245,7 @@ def restore_tree(
         inherit = _inherit_map(meta, fds, devnull) if meta else {}
         inherit.update(extra_inherit or {})
         root = _criu_restore(criu, images_dir, meta, inherit, join_cgroups, owner_uid, owner_gids,
-                             log_path, extra_criu_args, timeout)
+                             log_path, extra_criu_args, timeout, libexec)
     finally:
         for fd in opened:
             os.close(fd)
@@ -270,13 +272,15 @@ def restore_tree(
 def _criu_restore(criu: Criu, images_dir: Path, meta: dict, inherit: dict[int, str],
                   join_cgroups: Sequence[str | os.PathLike], owner_uid: int | None,
                   owner_gids: Sequence[int] | None, log_path: str | os.PathLike | None,
-                  extra_criu_args: Sequence[str], timeout: float | None) -> int:
+                  extra_criu_args: Sequence[str], timeout: float | None,
+                  libexec: str | os.PathLike | None = None) -> int:
     """`criu restore` with the owner check; the restored root's host PID."""
     with tempfile.TemporaryDirectory(prefix="slurm_mm-restore-") as tmp:
         work = Path(tmp)
         action, verdict_path = (None, None)
         if owner_uid is not None:
-            action, verdict_path = _owner_script(work, owner_uid, _owner_gids(owner_uid, owner_gids), list(inherit))
+            action, verdict_path = _owner_script(work, owner_uid, _owner_gids(owner_uid, owner_gids),
+                                                 list(inherit), libexec)
         try:
             root = criu.restore(images_dir, inherit_fds=inherit, join_cgroups=join_cgroups,
                                 log_path=log_path, action_script=action,
