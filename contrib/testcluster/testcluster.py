@@ -456,24 +456,33 @@ def thaw(node: str) -> None:
                 pass
 
 
-def remove_cgroups(node: str) -> None:
-    thaw(node)
-    for pid in cgroup_pids(node):
+def kill_all(pids) -> None:
+    for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def rmdir_all(dirs, tries: int = 20) -> None:
+    """Remove cgroup directories (deepest given first); a dying task's cgroup empties late."""
+    for d in dirs:
+        for _ in range(tries):
+            try:
+                d.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def remove_cgroups(node: str) -> None:
+    thaw(node)
+    kill_all(cgroup_pids(node))
     for root in node_cgroups(node):
         dirs = sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
-        for d in dirs + [root]:
-            for _ in range(20):
-                try:
-                    d.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.1)
+        rmdir_all(dirs + [root])
 
 
 def stop(c: Cluster) -> None:

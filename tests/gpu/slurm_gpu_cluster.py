@@ -21,10 +21,8 @@ import importlib.util
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,23 +106,10 @@ def remove_v2_cgroups() -> None:
                 pass
         for d in dirs:
             try:
-                pids = [int(p) for p in (d / "cgroup.procs").read_text().split()]
+                tc.kill_all(int(p) for p in (d / "cgroup.procs").read_text().split())
             except OSError:
                 continue
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for d in dirs + [scope]:
-            for _ in range(30):
-                try:
-                    d.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.1)
+        tc.rmdir_all(dirs + [scope], tries=30)
 
 
 def stop(c) -> None:
