@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slurm_mm.agent import protocol
+from slurm_mm.agent.steps import StepGuard
 from slurm_mm.engine.proctree import tree_pids
 from slurm_mm.errors import ImageError, SlurmMMError
 from slurm_mm.slurm.client import Job
@@ -69,6 +70,7 @@ class JobRecord:
     last_image: dict[str, Any] = field(default_factory=dict)
     progress: Progress = field(default_factory=Progress)
     last_error: str = ""
+    refused: str = ""  # why checkpoints of this job are refused (steps.py)
 
 
 class JobSupervisor:
@@ -84,6 +86,7 @@ class JobSupervisor:
         self.tree: Any = None
         self.record = JobRecord(self.job_id, request.uid, request.interval)
         self.send_lock = threading.Lock()
+        self.steps = StepGuard(self)
 
     # ------------------------------------------------------------ messages
 
@@ -123,10 +126,13 @@ class JobSupervisor:
                 break
             else:
                 self.tell("no usable image of an earlier run: starting the job script from the beginning")
+            if mode == "restored":
+                self.steps.check_restored(self.tree)
         if self.tree is None:
             self.tree = self.agent.engine.launch(self.req)
         self.record.mode = mode
         self.record.state = "running"
+        self.steps.on_start()
         threading.Thread(target=self._wait_exit, name=f"wait-{self.job_id}", daemon=True).start()
         if self.req.interval > 0:
             threading.Thread(target=self._periodic, name=f"periodic-{self.job_id}", daemon=True).start()
@@ -172,6 +178,8 @@ class JobSupervisor:
             if self.record.state in ("checkpointed", "requeued"):
                 log.info("job %s: tree stopped after checkpoint (status %s)", self.job_id, status)
                 return
+            if self.steps.ended_by_preemption(status):
+                return
             self.record.state = "exited"
         log.info("job %s: exited with %s", self.job_id, status)
         if status == 0:
@@ -215,6 +223,10 @@ class JobSupervisor:
                 self.record.last_error = "the job is suspended"
                 log.info("job %s: no %s checkpoint while suspended", self.job_id, trigger)
                 return None
+            refusal = self.steps.refusal()
+            if refusal:
+                self.steps.refuse(trigger, stopping, refusal)
+                return None
             self.record.progress = Progress("dumping", trigger, time.time())
             staging: Path | None = None
             try:
@@ -233,6 +245,7 @@ class JobSupervisor:
             m = image.manifest
             self.record.last_image = {"name": image.path.name, "created": m.created, "trigger": m.trigger,
                                       "size": sum(f.stored_size for f in m.files)}
+            self.steps.clear()
             if stopping:
                 self.record.state = "checkpointed"
         if stopping and not defer_requeue:
