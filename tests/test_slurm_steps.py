@@ -47,11 +47,13 @@ def _restarted_log(job_dir: Path, steps: int) -> None:
 
 def test_preempted_srun_job_reruns_and_completes_with_its_result(cluster, job_dir):
     steps = 100
-    script = f"#!/bin/bash\nsrun -n1 /usr/bin/python3 {job_dir}/chain_job.py {steps} 0.25 {job_dir}/chain.log\n"
+    # Slurm's srun by its path, not the stand-in slurm_mm puts first on the PATH: a step
+    # slurm_mm does not run, so it cannot carry it.
+    script = f"#!/bin/bash\n/usr/bin/srun -n1 /usr/bin/python3 {job_dir}/chain_job.py {steps} 0.25 {job_dir}/chain.log\n"
     job = tc.job_id(submit(cluster, job_dir, script, "-p", "low", "--checkpoint-interval=5s"))
     node = tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)["BatchHost"]
     tc.wait_for(lambda: len(logged_steps(job_dir)) >= 40, 40, "40 steps (several intervals)")
-    refused = "not checkpointed: srun step `srun -n1 /usr/bin/python3"
+    refused = "not checkpointed: srun step `/usr/bin/srun -n1 /usr/bin/python3"
     assert output(job_dir).count(refused) == 1, output(job_dir)  # told once, not every interval
     assert image_names(cluster, job) == []
     status = as_user(cluster, "slurm-mm", "status")
@@ -137,7 +139,7 @@ def _batch_tree_init(job: str) -> int:
 
 def test_restored_tree_whose_step_is_gone_fails_with_the_reason(cluster, job_dir):
     # Without the check, the restored srun client finds its step gone and exits 0.
-    script = "#!/bin/bash\nsrun -n1 sleep 300 || exit $?\necho the-step-finished\n"
+    script = "#!/bin/bash\n/usr/bin/srun -n1 sleep 300 || exit $?\necho the-step-finished\n"
     job = tc.job_id(submit(cluster, job_dir, script, "--checkpoint-interval=10m", name="lost"))
     tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)
     tc.wait_for(lambda: _step_running(cluster, job), 30, "step 0 running")
@@ -154,5 +156,5 @@ def test_restored_tree_whose_step_is_gone_fails_with_the_reason(cluster, job_dir
     out = output(job_dir, "lost")
     assert info["JobState"] == "FAILED", out
     assert info["Restarts"] == "1"
-    assert "error: the restored image held srun step `srun -n1 sleep 300`" in out, out
+    assert "error: the restored image held srun step `/usr/bin/srun -n1 sleep 300`" in out, out
     assert "the-step-finished" not in out

@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from slurm_mm.agent import auth, protocol
+from slurm_mm.agent import auth, protocol, step_launch
 from slurm_mm.agent.cgroups import step_cgroup_procs
 from slurm_mm.agent.staging import fits, root_only_dir, tree_resident_bytes
 from slurm_mm.agent.supervisor import JobSupervisor, LaunchRequest
@@ -98,6 +98,8 @@ class NodeAgent:
             if op == "start":
                 self._start(conn, pid, uid, message, fds)
                 fds = []  # owned by the supervisor now
+            elif op == "srun":  # the srun stand-in of an enrolled job (agent/step_launch.py)
+                step_launch.handle_srun(self, conn, pid, uid, message, fds)
             elif op == "checkpoint":
                 reply, then = self._checkpoint_request(uid, message)
                 protocol.send(conn, reply)
@@ -131,6 +133,10 @@ class NodeAgent:
 
     def _start(self, conn: socket.socket, pid: int, uid: int, message: dict, fds: list[int]) -> None:
         job_id = str(message.get("job_id", ""))
+        step_job = step_launch.step_task_job(pid)
+        if step_job is not None:  # a task of a step the agent launched for a job here
+            step_launch.handle_task_start(self, conn, pid, uid, step_job, message, fds)
+            return
         try:
             job = auth.authorize_batch_step(pid, uid, job_id, self.node, self.slurm)
             request = self._launch_request(job, uid, pid, message, fds)

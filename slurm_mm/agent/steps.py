@@ -23,9 +23,11 @@ import os
 import re
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
+from slurm_mm.agent.step_launch import JobSteps
 from slurm_mm.engine.proctree import tree_pids
 from slurm_mm.errors import SlurmMMError
 
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STEP_CLIENTS = frozenset({"srun"})
+STOPPING_SETTLE_SECONDS = 5.0
 
 
 # ---------------------------------------------------------------- what cannot be captured
@@ -130,6 +133,15 @@ class StepGuard:
         self.sup = supervisor
         self.job_reason = multi_node_reason(supervisor.req.job.nodes)
         self._told: set[str] = set()
+        self.jobsteps = JobSteps(supervisor)
+
+    def prepare(self) -> None:
+        """Before the script starts: its `srun` is the stand-in, so steps can be captured."""
+        if not self.job_reason:
+            try:
+                self.jobsteps.prepare_env(self.sup.req.env)
+            except OSError as exc:
+                log.warning("job %s: cannot install the srun stand-in: %s", self.sup.job_id, exc)
 
     def on_start(self) -> None:
         """A job that can never be captured hears it once, when it starts."""
@@ -137,13 +149,48 @@ class StepGuard:
             self._tell_once(self.job_reason)
             self.sup.record.refused = self.job_reason
 
-    def refusal(self) -> str | None:
-        """Why a checkpoint now would not capture the job's work (None: it would)."""
+    def refusal(self, stopping: bool = False) -> str | None:
+        """Why a checkpoint now would not capture the job's work (None: it would). A step
+        that is starting or ending settles within moments: a stopping trigger waits."""
         if self.job_reason:
             return self.job_reason
         tree = self.sup.tree
         clients = step_clients(tree_pids(tree.init_pid)) if tree is not None else []
-        return steps_reason(clients) if clients else None
+        if clients:
+            return steps_reason(clients)
+        deadline = time.monotonic() + (STOPPING_SETTLE_SECONDS if stopping else 0)
+        while True:
+            unsettled = self.jobsteps.unsettled()
+            if unsettled is None or time.monotonic() >= deadline:
+                return None if unsettled is None else f"not checkpointed now: {unsettled}"
+            time.sleep(0.2)
+
+    def holds_steps(self) -> bool:
+        return self.jobsteps.active()
+
+    def dump_steps(self, staging, stopping: bool) -> dict:
+        """After the batch tree (dumped leaving it running): each step task. For a stopping
+        checkpoint the steps end with their dump, then the batch tree is ended."""
+        if not self.jobsteps.active():
+            return {}
+        self.jobsteps.stopping = stopping
+        try:
+            record = self.jobsteps.dump(staging, leave_running=not stopping)
+        except BaseException:
+            self.jobsteps.stopping = False
+            raise
+        if stopping and self.sup.tree is not None:
+            try:
+                os.kill(self.sup.tree.init_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return record
+
+    def restored(self, tree, staging, extra) -> None:
+        """The batch tree is back: bring back the steps it waits on."""
+        steps_meta = extra.get("steps") if isinstance(extra, dict) else None
+        if steps_meta:
+            self.jobsteps.restored(tree, staging, steps_meta)
 
     def refuse(self, trigger: str, stopping: bool, reason: str) -> None:
         """Called with the job's lock held, instead of a dump."""
@@ -166,6 +213,7 @@ class StepGuard:
         preempts a job, before anything can be dumped: the script then fails, and only a
         requeue (a rerun) keeps that from ending the job FAILED. True: requeued."""
         if status == 0 or not self.sup.agent._being_preempted(self.sup.job_id):
+            self.jobsteps.cleanup()
             return False
         self.refuse("preempt", True, f"the job script ended with exit code {status} while the job "
                     "was being preempted (Slurm ends srun steps when preemption starts, and "

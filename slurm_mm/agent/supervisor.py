@@ -113,6 +113,7 @@ class JobSupervisor:
         store.prepare_job(self.job_id, self.req.uid, self.req.gid)
         store.advance_epoch(self.job_id, self.epoch)
         mode = "launched"
+        self.steps.prepare()
         if self.epoch > 0:
             for image in self._candidate_images():
                 try:
@@ -157,7 +158,9 @@ class JobSupervisor:
             self.record.progress = Progress("extracting", "restore", time.time())
             self.agent.store.extract(image, staging, progress=self._progress)
             self.record.progress.phase = "restoring"
-            return self.agent.engine.restore(staging, self.req, image.manifest.gpu)
+            tree = self.agent.engine.restore(staging, self.req, image.manifest.gpu)
+            self.steps.restored(tree, staging, image.manifest.extra)
+            return tree
         finally:
             self.record.progress = Progress()
             shutil.rmtree(staging, ignore_errors=True)
@@ -223,7 +226,7 @@ class JobSupervisor:
                 self.record.last_error = "the job is suspended"
                 log.info("job %s: no %s checkpoint while suspended", self.job_id, trigger)
                 return None
-            refusal = self.steps.refusal()
+            refusal = self.steps.refusal(stopping)
             if refusal:
                 self.steps.refuse(trigger, stopping, refusal)
                 return None
@@ -266,7 +269,8 @@ class JobSupervisor:
 
     def _dump_and_commit(self, staging: Path, trigger: str, stopping: bool):
         engine, store = self.agent.engine, self.agent.store
-        dumped = engine.dump(self.tree, staging, leave_running=not stopping)
+        dumped = engine.dump(self.tree, staging, leave_running=not stopping or self.steps.holds_steps())
+        dumped.extra["steps"] = self.steps.dump_steps(staging, stopping)
         try:
             self.record.progress.phase = "writing"
             image = store.commit(
