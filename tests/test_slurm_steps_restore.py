@@ -9,19 +9,21 @@ import os
 import pwd
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from conftest import testcluster as tc
-from slurm_jobs import WORKLOAD, assert_no_lost_or_repeated_steps, logged_steps, output
+from slurm_jobs import (WORKLOAD, assert_no_lost_or_repeated_steps, image_names, logged_steps, output,
+                        user_processes)
 from workloads.chain_job import chain
 
 pytestmark = pytest.mark.cluster
 PY = "/usr/bin/python3"
 
 
-def submit(cluster, job_dir: Path, body: str, *options: str) -> str:
+def submit(cluster, job_dir: Path, body: str, *options: str, interval: str = "10m") -> str:
     shutil.copy(WORKLOAD, job_dir / "chain_job.py")
     user = pwd.getpwnam(tc.USER)
     os.chown(job_dir / "chain_job.py", user.pw_uid, user.pw_gid)
@@ -31,7 +33,7 @@ def submit(cluster, job_dir: Path, body: str, *options: str) -> str:
     os.chown(job_dir / "job.sh", user.pw_uid, user.pw_gid)
     script = f"#!/bin/bash\nexec /bin/bash {job_dir}/job.sh\n"
     opts = [*options, "-o", str(job_dir / "chain.out"), "-J", "steps", "-p", "low",
-            "--checkpoint-interval=10m"]
+            f"--checkpoint-interval={interval}"]
     return tc.job_id(tc.sbatch(cluster, script, *opts, cwd=job_dir))
 
 
@@ -42,9 +44,10 @@ def preempt_and_finish(cluster, job_dir: Path, job: str, ready) -> dict[str, str
     urgent = tc.job_id(tc.sbatch(cluster, "#!/bin/sh\nsleep 40\n", "-p", "high", "-w", node,
                                  "--exclusive", "-o", "/dev/null", cwd=job_dir))
     try:
-        info = tc.wait_job(cluster, job, {"RUNNING"}, timeout=120, node_not=node)
-        assert info["Restarts"] == "1"
-        return tc.wait_job(cluster, job, {"COMPLETED", "FAILED"}, timeout=150)
+        tc.wait_for(lambda: tc.job_info(cluster, job).get("Restarts") == "1", 60, "the requeue")
+        info = tc.wait_job(cluster, job, {"COMPLETED", "FAILED"}, timeout=150)
+        assert info["BatchHost"] != node and info["Restarts"] == "1"
+        return info
     finally:
         subprocess.run(["scancel", urgent], env=cluster.env())
 
@@ -116,3 +119,65 @@ def test_step_that_cannot_come_back_fails_the_job_with_the_reason(cluster, job_d
     assert "error: step `srun -w n" in out and "before its task(s) [0] were restored" in out, out
     assert "failing the job instead of reporting its lost work as done" in out
     assert "script-went-on" not in out and results(job_dir) == [], out
+
+
+def test_step_exit_code_reaches_the_script(cluster, job_dir):
+    body = "srun -n1 sh -c 'echo in-step; exit 7'\necho srun-rc=$?\nexit 3\n"
+    job = submit(cluster, job_dir, body)
+    info = tc.wait_job(cluster, job, {"COMPLETED", "FAILED"}, timeout=60)
+    out = output(job_dir)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "3:0", info
+    assert "in-step" in out and "srun-rc=7" in out, out
+
+
+def test_scancel_ends_a_job_and_its_step(cluster, job_dir):
+    job = submit(cluster, job_dir, f"srun -n1 {PY} chain_job.py 400 0.25 chain.log\n")
+    tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)
+    tc.wait_for(lambda: len(logged_steps(job_dir)) >= 4, 30, "progress")
+    subprocess.run(["scancel", job], env=cluster.env(), check=True)
+    info = tc.wait_job(cluster, job, {"CANCELLED"}, timeout=60)
+    assert info["JobState"] == "CANCELLED"
+    tc.wait_for(lambda: not user_processes(f"{job_dir}/chain_job.py"), 30, "the step's task gone")
+    done = len(logged_steps(job_dir))
+    time.sleep(2)
+    assert len(logged_steps(job_dir)) == done
+
+
+def test_srun_job_resumes_its_step_after_a_node_failure(cluster, job_dir):
+    job = submit(cluster, job_dir, f"srun -n1 {PY} chain_job.py 160 0.25 chain.log\n", interval="5s")
+    node = tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)["BatchHost"]
+    tc.wait_for(lambda: len(image_names(cluster, job)) >= 2, 40, "periodic images with the step")
+    tc.kill_node(cluster, node)
+    try:
+        tc.wait_for(lambda: tc.job_info(cluster, job).get("Restarts") == "1", 90, "the requeue")
+        info = tc.wait_job(cluster, job, {"COMPLETED", "FAILED"}, timeout=150)
+    finally:
+        tc.start_node(cluster, node)
+        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], env=cluster.env(),
+                       capture_output=True)
+    out = output(job_dir)
+    assert info["JobState"] == "COMPLETED" and info["BatchHost"] != node, out
+    assert "restored task 0 of step" in out, out
+    assert results(job_dir) == [f"result={chain(160)}"], out
+    steps = logged_steps(job_dir)
+    assert sorted(set(steps)) == list(range(1, 161))  # work after the image redone, none skipped
+    assert len(steps) - 160 <= 5 / 0.25 + 8
+
+
+def test_srun_job_moves_off_a_drained_node_with_its_step(cluster, job_dir):
+    job = submit(cluster, job_dir, f"srun -n1 {PY} chain_job.py 100 0.25 chain.log\n")
+    node = tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)["BatchHost"]
+    tc.wait_for(lambda: len(logged_steps(job_dir)) >= 10, 30, "progress")
+    try:
+        res = subprocess.run(["slurm-mm", "drain", node, "--reason", "steps test", "--timeout", "60"],
+                             env=cluster.env(), capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stdout + res.stderr
+        info = tc.wait_job(cluster, job, {"COMPLETED", "FAILED"}, timeout=150)
+    finally:
+        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], env=cluster.env(),
+                       capture_output=True)
+    out = output(job_dir)
+    assert info["JobState"] == "COMPLETED" and info["BatchHost"] != node, out
+    assert "for drain" in out and "restored task 0 of step" in out, out
+    assert results(job_dir) == [f"result={chain(100)}"], out
+    assert_no_lost_or_repeated_steps(job_dir, 100)
