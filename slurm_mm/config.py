@@ -51,11 +51,20 @@ class Config:
     # Jobs get their own mount namespace and /proc: needed for CUDA in a PID namespace
     # (docs/gpu-validation.md). auto = on nodes with GPU checkpointing.
     job_mount_namespace: str = "auto"
+    # Directories whose files exist on one node only: files a job holds there travel in
+    # its image. The job's own $TMPDIR and the directory of its batch script are added.
+    node_local_paths: tuple[str, ...] = ("/tmp", "/var/tmp", "/dev/shm")
+    # Bytes of file copies (node-local files, files rewritten in place) one image may carry.
+    file_state_budget: int = 1 << 30
+    # When no image of a requeued job can be restored: rerun the script, fail the job, or
+    # hold it for its user (scontrol release).
+    restore_policy: str = "rerun"
     timeouts: Timeouts = field(default_factory=Timeouts)
 
 
 _PATH_KEYS = {"checkpoint_root", "staging_dir", "run_dir", "agent_socket", "criu_path", "libexec_dir"}
 _LOG_LEVELS = {"debug", "info", "warning", "error"}
+RESTORE_POLICIES = ("rerun", "fail", "hold")
 
 
 def config_path() -> Path:
@@ -149,6 +158,15 @@ def _value(key: str, raw: Any, default: Any, source: str) -> Any:
         if raw not in ("auto", "always", "never"):
             raise ConfigError(f"{source}: 'job_mount_namespace' must be auto, always or never, got {raw!r}")
         return raw
+    if key == "node_local_paths":
+        if not isinstance(raw, list) or not all(isinstance(p, str) and p.startswith("/") and ".." not in p.split("/")
+                                                for p in raw):
+            raise ConfigError(f"{source}: 'node_local_paths' must be a list of absolute paths, got {raw!r}")
+        return tuple(raw)
+    if key == "restore_policy":
+        if raw not in RESTORE_POLICIES:
+            raise ConfigError(f"{source}: 'restore_policy' must be one of {', '.join(RESTORE_POLICIES)}, got {raw!r}")
+        return raw
     if key == "log_level":
         if raw not in _LOG_LEVELS:
             raise ConfigError(f"{source}: 'log_level' must be one of {sorted(_LOG_LEVELS)}, got {raw!r}")
@@ -161,6 +179,7 @@ _RANGES = {
     "compression_level": (1, 22),
     "compression_threads": (0, 256),
     "min_interval": (1, 365 * 86400),
+    "file_state_budget": (0, 1 << 50),
 }
 
 
@@ -180,4 +199,5 @@ def dump(config: Config) -> str:
     data = dataclasses.asdict(config)
     for key in _PATH_KEYS:
         data[key] = str(data[key])
+    data["node_local_paths"] = list(config.node_local_paths)
     return yaml.safe_dump(data, sort_keys=False)

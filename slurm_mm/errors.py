@@ -50,6 +50,11 @@ class ImageRefused(ImageError):
     """An image is well-formed but must not be restored here (owner, epoch, node)."""
 
 
+class FileStateRefused(ImageRefused):
+    """The files an image depends on are not as it recorded them and cannot be put back
+    (the message names each file and its difference)."""
+
+
 class NoImage(ImageError):
     """A job has no complete, verified image."""
 
@@ -72,10 +77,18 @@ class CheckpointFailed(SlurmMMError):
         self.log_excerpt = log_excerpt
 
 
-class RestoreFailed(CheckpointFailed):
-    """A restore did not complete. Carries CRIU's log excerpt."""
+class RestoreFailed(SlurmMMError):
+    """A restore did not complete; nothing of it runs. Carries CRIU's log excerpt."""
 
     exit_code = 6
+
+    def __init__(self, message: str, log_excerpt: str = "") -> None:
+        super().__init__(message)
+        self.log_excerpt = log_excerpt
+
+
+class RestoreRefusedByPolicy(RestoreFailed):
+    """No image of a requeued job could be restored and the restore policy says fail."""
 
 
 class NodeIncompatible(RestoreFailed):
@@ -90,6 +103,20 @@ class GpuError(SlurmMMError):
 
 class GpuTimeout(GpuError):
     """A CUDA driver call did not return within its watchdog limit."""
+
+
+class CudaCallFailed(GpuError):
+    """The driver answered a checkpoint call with an error (carries pid, call and CUresult)."""
+
+    def __init__(self, op: str, pid: int, code: int, name: str) -> None:
+        super().__init__(f"CUDA {op} of pid {pid} failed: {name} ({code})")
+        self.op, self.pid, self.code, self.name = op, pid, code, name
+
+
+class AgentUnavailable(SlurmMMError):
+    """No node agent answers on that socket (wrong node, or the agent is down)."""
+
+    exit_code = 10
 
 
 class NotEnrolled(SlurmMMError):
@@ -108,3 +135,14 @@ class SlurmError(SlurmMMError):
     """A Slurm command failed or returned something unreadable."""
 
     exit_code = 10
+
+
+def by_kind(kind: object, message: str) -> SlurmMMError:
+    """The error a node agent reported as `kind` (a class name of this module) and text:
+    error kinds cross the agent's socket as data, never guessed from the message."""
+    cls = globals().get(str(kind))
+    if cls is CudaCallFailed:
+        cls = GpuError  # its fields do not cross the socket; its kind and text do
+    if isinstance(cls, type) and issubclass(cls, SlurmMMError):
+        return cls(message)
+    return SlurmMMError(message)

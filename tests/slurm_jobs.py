@@ -20,8 +20,10 @@ def submit_chain(cluster, job_dir: Path, steps: int, delay: float, *options: str
     shutil.copy(WORKLOAD, job_dir / "chain_job.py")
     user = pwd.getpwnam(tc.USER)
     os.chown(job_dir / "chain_job.py", user.pw_uid, user.pw_gid)
-    script = (f"#!/bin/sh\nexec /usr/bin/python3 {job_dir}/chain_job.py {steps} {delay} "
-              f"{job_dir}/{name}.log {exit_code}\n")
+    # The shape most batch scripts have: bash runs the app as a child and keeps its own
+    # script (a node-local file in slurmd's spool dir) open to read what follows.
+    script = (f"#!/bin/bash\n/usr/bin/python3 {job_dir}/chain_job.py {steps} {delay} "
+              f"{job_dir}/{name}.log {exit_code}\nexit $?\n")
     opts = list(options) + ["-o", str(job_dir / f"{name}.out"), "-J", name]
     if interval:
         opts.append(f"--checkpoint-interval={interval}")

@@ -67,3 +67,17 @@ def test_guard_without_a_freeze_leaves_the_cgroup_running(frozen_child):
     with FreezeGuard(cgroup) as guard:
         time.sleep(0.2)
     assert not guard.held_off and not cgroup.frozen()
+
+
+def test_v2_guard_watches_the_cgroup_slurm_freezes(tmp_path):
+    """Slurm's cgroup/v2 freezes .../step_N/user; the task's own cgroup.freeze stays 0."""
+    task = tmp_path / "n1_slurmstepd.scope" / "job_7" / "step_batch" / "user" / "task_0"
+    task.mkdir(parents=True)
+    for directory in (task, task.parent, task.parent.parent):
+        (directory / "cgroup.freeze").write_text("0\n")
+    (task / "cgroup.procs").write_text("")
+    cgroup = FreezerCgroup.of([task / "cgroup.procs"])
+    assert cgroup is not None and not cgroup.v1
+    assert cgroup.path == task.parent
+    (task.parent / "cgroup.freeze").write_text("1\n")  # what slurmstepd writes on suspend
+    assert cgroup.frozen()

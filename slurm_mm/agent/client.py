@@ -7,11 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from slurm_mm.agent import protocol
-from slurm_mm.errors import PermissionDenied, SlurmMMError
-
-
-class AgentUnavailable(SlurmMMError):
-    """No agent answers on that socket (wrong node, or the agent is down)."""
+from slurm_mm.errors import AgentUnavailable, SlurmMMError, by_kind
 
 
 def request(path: Path, message: dict[str, Any], timeout: float = 900.0) -> dict[str, Any]:
@@ -33,8 +29,5 @@ def request(path: Path, message: dict[str, Any], timeout: float = 900.0) -> dict
 
         os.close(fd)
     if reply["op"] == "error":
-        text = str(reply.get("message", "unknown error"))
-        if "may not" in text or "belongs to" in text:
-            raise PermissionDenied(text)
-        raise SlurmMMError(text)
+        raise by_kind(reply.get("kind"), str(reply.get("message", "unknown error")))
     return reply

@@ -27,8 +27,10 @@ class FreezerCgroup:
     def of(cls, procs_files: list[Path]) -> FreezerCgroup | None:
         for procs in procs_files:
             directory = procs.parent
-            if (directory / "freezer.state").exists() or (directory / "cgroup.freeze").exists():
+            if (directory / "freezer.state").exists():
                 return cls(directory)
+            if (directory / "cgroup.freeze").exists():
+                return cls(v2_freeze_point(directory))
         return None
 
     def frozen(self) -> bool:
@@ -41,6 +43,19 @@ class FreezerCgroup:
             (self.path / "freezer.state").write_text("FROZEN" if frozen else "THAWED")
         else:
             (self.path / "cgroup.freeze").write_text("1" if frozen else "0")
+
+
+def v2_freeze_point(task_cgroup: Path) -> Path:
+    """The cgroup v2 directory Slurm freezes for a task in `task_cgroup`.
+
+    Slurm's cgroup/v2 writes cgroup.freeze of the step's `user` cgroup
+    (.../step_N/user), not of the task's own (.../step_N/user/task_0), whose
+    cgroup.freeze stays 0 while an ancestor freezes it.
+    """
+    for directory in (task_cgroup, *task_cgroup.parents):
+        if directory.parent.name.startswith("step_"):
+            return directory
+    return task_cgroup
 
 
 class FreezeGuard:

@@ -7,6 +7,7 @@ checkpointer) to LaunchRequests and manifests; knows no Slurm and no image layou
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 from slurm_mm.agent.freeze_guard import FreezeGuard, FreezerCgroup
 from slurm_mm.config import Config
-from slurm_mm.engine import gpu_inventory
+from slurm_mm.engine import filestate, gpu_inventory
 from slurm_mm.engine.checkpoint import checkpoint_tree
 from slurm_mm.engine.criu import Criu
 from slurm_mm.engine.gpu import open_checkpointer
@@ -52,30 +53,55 @@ class JobEngine:
                       join_cgroups=[str(p) for p in req.cgroup_procs], libexec=self.cfg.libexec_dir,
                       private_proc=self.private_proc)
 
-    def restore(self, images: Path, req, gpu: dict[str, Any] | None) -> Any:
-        """`gpu`: the GPU inventory recorded with the image (None: no GPU state in it)."""
+    def restore(self, images: Path, req, gpu: dict[str, Any] | None, *, node: str,
+                pin_root: Path | None) -> Any:
+        """`gpu`: the GPU inventory recorded with the image (None: no GPU state in it).
+        The job's files are brought back to the image's record first (FileStateRefused
+        names any that cannot be)."""
         options: dict[str, Any] = {}
         if gpu:
             here = gpu_inventory.check_compatible(gpu)
             if here is not None:
                 options["gpu_pairs"] = gpu_inventory.gpu_pairs(gpu, here)
-        with self.criu_lock:
-            return restore_tree(images, stdin=req.stdio[0], stdout=req.stdio[1], stderr=req.stdio[2],
-                                join_cgroups=[str(p) for p in req.cgroup_procs], owner_uid=req.uid,
-                                owner_gids=req.groups, gpu=self.gpu if gpu else None,
-                                gpu_resume_options=options, criu=self.criu,
-                                timeout=self.cfg.timeouts.restore)
+        files = filestate.prepare(images, node=node, uid=req.uid, gids=req.groups, pin_root=pin_root,
+                                  work=images / ".handed")
+        try:
+            with self.criu_lock:
+                tree = restore_tree(images, stdin=req.stdio[0], stdout=req.stdio[1], stderr=req.stdio[2],
+                                    join_cgroups=[str(p) for p in req.cgroup_procs], owner_uid=req.uid,
+                                    owner_gids=req.groups, gpu=self.gpu if gpu else None,
+                                    gpu_resume_options=options, criu=self.criu,
+                                    timeout=self.cfg.timeouts.restore, extra_inherit=files.inherit)
+        finally:
+            files.close()
+        tree.files_report = files.report
+        return tree
 
-    def dump(self, tree: Any, images: Path, *, leave_running: bool) -> Dumped:
+    def file_spec(self, req, *, node: str, pin_root: Path | None, pin_name: str) -> filestate.CaptureSpec:
+        """What a dump of this job records of its files (engine.filestate)."""
+        local = list(self.cfg.node_local_paths)
+        tmpdir = req.env.get("TMPDIR", "")
+        if tmpdir.startswith("/") and ".." not in tmpdir.split("/"):
+            local.append(tmpdir)
+        script = req.argv[0]
+        if os.path.basename(script) == "slurm_script":  # <SlurmdSpoolDir>/jobNNNNN/slurm_script
+            local.append(os.path.dirname(os.path.dirname(script)))
+        return filestate.CaptureSpec(init_pid=0, images_dir="", node=node, owner_uid=req.uid,
+                                     owner_gids=list(req.groups), node_local=local,
+                                     budget=self.cfg.file_state_budget,
+                                     pin_root=str(pin_root) if pin_root else None, pin_name=pin_name)
+
+    def dump(self, tree: Any, images: Path, *, leave_running: bool,
+             files: filestate.CaptureSpec | None = None) -> Dumped:
         with self.criu_lock:
             result = checkpoint_tree(tree.init_pid, images, leave_running=leave_running, gpu=self.gpu,
-                                     criu=self.criu, timeout=self.cfg.timeouts.checkpoint)
+                                     criu=self.criu, timeout=self.cfg.timeouts.checkpoint, files=files)
         inventory = None
         if result.gpu_pids:
             found = gpu_inventory.read_inventory()
             inventory = found.to_dict() if found else None
         return Dumped(inventory, {"timings": result.timings, "image_bytes": result.image_bytes,
-                                  "gpu_pids": result.gpu_pids})
+                                  "gpu_pids": result.gpu_pids, "files": result.files})
 
     def suspend_gpu(self, tree: Any, cgroup_procs: list[Path]) -> None:
         """SUSPEND preemption: GPU memory to host before Slurm's freezer stops the tree

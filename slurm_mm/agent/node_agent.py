@@ -113,7 +113,7 @@ class NodeAgent:
             else:
                 protocol.send(conn, {"op": "error", "message": f"unknown request '{op}'"})
         except SlurmMMError as exc:
-            self._reply_error(conn, str(exc))
+            self._reply_error(conn, str(exc), type(exc).__name__)
         except (protocol.ProtocolError, EOFError, OSError, KeyError, TypeError, ValueError) as exc:
             log.warning("bad request: %s", exc)
             self._reply_error(conn, f"bad request: {exc}")
@@ -123,9 +123,9 @@ class NodeAgent:
             conn.close()
 
     @staticmethod
-    def _reply_error(conn: socket.socket, text: str) -> None:
+    def _reply_error(conn: socket.socket, text: str, kind: str = "SlurmMMError") -> None:
         try:
-            protocol.send(conn, {"op": "error", "message": text})
+            protocol.send(conn, {"op": "error", "kind": kind, "message": text})
         except OSError:
             pass
 

@@ -198,7 +198,7 @@ class JobSteps:
         engine = self.agent.engine
         if image is not None:
             try:
-                tree = engine.restore(image, task_req, None)
+                tree = engine.restore(image, task_req, None, node=self.agent.node, pin_root=None)
             except SlurmMMError as exc:
                 self.fail_job(f"cannot restore task {rank} of step `srun {' '.join(step.argv)[:80]}`: {exc}")
                 raise

@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 from slurm_mm.agent import protocol
 from slurm_mm.agent.steps import StepGuard
+from slurm_mm.config import RESTORE_POLICIES
+from slurm_mm.engine import filestate
 from slurm_mm.engine.proctree import tree_pids
-from slurm_mm.errors import ImageError, SlurmMMError
+from slurm_mm.errors import ImageError, RestoreRefusedByPolicy, SlurmMMError
 from slurm_mm.slurm.client import Job
 
 if TYPE_CHECKING:
@@ -28,6 +30,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# What the batch task exits with once its job is requeued (128 + SIGTERM, as if Slurm's
+# own kill had ended it).
+REQUEUED_EXIT = 143
 # Triggers after which the job stops (and is requeued) rather than running on.
 STOPPING = {"preempt", "drain"}
 
@@ -108,36 +113,89 @@ class JobSupervisor:
     # ------------------------------------------------------------ start
 
     def start(self) -> str:
-        """Restore the newest usable image of an earlier run, else launch the script."""
+        """Restore the newest usable image of an earlier run, else follow the restore policy."""
         store = self.agent.store
         store.prepare_job(self.job_id, self.req.uid, self.req.gid)
         store.advance_epoch(self.job_id, self.epoch)
         mode = "launched"
         self.steps.prepare()
         if self.epoch > 0:
+            tried = []
             for image in self._candidate_images():
+                tried.append(image.path.name)
                 try:
                     self.tree = self._restore(image)
                 except (ImageError, SlurmMMError) as exc:
-                    self.tell(f"cannot restore {image.path.name}: {exc}; trying an older image")
+                    self.tell(f"cannot restore {image.path.name}: {exc}")
                     continue
                 mode = "restored"
                 self.tell(f"restored from {image.path.name} (taken {_age(image.manifest.created)} ago "
                           f"on {image.manifest.node}, trigger {image.manifest.trigger})")
+                for line in getattr(self.tree, "files_report", []):
+                    self.tell(f"file {line}")
                 break
             else:
-                self.tell("no usable image of an earlier run: starting the job script from the beginning")
+                if tried:
+                    return self._no_restorable_image(tried)
+                self.tell("no image of an earlier run: starting the job script from the beginning")
             if mode == "restored":
                 self.steps.check_restored(self.tree)
         if self.tree is None:
             self.tree = self.agent.engine.launch(self.req)
+        self._running(mode)
+        return mode
+
+    def _running(self, mode: str) -> None:
         self.record.mode = mode
         self.record.state = "running"
         self.steps.on_start()
         threading.Thread(target=self._wait_exit, name=f"wait-{self.job_id}", daemon=True).start()
         if self.req.interval > 0:
             threading.Thread(target=self._periodic, name=f"periodic-{self.job_id}", daemon=True).start()
-        return mode
+
+    def _no_restorable_image(self, tried: list[str]) -> str:
+        """Images exist but none can be restored: the site's (or job's) restore policy decides."""
+        policy = self.restore_policy()
+        if policy == "fail":
+            self.tell(f"restore policy 'fail': no image of {', '.join(tried)} can be restored; the job fails")
+            raise RestoreRefusedByPolicy(f"job {self.job_id}: none of its images can be restored "
+                                         f"({', '.join(tried)}); restore policy 'fail'")
+        if policy == "hold" and not self._held_before():
+            self.tell(f"restore policy 'hold': no image of {', '.join(tried)} can be restored; the job is "
+                      "requeued and held: `scontrol release` it to run the script from the beginning")
+            self.record.state = "requeued"
+            try:
+                self.agent.slurm.requeue(self.job_id, hold=True)
+            except SlurmMMError as exc:
+                raise RestoreRefusedByPolicy(f"job {self.job_id}: could not hold it ({exc})") from None
+            return "held"
+        self.tell("no image could be restored: starting the job script from the beginning")
+        self.tree = self.agent.engine.launch(self.req)
+        self._running("launched")
+        return "launched"
+
+    def restore_policy(self) -> str:
+        """The job's own SLURM_MM_RESTORE_POLICY (its choice, for its own job) or the site's."""
+        wanted = self.req.env.get("SLURM_MM_RESTORE_POLICY", "")
+        return wanted if wanted in RESTORE_POLICIES else self.agent.config.restore_policy
+
+    def _held_before(self) -> bool:
+        """A job released after a hold reruns (the marker is the hold's own, per job)."""
+        marker = self.pin_root().parent / ".held"
+        try:
+            os.unlink(marker)
+            return True
+        except FileNotFoundError:
+            try:
+                fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                os.close(fd)
+            except OSError:
+                pass
+            return False
+
+    def pin_root(self) -> Path:
+        """Where dumps pin the job's shared files (the store's job directory: same filesystem)."""
+        return Path(self.agent.store.root) / self.job_id / ".pins"
 
     def _candidate_images(self):
         for image in self.agent.store.images(self.job_id):
@@ -158,7 +216,8 @@ class JobSupervisor:
             self.record.progress = Progress("extracting", "restore", time.time())
             self.agent.store.extract(image, staging, progress=self._progress)
             self.record.progress.phase = "restoring"
-            tree = self.agent.engine.restore(staging, self.req, image.manifest.gpu)
+            tree = self.agent.engine.restore(staging, self.req, image.manifest.gpu, node=self.agent.node,
+                                             pin_root=self.pin_root())
             self.steps.restored(tree, staging, image.manifest.extra)
             return tree
         finally:
@@ -247,7 +306,8 @@ class JobSupervisor:
                     shutil.rmtree(staging, ignore_errors=True)
             m = image.manifest
             self.record.last_image = {"name": image.path.name, "created": m.created, "trigger": m.trigger,
-                                      "size": sum(f.stored_size for f in m.files)}
+                                      "size": sum(f.stored_size for f in m.files),
+                                      "same_node_only": bool(m.extra.get("files", {}).get("same_node_only"))}
             self.steps.clear()
             if stopping:
                 self.record.state = "checkpointed"
@@ -269,7 +329,11 @@ class JobSupervisor:
 
     def _dump_and_commit(self, staging: Path, trigger: str, stopping: bool):
         engine, store = self.agent.engine, self.agent.store
-        dumped = engine.dump(self.tree, staging, leave_running=not stopping or self.steps.holds_steps())
+        files = engine.file_spec(self.req, node=self.agent.node, pin_root=self.pin_root(), pin_name=staging.name)
+        dumped = engine.dump(self.tree, staging, leave_running=not stopping or self.steps.holds_steps(),
+                             files=files)
+        for note in dumped.extra.get("files", {}).get("notes", []):
+            self.tell(note)
         dumped.extra["steps"] = self.steps.dump_steps(staging, stopping)
         try:
             self.record.progress.phase = "writing"
@@ -282,13 +346,16 @@ class JobSupervisor:
                 self._restore_in_place(staging, dumped.gpu_inventory, exc)
             raise
         store.gc(self.job_id)
+        filestate.prune_pins(self.pin_root(), {img.manifest.extra.get("files", {}).get("pins")
+                                               for img in store.images(self.job_id)})
         return image
 
     def _restore_in_place(self, staging: Path, gpu: dict[str, Any] | None, cause: SlurmMMError) -> None:
         """Nothing lost when the store refuses an image: the job resumes here from it."""
         self.stopped.wait(30)  # the waiter sees the dumped tree end
         try:
-            self.tree = self.agent.engine.restore(staging, self.req, gpu)
+            self.tree = self.agent.engine.restore(staging, self.req, gpu, node=self.agent.node,
+                                                  pin_root=self.pin_root())
         except SlurmMMError as exc:
             self.tell(f"could not store the image ({cause}) nor resume the job here ({exc}); "
                       "requeueing it to resume from its last stored image")
@@ -303,6 +370,10 @@ class JobSupervisor:
         try:
             self.agent.slurm.requeue(self.job_id)
             self.record.state = "requeued"
+            # Slurm has the requeue: the batch task may go now instead of waiting out KillWait
+            # (it would hold the node from the preemptor). Not 0: should the requeue somehow
+            # not take, the run must never read as a success.
+            self.send({"op": "exit", "status": REQUEUED_EXIT})
         except SlurmMMError as exc:
             self.tell(f"requeue failed ({exc}); Slurm's own preemption or the admin must requeue it")
 

@@ -17,9 +17,9 @@ from typing import Any
 from tabulate import tabulate
 
 from slurm_mm import config
-from slurm_mm.agent.client import AgentUnavailable, request
+from slurm_mm.agent.client import request
 from slurm_mm.durations import format_interval
-from slurm_mm.errors import PermissionDenied, SlurmError, UsageError
+from slurm_mm.errors import AgentUnavailable, PermissionDenied, SlurmError, SlurmMMError, UsageError
 from slurm_mm.slurm.client import connect
 
 DRAIN_PREFIX = "slurm_mm:"
@@ -97,7 +97,7 @@ def run_drain(args: argparse.Namespace) -> int:
                     {"op": "checkpoint", "job_id": job.job_id, "requeue": True, "trigger": "drain"})
         except (AgentUnavailable, SlurmError):
             pass  # the agent's watcher acts on the drain reason
-        except Exception as exc:  # noqa: BLE001 - reported, the watcher still acts
+        except SlurmMMError as exc:  # reported; the watcher still acts on the drain reason
             print(f"slurm-mm: job {job.job_id}: {exc}", file=sys.stderr)
     deadline = time.monotonic() + args.timeout
     waiting = {j.job_id for j in enrolled}
@@ -162,7 +162,7 @@ def status_rows(cfg: config.Config) -> list[dict[str, Any]]:
 def _images_quietly(store, job_id: str):
     try:
         return store.images(job_id)
-    except Exception:  # noqa: BLE001 - unreadable (other user's) dirs show as none
+    except (SlurmMMError, OSError):  # unreadable (other user's) dirs show as none
         return []
 
 

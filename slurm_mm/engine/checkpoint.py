@@ -20,12 +20,13 @@ from __future__ import annotations
 import json
 import os
 import platform
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Protocol, Sequence
 
-from slurm_mm.engine import proctree
+from slurm_mm.engine import filestate, proctree
 from slurm_mm.engine.criu import Criu, ImageFiles, external_file_key
 from slurm_mm.errors import CheckpointFailed, GpuError
 
@@ -60,6 +61,7 @@ class CheckpointResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds: gpu_suspend, dump, gpu_resume, total
     mount_ns: bool = False  # the tree had a mount namespace of its own
     external_files: dict[str, str] = field(default_factory=dict)  # CRIU key -> path, to hand back at restore
+    files: dict = field(default_factory=dict)  # file state summary: count, saved_bytes, same_node_only, notes, pins
 
 
 def own_mount_ns(pid: int) -> bool:
@@ -170,6 +172,7 @@ def checkpoint_tree(
     log_path: str | os.PathLike | None = None,
     extra_criu_args: Sequence[str] = (),
     timeout: float | None = None,
+    files: filestate.CaptureSpec | None = None,
 ) -> CheckpointResult:
     """Checkpoint the tree whose namespace init has host PID `init_pid` into `images_dir`.
 
@@ -177,7 +180,9 @@ def checkpoint_tree(
     CRIU kills the tree once the image is complete (preemption, drain). `gpu`: a
     GpuCheckpointing, or None on a node without GPUs. Writes CRIU's files, its log
     (dump.log unless `log_path`) and engine.json (what restore_tree needs) into
-    `images_dir`, which is created (0700) if missing.
+    `images_dir`, which is created (0700) if missing. `files`: record the tree's files
+    with the image (filestate.capture, run while CRIU holds the tree frozen); its
+    init_pid and images_dir are filled in here.
     Raises CheckpointFailed, the job still running.
     """
     criu = criu or Criu()
@@ -205,14 +210,30 @@ def checkpoint_tree(
         timings["gpu_suspend"] = time.monotonic() - t
 
     try:
-        stats = criu.dump(init_pid, images_dir, leave_running=leave_running, log_path=log_path,
-                          mount_ns=mount_ns, external_files=sorted(external),
-                          extra_args=extra_criu_args, timeout=timeout)
+        with tempfile.TemporaryDirectory(prefix="slurm_mm-dump-") as work:
+            action, ghost_limit = None, None
+            if files is not None:
+                spec = filestate.CaptureSpec(**{**vars(files), "init_pid": init_pid,
+                                                "images_dir": str(images_dir)})
+                action = filestate.post_dump_script(Path(work), spec)
+                ghost_limit = max(files.budget, 1 << 20)
+            stats = criu.dump(init_pid, images_dir, leave_running=leave_running, log_path=log_path,
+                              mount_ns=mount_ns, external_files=sorted(external),
+                              action_script=action, ghost_limit=ghost_limit,
+                              extra_args=extra_criu_args, timeout=timeout)
     except CheckpointFailed as exc:
         if gpu_pids:
             _roll_back_gpu(gpu, gpu_pids, exc)
         raise
     timings["dump"] = stats.seconds
+    summary: dict = {}
+    if files is not None:
+        state = filestate.FileState.read(images_dir)
+        if state is None:
+            raise CheckpointFailed(f"the image of pid {init_pid}'s tree has no record of its files",
+                                   "post-dump action did not write " + filestate.STATE_FILE)
+        summary = {"count": len(state.records), "saved_bytes": state.saved_bytes,
+                   "same_node_only": state.same_node_only, "notes": state.notes, "pins": state.pins}
 
     if leave_running and gpu_pids:
         t = time.monotonic()
@@ -237,6 +258,7 @@ def checkpoint_tree(
         timings=timings,
         mount_ns=mount_ns,
         external_files=external,
+        files=summary,
     )
     _write_metadata(result, stdio, processes)
     result.image_bytes = ImageFiles.scan(images_dir).total_bytes

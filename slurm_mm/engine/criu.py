@@ -192,6 +192,8 @@ class Criu:
         log_path: str | os.PathLike | None = None,
         mount_ns: bool = False,
         external_files: Sequence[str] = (),
+        action_script: str | None = None,
+        ghost_limit: int | None = None,
         extra_args: Sequence[str] = (),
         timeout: float | None = None,
     ) -> DumpStats:
@@ -201,6 +203,9 @@ class Criu:
         CheckpointFailed carries CRIU's log excerpt; CRIU then lets the tree run on.
         `mount_ns`: the tree has its own mount namespace; `external_files`: keys
         (external_file_key) of files open in the tree that live outside it.
+        `action_script`: criu's --action-script (its post-dump runs with the tree still
+        frozen; a failure there fails the dump). `ghost_limit`: the largest deleted-but-open
+        file CRIU saves into the image (bytes).
         """
         images_dir = Path(images_dir)
         log_path = Path(log_path) if log_path else images_dir / "dump.log"
@@ -212,6 +217,10 @@ class Criu:
             args.extend(MNTNS_DUMP_FLAGS)
         for key in external_files:
             args += ["--external", key]
+        if action_script:
+            args += ["--action-script", action_script]
+        if ghost_limit is not None:
+            args += ["--ghost-limit", str(ghost_limit)]
         args.extend(extra_args)
         started = time.monotonic()
         try:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 from slurm_mm.engine import gpu_inventory
-from slurm_mm.errors import GpuError, GpuTimeout
+from slurm_mm.errors import CudaCallFailed, GpuError, GpuTimeout
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +63,6 @@ class CudaState(enum.Enum):
     FAILED = 3
     CHECKPOINTING = 4  # newer drivers report the transitions too
     RESTORING = 5
-
-
-class CudaCallFailed(GpuError):
-    """The driver answered a checkpoint call with an error (carries pid, call and CUresult)."""
-
-    def __init__(self, op: str, pid: int, code: int, name: str) -> None:
-        super().__init__(f"CUDA {op} of pid {pid} failed: {name} ({code})")
-        self.op, self.pid, self.code, self.name = op, pid, code, name
 
 
 # ------------------------------------------------------------------------- watchdog

@@ -50,6 +50,7 @@ class RestoredTree:
     ns_pids: dict[int, int]  # PID inside the job's namespace -> host PID
     gpu_pids: list[int]  # host PIDs whose GPU state was restored
     timings: dict[str, float] = field(default_factory=dict)
+    files_report: list[str] = field(default_factory=list)  # what was done to its files first
     _status: int | None = None
 
     def poll(self) -> int | None:
@@ -203,6 +204,7 @@ def restore_tree(
     log_path: str | os.PathLike | None = None,
     extra_criu_args: Sequence[str] = (),
     timeout: float | None = None,
+    extra_inherit: Mapping[int, str] | None = None,
 ) -> RestoredTree:
     """Restore the tree in `images_dir` as a child of this process.
 
@@ -212,7 +214,8 @@ def restore_tree(
     (ImageRefused) a tree with any other identity (gids default to the owner's groups).
     `gpu`: resumes the GPU state of the processes checkpointed with it;
     `gpu_resume_options` go to its resume() (e.g. gpu_pairs). `log_path`: CRIU's log
-    (default images_dir/restore.log). Raises RestoreFailed (CRIU's log excerpt in
+    (default images_dir/restore.log). `extra_inherit`: more fds standing in for files of
+    the image (fd -> CRIU key; filestate.prepare's copies). Raises RestoreFailed (CRIU's log excerpt in
     `.log_excerpt`), ImageRefused or ImageCorrupt; on any failure no restored process
     is left running.
     """
@@ -231,6 +234,7 @@ def restore_tree(
 
     try:
         inherit = _inherit_map(meta, fds, devnull) if meta else {}
+        inherit.update(extra_inherit or {})
         root = _criu_restore(criu, images_dir, meta, inherit, join_cgroups, owner_uid, owner_gids,
                              log_path, extra_criu_args, timeout)
     finally:

@@ -114,10 +114,10 @@ class PyslurmClient:
 
         return self._call(f"node '{name}'", load)
 
-    def requeue(self, job_id: str) -> None:
+    def requeue(self, job_id: str, hold: bool = False) -> None:
         if not job_id.isdigit():
             raise SlurmError(f"invalid job id '{job_id}'")
-        self._call(f"requeue of job {job_id}", lambda: pyslurm.Job(int(job_id)).requeue())
+        self._call(f"requeue of job {job_id}", lambda: pyslurm.Job(int(job_id)).requeue(hold=hold))
 
     def drain(self, node: str, reason: str) -> None:
         self._call(f"drain of node '{node}'",
