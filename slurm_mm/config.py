@@ -36,6 +36,8 @@ class Timeouts:
 class Config:
     checkpoint_root: Path = Path("/shared/slurm_mm/checkpoints")
     staging_dir: Path = Path("/var/tmp/slurm_mm")
+    # GPU jobs dump here (tmpfs) when their image fits in it and in RAM, else to staging_dir.
+    gpu_staging_dir: Path = Path("/dev/shm/slurm_mm")
     run_dir: Path = Path("/run/slurm_mm")
     # %n = node name; must match agent_socket= in plugstack.conf.
     agent_socket: Path = Path("/run/slurm_mm/agent.sock")
@@ -47,6 +49,9 @@ class Config:
     min_interval: int = 60
     async_checkpoints: bool = True
     staging_min_free_ratio: float = 0.1
+    # CPU time per second that a periodic commit may take from the node, on top of its idle
+    # priority (0 = no limit): even idle-priority work slows a job on the other vCPU of a VM.
+    commit_background_cpus: float = 0.0
     log_level: str = "info"
     # Jobs get their own mount namespace and /proc: needed for CUDA in a PID namespace
     # (docs/gpu-validation.md). auto = on nodes with GPU checkpointing.
@@ -62,7 +67,8 @@ class Config:
     timeouts: Timeouts = field(default_factory=Timeouts)
 
 
-_PATH_KEYS = {"checkpoint_root", "staging_dir", "run_dir", "agent_socket", "criu_path", "libexec_dir"}
+_PATH_KEYS = {"checkpoint_root", "staging_dir", "gpu_staging_dir", "run_dir", "agent_socket", "criu_path",
+              "libexec_dir"}
 _LOG_LEVELS = {"debug", "info", "warning", "error"}
 RESTORE_POLICIES = ("rerun", "fail", "hold")
 

@@ -62,7 +62,9 @@ def prolog(env: dict[str, str]) -> None:
 def epilog(env: dict[str, str]) -> None:
     job = env["SLURM_JOB_ID"]
     cfg = config.load(require_safe_owner=True)
-    shutil.rmtree(cfg.staging_dir / job, ignore_errors=True) if job.isdigit() else None
+    if job.isdigit():
+        for staging in (cfg.staging_dir, cfg.gpu_staging_dir):
+            shutil.rmtree(staging / job, ignore_errors=True)
     store = _store(cfg)
     marker = completion_marker(cfg, job)
     if marker.is_file() and not marker.is_symlink():

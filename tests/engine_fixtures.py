@@ -86,7 +86,9 @@ class Workload:
         return [str(self.env.workloads / self.name), *self.args]
 
     def output(self, name: str = "out.log") -> int:
+        """An output file of the user's (as Slurm opens the job's output: as the user)."""
         fd = _open_append(self.dir / name)
+        os.fchown(fd, self.env.user.pw_uid, self.env.user.pw_gid)
         self.fds.append(fd)
         return fd
 

@@ -82,3 +82,32 @@ def job_entries(store: ImageStore, job: str) -> list[str]:
 
 def tmp_entries(store: ImageStore, job: str) -> list[str]:
     return [n for n in job_entries(store, job) if n.startswith(".tmp-")]
+
+
+def write_format1_image(store: ImageStore, job: str, files: dict[str, bytes], *, seq: int = 1,
+                        compress: tuple[str, ...] = ()) -> Path:
+    """An image exactly as the store wrote them before chunking (format 1): flat, one zstd
+    stream or raw bytes per file, a SHA-256 of each file's raw bytes. Built by hand here so
+    that the test does not depend on the store's current writer."""
+    import hashlib
+    import json
+
+    import zstandard
+
+    store.prepare_job(job, 0, 0)
+    path = store.root / job / f"ckpt-{seq:06d}"
+    path.mkdir(mode=0o750)
+    entries = []
+    for name, data in sorted(files.items()):
+        packed = name in compress
+        stored = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(data) if packed else data
+        (path / (name + (".zst" if packed else ".raw"))).write_bytes(stored)
+        os.chmod(path / (name + (".zst" if packed else ".raw")), 0o640)
+        entries.append({"name": name, "size": len(data), "stored_size": len(stored),
+                        "sha256": hashlib.sha256(data).hexdigest(), "compressed": packed})
+    manifest = {"format_version": 1, "job_id": job, "epoch": 0, "uid": 0, "gid": 0, "node": "n1",
+                "created": 1700000000.0, "trigger": "periodic", "files": entries, "gpu": None,
+                "criu_version": "4.2.1", "extra": {}}
+    (path / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    os.chmod(path / "manifest.json", 0o640)
+    return path

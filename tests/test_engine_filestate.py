@@ -79,13 +79,19 @@ def test_deleted_intermediate_is_brought_back_from_its_pin(workload, tmp_path, p
     assert not (w.dir / "inter.dat").exists(), "the restored job deleted it again, as it did the first time"
 
 
-def test_node_local_file_is_recreated_on_a_node_without_it(workload, tmp_path):
+def started_with_scratch(workload):
+    """The `local` workload with its node-local scratch directory (owned by the user)."""
     w = workload("file_state.py", "local")
     scratch = w.dir / "scratch"
     scratch.mkdir()
     os.chown(scratch, w.env.user.pw_uid, w.env.user.pw_gid)
     w.args.append(str(scratch))
     w.start()
+    return w, scratch
+
+
+def test_node_local_file_is_recreated_on_a_node_without_it(workload, tmp_path):
+    w, scratch = started_with_scratch(workload)
     result = w.checkpoint(tmp_path / "img", leave_running=False, files=spec(w, node_local=[scratch]))
     w.tree.wait(10)
     assert result.files["saved_bytes"] >= 1 << 20
@@ -128,12 +134,7 @@ def test_image_is_refused_when_another_party_changed_a_file_the_job_reads(worklo
 
 
 def test_node_local_files_past_the_budget_make_a_same_node_only_image(workload, tmp_path):
-    w = workload("file_state.py", "local")
-    scratch = w.dir / "scratch"
-    scratch.mkdir()
-    os.chown(scratch, w.env.user.pw_uid, w.env.user.pw_gid)
-    w.args.append(str(scratch))
-    w.start()
+    w, scratch = started_with_scratch(workload)
     result = w.checkpoint(tmp_path / "img", leave_running=False,
                           files=spec(w, node_local=[scratch], budget=1000))
     w.tree.wait(10)

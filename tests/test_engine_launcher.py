@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +22,7 @@ MM_INIT = str(NATIVE / "mm-init")
 def _start(engine_env, argv, tmp_path, **kw):
     out = os.open(tmp_path / "out.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     u = engine_env.user
+    os.fchown(out, u.pw_uid, u.pw_gid)  # the user's own output file, as Slurm makes it
     try:
         return launch(argv, uid=u.pw_uid, gid=u.pw_gid, stdout=out, stderr=out,
                       libexec=engine_env.libexec, **kw)
@@ -172,8 +175,11 @@ def _mnt_id(pid: int, fd: int) -> int:
         return int(next(line for line in f if line.startswith("mnt_id:")).split()[1])
 
 
-def test_private_proc_gives_the_tree_its_own_mounts_and_proc(engine_env, tmp_path):
+def test_private_proc_gives_the_tree_its_own_mounts_and_proc(engine_env):
     """CUDA needs a /proc of the job's PID namespace (error 304 under the host's)."""
+    # The reopen inside is the user's own: the output must be where the user can reach it.
+    tmp_path = Path(tempfile.mkdtemp(dir=engine_env.base))
+    tmp_path.chmod(0o755)
     host_mounts = open("/proc/self/mountinfo").read()
     script = "cat /proc/1/comm; grep NSpid /proc/self/status; ls /proc | grep -c '^[0-9]'; exec sleep 30"
     tree = _start(engine_env, ["sh", "-c", script], tmp_path, private_proc=True)

@@ -63,7 +63,8 @@ HOSTILE = [
     (json.dumps(manifest_dict()).replace('"epoch": 2', '"epoch": NaN'), "NaN"),
     (b"\xff\xfe{}", "not UTF-8"),
     ("[" * 100000 + "]" * 100000, "nested too deeply"),
-    (_with("format_version", 2), "format_version 2 is not 1"),
+    (_with("format_version", 3), "format_version 3 is not one of 1, 2"),
+    (_with("format_version", 2), "manifest lacks 'dirs'"),
     (_with("format_version", "1"), "format_version '1' is not an integer"),
     (_with("job_id", "../etc"), "contains '/'"),
     (_with("epoch", "2"), "epoch '2' is not an integer"),
@@ -176,3 +177,72 @@ def test_decision_samples_across_the_file_not_just_its_start():
         f.write(os.urandom(2 << 20) + bytes(62 << 20))
         f.flush()
         assert compression.worth_compressing(f.fileno(), 3) is True
+
+
+# ---------------------------------------------------------------------------- format 2
+
+H = "c" * 32
+
+
+def manifest_v2() -> dict:
+    data = manifest_dict()
+    data.update(format_version=2, hash="xxh3-128", dirs=["files", "files/tmp"])
+    data["files"] = [
+        {"name": "pages-1.img", "size": 150000, "stored_size": 70000, "chunk_size": 65536,
+         "chunks": [[30000, "z", H], [30000, "z", H], [10000, "z", H]]},
+        {"name": "files/tmp/input", "size": 70000, "stored_size": 70000, "chunk_size": 65536,
+         "chunks": [[65536, "r", H], [4464, "r", H]]},
+    ]
+    return data
+
+
+def _v2(path: str, value) -> str:
+    data = copy.deepcopy(manifest_v2())
+    *parents, last = path.split(".")
+    target = data
+    for key in parents:
+        target = target[int(key)] if key.isdigit() else target[key]
+    target[int(last) if last.isdigit() else last] = value
+    return json.dumps(data)
+
+
+def test_manifest_of_format_2_round_trips_through_json():
+    m = Manifest.from_dict(manifest_v2())
+    assert Manifest.from_json(m.to_json()) == m
+    assert m.dirs == ("files", "files/tmp")
+    pages, nested = m.files
+    assert pages.stored_name == "pages-1.img.zst" and nested.stored_name == "files/tmp/input.raw"
+    assert [s[:3] for s in pages.chunk_spans()] == [(0, 0, 0), (1, 65536, 30000), (2, 131072, 60000)]
+    assert pages.raw_length(2) == 150000 - 131072
+
+
+HOSTILE_V2 = [
+    (_v2("hash", "sha1"), "hash 'sha1' is not xxh3-128"),
+    (_v2("files.0.chunks", [[30000, "z", H]]), "files[0].chunks is not a list of 3 chunks"),
+    (_v2("files.0.chunk_size", 1000), "files[0].chunk_size 1000 is out of range"),
+    (_v2("files.0.chunks.1", [30000, "x", H]), "files[0].chunks[1] kind 'x'"),
+    (_v2("files.0.chunks.1", [30000, "z", "C" * 32]), "files[0].chunks[1] hash 'CCCC"),
+    (_v2("files.0.chunks.1", [10 ** 9, "z", H]), "files[0].chunks[1] stored size 1000000000 is not in"),
+    (_v2("files.0.chunks.1", [30000, "r", H]), "files[0].chunks[1] is raw but stores 30000 of its 65536"),
+    (_v2("files.0.chunks.1", "30000"), "is not [stored_size, 'z'|'r', hash]"),
+    (_v2("files.0.stored_size", 5), "files[0].stored_size 5 is not the sum of its chunks"),
+    (_v2("files.1.chunks.1", [4464, "z", H]), "files[1] mixes raw and zstd chunks"),
+    (_v2("files.1.name", "files/../../etc/passwd"), "'..' component"),
+    (_v2("files.1.name", "files//input"), "empty"),
+    (_v2("files.1.name", "/etc/passwd"), "empty"),
+    (_v2("files.1.name", "other/input"), "'other/input' is in a directory not listed in dirs"),
+    (_v2("files.1.name", "files/tmp"), "has the name of a directory"),
+    (_v2("dirs", ["files/tmp", "files"]), "dirs[0] 'files/tmp' comes before its parent"),
+    (_v2("dirs", ["files", "files", "files/tmp"]), "directory 'files' is listed twice"),
+    (_v2("dirs", ["files", "files/tmp", "a/" * 20 + "b"]), "more than 16 directories deep"),
+    (_v2("dirs", "files"), "dirs 'files' is not a list"),
+]
+
+
+@pytest.mark.parametrize("text, needle", HOSTILE_V2, ids=[n for _, n in HOSTILE_V2])
+def test_hostile_manifest_of_format_2_is_image_corrupt_naming_the_value(text, needle):
+    with pytest.raises(ImageCorrupt) as info:
+        Manifest.from_json(text, source="m.json")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("m.json: ") and len(message) < 300
+    assert needle in message

@@ -283,7 +283,7 @@ def test_failed_commit_leaves_no_partial_image(store, base):
     image = commit(store, JOB, source(base, {"a.img": b"x"}))
     src = source(base, {"a.img": b"x", "sub": b""})
     os.unlink(src / "sub")
-    os.mkdir(src / "sub")
+    os.mkfifo(src / "sub")
     with pytest.raises(UnsafePath, match="sub is not a regular file"):
         commit(store, JOB, src)
     assert [i.seq for i in store.images(JOB)] == [image.seq] and tmp_entries(store, JOB) == []

@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
 
         store = ImageStore(cfg.checkpoint_root, level=cfg.compression_level,
                            threads=cfg.compression_threads, keep=cfg.keep_images,
-                           lock_timeout=cfg.timeouts.lock)
+                           lock_timeout=cfg.timeouts.lock,
+                           background_cpus=cfg.commit_background_cpus or None)
         agent = NodeAgent(args.node, cfg, connect(), store, JobEngine(cfg),
                           poll_interval=args.poll_interval)
     except SlurmMMError as exc:

@@ -13,7 +13,12 @@ from pathlib import Path
 from slurm_mm.errors import PermissionDenied
 from slurm_mm.slurm.client import Job, SlurmClient
 
-_BATCH_STEP = re.compile(r"/job_(\d+)/step_batch(?:/|$)")
+# Where Slurm's cgroup plugins put a batch step: cgroup v1 hierarchies below /slurm/
+# (/slurm_<node>/ with several slurmds on one host), cgroup v2 below slurmd's scope
+# (<node>_slurmstepd.scope likewise). Anchored at the hierarchy's root: on cgroup v2 a
+# user may own a delegated subtree and name directories in it as they like.
+_V1_BATCH = re.compile(r"^/slurm(?:_(?P<node>[^/]+))?/(?:uid_\d+/)?job_(?P<job>\d+)/step_batch(?:/|$)")
+_V2_BATCH = re.compile(r"^/system\.slice/(?:(?P<node>[^/]+)_)?slurmstepd\.scope/job_(?P<job>\d+)/step_batch(?:/|$)")
 
 
 def batch_step_job(pid: int, node: str) -> str | None:
@@ -23,23 +28,25 @@ def batch_step_job(pid: int, node: str) -> str | None:
     except OSError:
         return None
     for line in text.splitlines():
-        path = line.split(":", 2)[-1]
-        m = _BATCH_STEP.search(path)
-        # Multiple-slurmd test nodes name their cgroup root slurm_<node>; one-slurmd
-        # nodes use /slurm/ (v1) or a systemd scope (v2).
-        if m and (f"/slurm_{node}/" in path or "/slurm/" in path or "slurmstepd.scope" in path):
-            return m.group(1)
+        hierarchy, _, path = line.partition(":")[2].partition(":")
+        m = (_V2_BATCH if hierarchy == "" and line.startswith("0:") else _V1_BATCH).match(path)
+        if m and m.group("node") in (None, node):
+            return m.group("job")
     return None
+
+
+def check_batch_step(peer_pid: int, job_id: str, node: str) -> None:
+    """The kernel places the peer in job `job_id`'s batch step on this node (cheap: /proc only)."""
+    if not job_id.isdigit():
+        raise PermissionDenied(f"invalid job id {job_id[:32]!r}")
+    if batch_step_job(peer_pid, node) != job_id:
+        raise PermissionDenied(f"process {peer_pid} is not the batch step of job {job_id} on {node}")
 
 
 def authorize_batch_step(peer_pid: int, peer_uid: int, job_id: str, node: str,
                          slurm: SlurmClient) -> Job:
     """The peer is job `job_id`'s batch task on this node, run by the job's owner."""
-    if not job_id.isdigit():
-        raise PermissionDenied(f"invalid job id '{job_id}'")
-    in_cgroup = batch_step_job(peer_pid, node)
-    if in_cgroup != job_id:
-        raise PermissionDenied(f"process {peer_pid} is not the batch step of job {job_id} on {node}")
+    check_batch_step(peer_pid, job_id, node)
     job = slurm.job(job_id)
     if job.user_id != peer_uid:
         raise PermissionDenied(f"job {job_id} belongs to uid {job.user_id}, not {peer_uid}")

@@ -1,6 +1,6 @@
 """Put processes into a Slurm step's cgroups, so restored trees belong to the new job.
 
-A restored tree must live in the new job's step cgroups (FACTS.md: otherwise it
+A restored tree must live in the new job's step cgroups (measured: otherwise it
 survives scancel as an orphan). The agent copies the cgroup membership of the job's
 batch task, read from /proc (kernel-written), into cgroup.procs files under
 /sys/fs/cgroup.

@@ -1,6 +1,6 @@
 """Hold off Slurm's freezer while a suspended job's GPU state moves to host memory.
 
-Slurm suspends a job with SIGTSTP and freezes its cgroup about 2 s later (FACTS.md);
+Slurm suspends a job with SIGTSTP and freezes its cgroup about 2 s later (docs/design.md, measured facts);
 the CUDA checkpoint of a large GPU job takes longer, and the driver call hangs on a
 frozen process. While the guard is active it thaws the job's freezer cgroup whenever
 Slurm freezes it, and on exit freezes it again if Slurm had asked for that, so the job

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slurm_mm.agent.criu_gate import CriuGate
 from slurm_mm.agent.freeze_guard import FreezeGuard, FreezerCgroup
 from slurm_mm.config import Config
 from slurm_mm.engine import filestate, gpu_inventory
@@ -43,7 +43,7 @@ class JobEngine:
         # One CRIU run at a time on a node: CRIU makes fixed-name work directories in the
         # tree's root, so two dumps of PID-namespace-only trees collide (-EEXIST; seen in
         # benchmarks: 4 of 40 concurrent dumps failed). Commits still run in parallel.
-        self.criu_lock = threading.Lock()
+        self.criu_lock = CriuGate()  # stopping dumps first (agent/criu_gate.py)
         mode = cfg.job_mount_namespace
         self.private_proc = mode == "always" or (mode == "auto" and self.gpu is not None)
 
@@ -66,7 +66,7 @@ class JobEngine:
         files = filestate.prepare(images, node=node, uid=req.uid, gids=req.groups, pin_root=pin_root,
                                   work=images / ".handed")
         try:
-            with self.criu_lock:
+            with self.criu_lock.hold():
                 tree = restore_tree(images, stdin=req.stdio[0], stdout=req.stdio[1], stderr=req.stdio[2],
                                     join_cgroups=[str(p) for p in req.cgroup_procs], owner_uid=req.uid,
                                     owner_gids=req.groups, gpu=self.gpu if gpu else None,
@@ -93,7 +93,7 @@ class JobEngine:
 
     def dump(self, tree: Any, images: Path, *, leave_running: bool,
              files: filestate.CaptureSpec | None = None) -> Dumped:
-        with self.criu_lock:
+        with self.criu_lock.hold(urgent=not leave_running):
             result = checkpoint_tree(tree.init_pid, images, leave_running=leave_running, gpu=self.gpu,
                                      criu=self.criu, timeout=self.cfg.timeouts.checkpoint, files=files)
         inventory = None

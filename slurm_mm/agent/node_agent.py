@@ -12,17 +12,21 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import resource
 import signal
 import socket
+import struct
+import sys
 import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from slurm_mm.agent import auth, protocol, step_launch
+from slurm_mm.agent import admission, auth, protocol, step_launch
 from slurm_mm.agent.cgroups import step_cgroup_procs
-from slurm_mm.agent.staging import fits, root_only_dir, tree_resident_bytes
+from slurm_mm.agent.staging import (fits, gpu_dump_dir, prepare_staging_root, root_only_dir, tree_gpu_bytes,
+                                    tree_resident_bytes)
 from slurm_mm.agent.supervisor import JobSupervisor, LaunchRequest
 from slurm_mm.config import Config
 from slurm_mm.errors import NotEnrolled, PermissionDenied, SlurmMMError
@@ -30,6 +34,22 @@ from slurm_mm.slurm.client import SlurmClient
 
 log = logging.getLogger(__name__)
 DRAIN_PREFIX = "slurm_mm:"
+RELAY_SPACING = 0.05  # seconds between two relayed signals of one job
+
+
+def _printable(text: str, limit: int = 64) -> str:
+    """A peer's string as it may go into a log line: quoted, escaped, cut."""
+    return repr(str(text)[:limit])
+
+
+def _raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard one (systemd's soft default is 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, hard, exc)
 
 
 def _wait_gone(pid: int, timeout: float) -> None:
@@ -51,6 +71,8 @@ class NodeAgent:
         self.jobs_lock = threading.Lock()
         self.stopping = threading.Event()
         self._preempt_modes: dict[str, str] = {}
+        self.admission = admission.Admission()
+        self._manual_at: dict[str, float] = {}  # job -> last manual checkpoint (monotonic)
 
     # ------------------------------------------------------------ helpers for supervisors
 
@@ -58,11 +80,29 @@ class NodeAgent:
         """A fresh root-only directory on node-local staging space (or its free name)."""
         return root_only_dir(self.config.staging_dir / job_id / name, create=create)
 
+    def restore_staging(self, job_id: str, image: Any) -> Path:
+        """Where to extract an image for restore (its free name): tmpfs for a GPU job's
+        image when it fits there and in RAM beside the restored tree (as large again)."""
+        name = f"restore-{image.seq}"
+        size = image.manifest.total_size
+        if image.manifest.gpu:
+            fast = gpu_dump_dir(self.config.gpu_staging_dir, job_id, name, size, size,
+                                self.config.staging_min_free_ratio, create=False)
+            if fast is not None:
+                return fast
+        return self.staging(job_id, name, create=False)
+
     def dump_staging(self, job_id: str, name: str, tree_pids: list[int]) -> tuple[Path, str]:
         """Node-local staging when the tree's memory fits there, else the shared store's."""
-        needed = tree_resident_bytes(tree_pids)
+        gpu_bytes = tree_gpu_bytes(tree_pids)
+        needed = tree_resident_bytes(tree_pids) + gpu_bytes
         local = self.config.staging_dir
         local.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.config.async_checkpoints and gpu_bytes:
+            fast = gpu_dump_dir(self.config.gpu_staging_dir, job_id, name, needed, gpu_bytes,
+                                self.config.staging_min_free_ratio)
+            if fast is not None:
+                return fast, "async"
         if self.config.async_checkpoints and fits(local, needed, self.config.staging_min_free_ratio):
             return self.staging(job_id, name), "async"
         log.warning("job %s: %d MiB do not fit in %s: dumping to the shared filesystem",
@@ -73,34 +113,79 @@ class NodeAgent:
     def forget(self, job_id: str) -> None:
         with self.jobs_lock:
             self.jobs.pop(job_id, None)
+            self._manual_at.pop(job_id, None)
 
     # ------------------------------------------------------------ server
 
     def serve(self, path: Path) -> None:
+        """Serve requests on `path` until stopped. Refuses to start (PermissionDenied)
+        when the staging directory is not a root-only directory root alone can reach."""
+        try:
+            prepare_staging_root(self.config.staging_dir)
+        except SlurmMMError as exc:
+            log.error("refusing to start: %s", exc)
+            print(f"slurm-mm-agent: error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(exc.exit_code) from None
+        _raise_fd_limit()
         path.parent.mkdir(parents=True, exist_ok=True)
         path.unlink(missing_ok=True)
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         server.bind(str(path))
         os.chmod(path, 0o666)  # anyone may connect; SO_PEERCRED decides what they get
-        server.listen(64)
+        server.listen(128)
         threading.Thread(target=self._watch, name="watch", daemon=True).start()
         log.info("agent for %s listening on %s", self.node, path)
         while not self.stopping.is_set():
-            conn, _ = server.accept()
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+            try:
+                conn, _ = server.accept()
+            except OSError as exc:
+                # EMFILE/ENFILE/ENOMEM: the peer stays in the backlog; serve the others.
+                if self.admission.should_log_refusal():
+                    log.error("accept failed: %s; retrying", exc)
+                time.sleep(0.1)
+                continue
+            self._admit(conn)
 
-    def _handle(self, conn: socket.socket) -> None:
-        fds: list[int] = []
+    def _admit(self, conn: socket.socket) -> None:
+        """Count the connection against its user's share before any work is done for it."""
         try:
             pid, uid, _gid = protocol.peer_credentials(conn)
-            message, fds = protocol.recv(conn)
+        except OSError:
+            conn.close()
+            return
+        slot = self.admission.admit(uid)
+        if slot is None:
+            if self.admission.should_log_refusal():
+                log.warning("uid %d has too many connections open (or all users together do): "
+                            "closing new ones", uid)
+            conn.close()
+            return
+        try:
+            # A peer that stops reading cannot hold a reply thread forever.
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                            struct.pack("ll", int(admission.REQUEST_SECONDS), 0))
+            threading.Thread(target=self._handle, args=(conn, pid, uid, slot), daemon=True).start()
+        except (OSError, RuntimeError) as exc:  # no thread to be had: drop this one, keep serving
+            log.error("cannot serve a connection of uid %d: %s", uid, exc)
+            slot.release()
+            conn.close()
+
+    def _handle(self, conn: socket.socket, pid: int, uid: int, slot: admission.Slot) -> None:
+        fds: list[int] = []
+        try:
+            # Only a batch task sends a job's whole environment; the rest is small.
+            big = auth.batch_step_job(pid, self.node) is not None or step_launch.step_task_job(pid) in self.jobs
+            message, fds = protocol.recv(
+                conn, max_size=protocol.MAX_MESSAGE if big else protocol.MAX_SMALL_MESSAGE,
+                deadline=time.monotonic() + admission.REQUEST_SECONDS)
             op = message["op"]
             if op == "start":
-                self._start(conn, pid, uid, message, fds)
+                self._start(conn, pid, uid, message, fds, slot)
                 fds = []  # owned by the supervisor now
             elif op == "srun":  # the srun stand-in of an enrolled job (agent/step_launch.py)
                 step_launch.handle_srun(self, conn, pid, uid, message, fds)
             elif op == "checkpoint":
+                conn.settimeout(admission.REQUEST_SECONDS)
                 reply, then = self._checkpoint_request(uid, message)
                 protocol.send(conn, reply)
                 if then:
@@ -111,13 +196,14 @@ class NodeAgent:
             elif op == "status":
                 protocol.send(conn, {"op": "status", "node": self.node, "jobs": self.status(uid)})
             else:
-                protocol.send(conn, {"op": "error", "message": f"unknown request '{op}'"})
+                protocol.send(conn, {"op": "error", "message": f"unknown request {_printable(op)}"})
         except SlurmMMError as exc:
             self._reply_error(conn, str(exc), type(exc).__name__)
         except (protocol.ProtocolError, EOFError, OSError, KeyError, TypeError, ValueError) as exc:
-            log.warning("bad request: %s", exc)
+            log.warning("bad request from pid %d uid %d: %s", pid, uid, _printable(str(exc), 200))
             self._reply_error(conn, f"bad request: {exc}")
         finally:
+            slot.release()
             for fd in fds:
                 os.close(fd)
             conn.close()
@@ -131,24 +217,40 @@ class NodeAgent:
 
     # ------------------------------------------------------------ start
 
-    def _start(self, conn: socket.socket, pid: int, uid: int, message: dict, fds: list[int]) -> None:
+    def _start(self, conn: socket.socket, pid: int, uid: int, message: dict, fds: list[int],
+               slot: admission.Slot) -> None:
         job_id = str(message.get("job_id", ""))
         step_job = step_launch.step_task_job(pid)
         if step_job is not None:  # a task of a step the agent launched for a job here
             step_launch.handle_task_start(self, conn, pid, uid, step_job, message, fds)
             return
         try:
+            auth.check_batch_step(pid, job_id, self.node)
+            with self.jobs_lock:
+                earlier = self.jobs.get(job_id)
+            if earlier is not None and earlier.record.state in ("starting", "running"):
+                raise PermissionDenied(f"job {job_id} was already started on {self.node}")
             job = auth.authorize_batch_step(pid, uid, job_id, self.node, self.slurm)
             request = self._launch_request(job, uid, pid, message, fds)
         except SlurmMMError as exc:
-            log.warning("refused start of job %s from pid %d uid %d: %s", job_id, pid, uid, exc)
+            log.warning("refused start of job %s from pid %d uid %d: %s", _printable(job_id), pid, uid,
+                        _printable(str(exc), 300))
             protocol.send(conn, {"op": "refused", "message": str(exc)})
             for fd in fds:
                 os.close(fd)
             return
         supervisor = JobSupervisor(self, request, conn)
         with self.jobs_lock:
+            earlier = self.jobs.get(job_id)
+            if earlier is not None and earlier.record.state in ("starting", "running"):
+                protocol.send(conn, {"op": "refused", "message": f"job {job_id} was already started"})
+                for fd in fds:
+                    os.close(fd)
+                return
             self.jobs[job_id] = supervisor
+        # An authorised batch task: one per job, it no longer counts against its user.
+        slot.release()
+        conn.settimeout(None)
         try:
             mode = supervisor.start()
         except SlurmMMError as exc:
@@ -158,13 +260,14 @@ class NodeAgent:
         supervisor.send({"op": "started", "mode": mode})  # same lock as the exit message
         while True:  # relayed signals until the batch task goes away
             try:
-                relayed, extra = protocol.recv(conn)
+                relayed, extra = protocol.recv(conn, max_size=protocol.MAX_SMALL_MESSAGE)
             except (EOFError, OSError, protocol.ProtocolError):
                 return
             for fd in extra:
                 os.close(fd)
             if relayed.get("op") == "signal" and isinstance(relayed.get("signal"), int):
                 supervisor.on_signal(relayed["signal"])
+            time.sleep(RELAY_SPACING)  # a signal may ask slurmctld something: no floods
 
     def _launch_request(self, job, uid: int, pid: int, message: dict, fds: list[int]) -> LaunchRequest:
         argv, env, cwd = message.get("argv"), message.get("env"), message.get("cwd")
@@ -191,25 +294,43 @@ class NodeAgent:
     # ------------------------------------------------------------ triggers
 
     def _checkpoint_request(self, uid: int, message: dict):
+        # Decided from what this agent already knows (the supervisor's job, whose owner
+        # slurmctld confirmed at start): no request makes the agent ask Slurm anything.
         job_id = str(message.get("job_id", ""))
-        job = self.slurm.job(job_id)
-        auth.authorize_owner_or_root(uid, job)
-        supervisor = self.jobs.get(job_id)
+        if not job_id.isdigit():
+            raise PermissionDenied(f"invalid job id {_printable(job_id)}")
+        with self.jobs_lock:
+            supervisor = self.jobs.get(job_id)
         if supervisor is None:
             raise NotEnrolled(f"job {job_id} is not running under slurm_mm on {self.node} "
                               "(not enrolled with --checkpoint-interval, or still starting)")
+        auth.authorize_owner_or_root(uid, supervisor.req.job)
         trigger = str(message.get("trigger") or "manual")
         if trigger not in ("manual", "drain") or (trigger == "drain" and uid != 0):
-            raise PermissionDenied(f"trigger '{trigger}' is not allowed")
+            raise PermissionDenied(f"trigger {_printable(trigger)} is not allowed")
         requeue = bool(message.get("requeue")) or trigger == "drain"
+        if uid != 0 and not requeue:
+            self._rate_limit_manual(job_id)
+        self._hurry(job_id)
         image = supervisor.checkpoint(trigger, requeue=requeue, defer_requeue=True)
         if image is None:
             raise SlurmMMError(f"checkpoint of job {job_id} failed: {supervisor.record.last_error or 'job not running'}")
         reply = {"op": "checkpointed", "image": image.path.name, "trigger": trigger, "requeued": requeue}
         return reply, (lambda: supervisor.finish_stop(image, trigger)) if requeue else None
 
+    def _rate_limit_manual(self, job_id: str) -> None:
+        """A user's manual checkpoints of a job: no more often than periodic ones may be."""
+        now, spacing = time.monotonic(), self.config.min_interval
+        with self.jobs_lock:
+            last = self._manual_at.get(job_id)
+            if last is not None and now - last < spacing:
+                raise PermissionDenied(f"job {job_id} was checkpointed on request {now - last:.0f} s ago: "
+                                       f"one manual checkpoint per {spacing} s (min_interval)")
+            self._manual_at[job_id] = now
+
     def on_job_signal(self, supervisor: JobSupervisor, signum: int) -> None:
         if signum in (signal.SIGUSR1, signal.SIGTERM) and self._being_preempted(supervisor.job_id):
+            self._hurry(supervisor.job_id)
             threading.Thread(target=supervisor.checkpoint, args=("preempt",), daemon=True).start()
             return
         if signum == signal.SIGTSTP:  # SUSPEND: move GPU state out before the freeze
@@ -220,6 +341,13 @@ class NodeAgent:
             self.engine.resume_gpu(supervisor.tree)
             supervisor.suspended.clear()
         supervisor.forward(signum)
+
+    def _hurry(self, job_id: str) -> None:
+        """A periodic commit of the job runs at idle priority; an urgent checkpoint waits for
+        it (triggers are serialised), so lift it to normal priority."""
+        hurry = getattr(self.store, "hurry", None)
+        if hurry is not None:
+            hurry(job_id)
 
     def _being_preempted(self, job_id: str) -> bool:
         try:
@@ -263,6 +391,7 @@ class NodeAgent:
                     continue  # a suspended (frozen) tree cannot be dumped
                 trigger = "preempt" if job_id in preempted else "drain" if draining else None
                 if trigger:
+                    self._hurry(job_id)
                     threading.Thread(target=supervisor.checkpoint, args=(trigger,), daemon=True).start()
 
     # ------------------------------------------------------------ status

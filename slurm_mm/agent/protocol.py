@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import array
 import json
+import os
 import socket
 import struct
+import time
 from typing import Any
 
 MAX_MESSAGE = 4 * 1024 * 1024  # a job's argv + environment fit easily
+MAX_SMALL_MESSAGE = 64 * 1024  # any request but a batch task's start
 MAX_FDS = 8
 
 
@@ -32,16 +35,26 @@ def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | tuple[in
         sock.sendall(data)
 
 
-def _recv_exact(sock: socket.socket, size: int, fds: list[int]) -> bytes:
+def _recv_exact(sock: socket.socket, size: int, fds: list[int], deadline: float | None) -> bytes:
     chunks, remaining = [], size
     while remaining:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the peer took too long to send its request")
+            sock.settimeout(left)
         fd_space = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
-        data, ancdata, _flags, _addr = sock.recvmsg(remaining, fd_space)
+        data, ancdata, flags, _addr = sock.recvmsg(remaining, fd_space)
         for level, kind, cdata in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 got = array.array("i")
                 got.frombytes(cdata[: len(cdata) - (len(cdata) % got.itemsize)])
                 fds.extend(got)
+        if flags & socket.MSG_CTRUNC:
+            for fd in fds:
+                os.close(fd)
+            fds.clear()
+            raise ProtocolError("too many descriptors in one message")
         if not data:
             raise EOFError("peer closed the connection")
         chunks.append(data)
@@ -49,19 +62,32 @@ def _recv_exact(sock: socket.socket, size: int, fds: list[int]) -> bytes:
     return b"".join(chunks)
 
 
-def recv(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
-    """One message and the fds that came with it (the caller owns and closes them)."""
+def recv(sock: socket.socket, *, max_size: int = MAX_MESSAGE,
+         deadline: float | None = None) -> tuple[dict[str, Any], list[int]]:
+    """One message and the fds that came with it (the caller owns and closes them).
+
+    `max_size`: larger messages are refused before their body is read. `deadline`
+    (time.monotonic()): the whole message must have come by then, else TimeoutError;
+    it leaves the socket with a timeout set.
+    """
     fds: list[int] = []
-    (size,) = struct.unpack(">I", _recv_exact(sock, 4, fds))
-    if size > MAX_MESSAGE:
-        raise ProtocolError(f"message of {size} bytes exceeds {MAX_MESSAGE}")
-    payload = _recv_exact(sock, size, fds)
+    try:
+        (size,) = struct.unpack(">I", _recv_exact(sock, 4, fds, deadline))
+        if size > max_size:
+            raise ProtocolError(f"message of {size} bytes exceeds {max_size}")
+        payload = _recv_exact(sock, size, fds, deadline)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
     try:
         message = json.loads(payload)
-    except json.JSONDecodeError:
-        raise ProtocolError("message is not JSON") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        message = None
     if not isinstance(message, dict) or not isinstance(message.get("op"), str):
-        raise ProtocolError("message has no 'op'")
+        for fd in fds:
+            os.close(fd)
+        raise ProtocolError("message is not JSON or has no 'op'")
     return message, fds
 
 

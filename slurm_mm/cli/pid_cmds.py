@@ -1,5 +1,5 @@
 """`slurm-mm checkpoint --pid PID --to DIR` and `slurm-mm restore DIR`: checkpoint/restore
-of one process tree without Slurm (issue 3, the first-cut interface).
+of one process tree without Slurm (the interface for admins and benchmarks).
 
 DIR is a job directory of the image store: its parent is the store's root and its name
 the image's job id (any name the store accepts as one: `1234`, `myjob`, `run_7`). The

@@ -1,6 +1,6 @@
 """Checkpointing a job's process tree: GPU state into host memory, then a CRIU dump.
 
-Order (FACTS.md): the CUDA checkpoint API hangs on stopped or frozen processes, so the
+Order (docs/design.md, measured facts): the CUDA checkpoint API hangs on stopped or frozen processes, so the
 GPU step runs first, on the running tree; its lock blocks the app's CUDA calls, so GPU
 state cannot change before CRIU freezes and dumps the tree.
 
@@ -9,7 +9,7 @@ its dump and engine.json say so, and restore_tree() adds what CRIU then needs. F
 its processes hold that live outside that namespace (a restored job's new stdout, opened
 by the restorer) are dumped as external and must be handed back at restore.
 
-Guarantee (DESIGN invariant 2): if anything fails after the GPU step, the GPU state is
+Guarantee (a failed checkpoint never harms the job): if anything fails after the GPU step, the GPU state is
 restored and unlocked and the job keeps running; the error is raised (CheckpointFailed,
 with CRIU's log excerpt). What this never does: decide where images live (it is handed a
 directory), talk to Slurm, or kill a job except through CRIU's own end of dump.

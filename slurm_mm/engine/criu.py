@@ -5,7 +5,7 @@ store's layout (it is handed a directory). Runs as root: the command line and th
 environment of criu are built here from arguments, never taken from the job's
 environment or from files the job's user can write.
 
-Flags and why (measured on this VM, FACTS.md):
+Flags and why (docs/design.md, measured facts):
 - `--file-locks`: jobs hold flock/fcntl locks (restored, still held).
 - `--tcp-established` + `--network-lock skip`: jobs have TCP connections; there is no
   iptables binary for CRIU's default network lock (and CRIU here has no nftables).
@@ -16,7 +16,7 @@ Flags and why (measured on this VM, FACTS.md):
 - restore with `-d --restore-sibling --pidfile F`: the restored init is a child of
   the caller, whose waitpid() then gets the job's real exit status.
 - `dump` runs with LD_PRELOAD=libmm_prlimit.so where root lacks CAP_SYS_RESOURCE
-  (this VM); restore needs nothing extra.
+  (some VMs); restore needs nothing extra.
 - A tree with its own mount namespace (mm-init --private-proc, for GPU jobs: CUDA needs a
   /proc of its PID namespace) shares every mount with the host's but /proc:
   dump with `--external mnt[]:sm` (each such mount is external, resolved on restore by
@@ -45,7 +45,7 @@ from slurm_mm.engine import cgroups, native
 from slurm_mm.errors import CheckpointFailed, NodeIncompatible, RestoreFailed
 
 DEFAULT_CRIU = Path("/opt/slurm_mm/criu/sbin/criu")
-MIN_VERSION = (4, 2)  # older CRIUs fail here (FACTS.md: 3.17 vdso, 4.1.1 TCP)
+MIN_VERSION = (4, 2)  # 3.17 fails `criu check` (vDSO), 4.1.1 cannot dump TCP
 
 COMMON_FLAGS = (
     "--file-locks",

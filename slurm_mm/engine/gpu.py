@@ -5,7 +5,7 @@ driver's checkpoint API, called from outside the process, locks its CUDA API, co
 GPU memory into its own host memory and releases the GPU; the process is then an
 ordinary CPU process that CRIU can dump, and restore + unlock give it its GPU back.
 
-Order is everything (FACTS.md): the driver calls hang on a stopped or frozen process,
+Order is everything (docs/design.md, measured facts): the driver calls hang on a stopped or frozen process,
 so `suspend()` runs on the running tree before anything freezes it, and `resume()`
 after the thaw or after `criu restore`. The lock blocks the application's CUDA calls,
 so GPU state cannot change between suspend() and the CPU dump.
@@ -14,7 +14,7 @@ Guarantees:
 - every driver call runs in a killable worker process (gpu_worker.py) under a watchdog
   scaled to the GPU memory involved: a late call raises GpuTimeout, it never hangs us;
 - suspend() either leaves every CUDA process of the tree checkpointed, or puts every
-  process it touched back to running and raises GpuError (DESIGN invariant 2).
+  process it touched back to running and raises GpuError (a failed checkpoint never harms the job).
 
 Knows processes and the driver; never Slurm, the store or CRIU. Runs as root: it trusts
 its caller for the PIDs, reads /proc, and hands requests to libcuda, nothing else.
@@ -72,7 +72,7 @@ class CudaState(enum.Enum):
 class GpuTimeouts:
     """How long each driver call may take before its worker is killed.
 
-    Copy rates measured on an H100 (FACTS.md): checkpoint 0.9-2 GB/s, restore 3-6 GB/s,
+    Copy rates measured on an H100 (docs/gpu-validation.md): checkpoint 0.9-2 GB/s, restore 3-6 GB/s,
     bound by host page faults. `bytes_per_s` is set well below both so that a slow but
     live call is never mistaken for a hung one; a hung call costs `floor_s` + size/rate.
     """

@@ -8,10 +8,16 @@ init's host PID, which is what `checkpoint_tree()` dumps.
 Runs as root. It trusts its arguments (uid, gid, command, fds) from its caller; it never
 passes its own environment or stdio to the job unless told to, and never runs the
 command as root unless `allow_root` says so.
+
+The job's environment is never mm-init's: mm-init (root, dynamically linked, not
+setuid, so the loader would honour LD_PRELOAD and the like) starts with MM_INIT_ENV,
+built here from nothing, and the job's variables travel as data in a sealed memfd
+(`--env-fd`) that only the app process reads, after it dropped to the job user.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pwd
 import select
@@ -24,6 +30,10 @@ from typing import Mapping, Sequence
 from slurm_mm.engine import cgroups as cgroups_mod
 from slurm_mm.engine import native
 from slurm_mm.errors import SlurmMMError, UsageError
+
+
+# mm-init's whole environment: it looks nothing up by PATH and loads nothing by name.
+MM_INIT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"}
 
 
 class LaunchFailed(SlurmMMError):
@@ -100,6 +110,29 @@ def _default_env(uid: int) -> dict[str, str]:
     return env
 
 
+def environment_fd(env: Mapping[str, str]) -> int:
+    """A sealed, close-on-exec memfd holding `env` as NUL-separated NAME=VALUE entries.
+
+    UsageError names a variable that cannot be one (empty name, '=' in the name, NUL).
+    """
+    blob = bytearray()
+    for name, value in env.items():
+        if not name or "=" in name or "\0" in name or "\0" in value:
+            raise UsageError(f"launch: invalid environment variable {name[:64]!r}")
+        blob += f"{name}={value}".encode("utf-8", "surrogateescape") + b"\0"
+    fd = os.memfd_create("mm-init-env", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(blob)
+        while view:
+            view = view[os.write(fd, view):]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                    fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def launch(
     argv: Sequence[str],
     *,
@@ -121,7 +154,8 @@ def launch(
 
     `groups`: supplementary groups (default: the user's, from the group database).
     `env`: the command's whole environment (default: PATH, HOME, USER, LOGNAME, SHELL of
-    the user; never this process's environment). `cwd`: the command's directory,
+    the user; never this process's environment). It reaches the command only: mm-init
+    itself runs with MM_INIT_ENV. `cwd`: the command's directory,
     entered as the user. `stdin`/`stdout`/`stderr`: fds for the job (None: /dev/null;
     use O_APPEND files for output, FACTS.md). `join_cgroups`: cgroups the whole tree
     starts in. `private_proc`: the tree also gets its own mount namespace (mounts made
@@ -144,9 +178,10 @@ def launch(
     if private_proc:
         cmd.append("--private-proc")
 
+    env_fd = environment_fd(env if env is not None else _default_env(uid))
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     try:
-        cmd += ["--pid-fd", str(wfd), "--", *argv]
+        cmd += ["--pid-fd", str(wfd), "--env-fd", str(env_fd), "--", *argv]
         devnull = subprocess.DEVNULL
         try:
             outer = subprocess.Popen(
@@ -154,9 +189,9 @@ def launch(
                 stdin=devnull if stdin is None else stdin,
                 stdout=devnull if stdout is None else stdout,
                 stderr=devnull if stderr is None else stderr,
-                env=dict(env) if env is not None else _default_env(uid),
+                env=dict(MM_INIT_ENV),
                 cwd="/",
-                pass_fds=(wfd,),
+                pass_fds=(wfd, env_fd),
                 close_fds=True,
                 start_new_session=True,  # our terminal's signals are not the job's
                 preexec_fn=cgroups_mod.joiner(join_cgroups) if join_cgroups else None,
@@ -168,6 +203,7 @@ def launch(
         init_pid = _read_pid(rfd, outer, start_timeout)
     finally:
         os.close(rfd)
+        os.close(env_fd)
         if wfd >= 0:
             os.close(wfd)
     return LaunchedTree(outer, init_pid, private_proc)

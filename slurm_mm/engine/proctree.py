@@ -187,7 +187,7 @@ def alive(pid: int) -> bool:
 def wait_gone(pids: Iterable[int], timeout: float, *, zombies_count: bool = True) -> list[int]:
     """Wait until none of `pids` exists; returns those still there after `timeout` s.
 
-    After a kill, this host's PID 1 reaps orphaned zombies 1.2-1.6 s late (FACTS.md), so
+    After a kill, this host's PID 1 reaps orphaned zombies 1.2-1.6 s late (docs/design.md, measured facts), so
     a PID stays taken for a while after its process died. With `zombies_count=False` a
     zombie counts as gone (the process is dead, only its PID is still taken).
     """

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from slurm_mm.engine import proctree
+from slurm_mm.engine import native, proctree
 from slurm_mm.engine.checkpoint import METADATA, GpuCheckpointing
 from slurm_mm.engine.criu import Criu
 from slurm_mm.engine.launcher import exit_code
@@ -163,12 +163,19 @@ def _owner_gids(uid: int, gids: Sequence[int] | None) -> list[int]:
     return sorted(set(os.getgrouplist(pw.pw_name, pw.pw_gid)))
 
 
-def _owner_script(work: Path, uid: int, gids: Sequence[int]) -> tuple[str, Path]:
-    """An action script for criu (it execs the path, no shell) and its verdict file."""
+def _owner_script(work: Path, uid: int, gids: Sequence[int], given: Sequence[int] = ()) -> tuple[str, Path]:
+    """An action script for criu (it execs the path, no shell) and its verdict file.
+    `given`: fds the caller hands the tree (--inherit-fd): their files are the caller's choice."""
     verdict = work / "owner.json"
     script = work / "owner-check.sh"
     cmd = [sys.executable, "-I", str(OWNER_CHECK), "--uid", str(uid),
            "--gids", ",".join(str(g) for g in gids), "--verdict", str(verdict)]
+    for place in (native.INSTALLED_LIBEXEC, native.BUILD_DIR):  # where launch() finds mm-init
+        if (place / native.MM_INIT).is_file():
+            cmd += ["--init-exe", str(place / native.MM_INIT)]
+    for fd in given:
+        st = os.fstat(fd)
+        cmd += ["--given", f"{st.st_dev}:{st.st_ino}"]
     script.write_text(
         "#!/bin/sh\n"
         '[ "$CRTOOLS_SCRIPT_ACTION" = pre-resume ] || exit 0\n'
@@ -269,7 +276,7 @@ def _criu_restore(criu: Criu, images_dir: Path, meta: dict, inherit: dict[int, s
         work = Path(tmp)
         action, verdict_path = (None, None)
         if owner_uid is not None:
-            action, verdict_path = _owner_script(work, owner_uid, _owner_gids(owner_uid, owner_gids))
+            action, verdict_path = _owner_script(work, owner_uid, _owner_gids(owner_uid, owner_gids), list(inherit))
         try:
             root = criu.restore(images_dir, inherit_fds=inherit, join_cgroups=join_cgroups,
                                 log_path=log_path, action_script=action,
@@ -301,4 +308,5 @@ def _check_verdict(verdict_path: Path | None, cause: RestoreFailed | None = None
         if isinstance(root, int) and root > 0:
             _reap(root)
         problems = "; ".join(str(p) for p in verdict.get("problems", []))[:500]
-        raise ImageRefused(f"restored tree refused, it would not run as its owner: {problems}") from cause
+        raise ImageRefused(f"restored tree refused, it would not run as its owner or holds what its owner "
+                           f"could not open: {problems}") from cause

@@ -4,7 +4,7 @@
  * namespace, whatever PIDs are taken outside).
  *
  *   mm-init [--uid U --gid G [--groups G1,G2,...]] [--chdir DIR] [--pid-fd N]
- *           [--allow-root] [--private-proc] -- CMD [ARGS...]
+ *           [--env-fd N] [--allow-root] [--private-proc] -- CMD [ARGS...]
  *
  * Three processes take part:
  *   outer   the process that was exec'd. It unshares a PID namespace, forks PID 1,
@@ -22,8 +22,14 @@
  *           DIR, and execvp()s CMD.
  *
  * What this trusts: its argv and the fds it is given (the launcher, which runs as
- * root, builds them). Nothing from the environment steers the privileged part; the
- * environment is only passed on to CMD.
+ * root, builds them), and its own environment, which the launcher builds from scratch.
+ * The job's environment never is mm-init's: it comes as data on --env-fd (a sealed
+ * memfd of NUL-separated NAME=VALUE entries), is read by the app process only after
+ * it dropped to the job user, and becomes CMD's environment at execve(). So no
+ * loader or interpreter variable of the job (LD_*, GCONV_PATH, ...) ever reaches a
+ * process with root credentials, whatever its name. PID 1 closes the fd once the app
+ * is forked (the re-exec of --private-proc carries only the fd, never the variables).
+ * Without --env-fd, CMD gets mm-init's own environment.
  *
  * uid 0 for the app is refused unless --allow-root is given: a job runs as its
  * owner, and a root app in a restorable image is the one thing images must never
@@ -36,9 +42,11 @@
  * from there (--ns-init): fds opened and mappings made outside live on the host's
  * mounts, which CRIU cannot find in the job's namespace ("Can't lookup mount=N").
  * The reopen goes through an O_PATH fd whose inode is checked against the original,
- * so root never opens anything but the very file it was handed (a path the user
- * swapped for a symlink or another file is left alone, not followed into a file the
- * user may not open). PID 1 is the tree's root, so CRIU dumps and restores the mount
+ * and runs with the job user's file-system identity (setfsuid/setfsgid and the user's
+ * groups: no DAC override), so it opens nothing the user could not open by that name.
+ * An O_PATH fd (search permission is all it took) is never turned into a readable
+ * one: it is left as it is, as is a file that cannot be found again or that the user
+ * may not open. PID 1 is the tree's root, so CRIU dumps and restores the mount
  * namespace with it (a namespace of the app alone cannot be restored). The outer
  * process stays in the host's mount namespace.
  *
@@ -61,6 +69,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/fsuid.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -73,6 +82,7 @@
 #define EXIT_CANNOT_EXEC 126
 #define EXIT_NOT_FOUND 127
 #define MAX_GROUPS 1024
+#define MAX_ENV_BYTES (16 << 20)
 
 /* Signals passed on to the job. CHLD is handled, not forwarded. */
 static const int forwarded[] = {
@@ -89,6 +99,7 @@ struct options {
 	gid_t groups[MAX_GROUPS];
 	const char *chdir;
 	int pid_fd;
+	int env_fd;
 	int allow_root;
 	int private_proc;
 	int ns_init; /* internal: this is PID 1, re-executed inside its mount namespace */
@@ -145,7 +156,8 @@ static void parse_groups(struct options *o, const char *arg)
 static void usage(void)
 {
 	die(EXIT_SELF, "usage: mm-init [--uid U --gid G [--groups G1,G2,...]] "
-		       "[--chdir DIR] [--pid-fd N] [--allow-root] [--private-proc] -- CMD [ARGS...]");
+		       "[--chdir DIR] [--pid-fd N] [--env-fd N] [--allow-root] [--private-proc] "
+		       "-- CMD [ARGS...]");
 }
 
 static void parse_args(struct options *o, int argc, char **argv)
@@ -156,6 +168,7 @@ static void parse_args(struct options *o, int argc, char **argv)
 		{"groups", required_argument, NULL, 'G'},
 		{"chdir", required_argument, NULL, 'C'},
 		{"pid-fd", required_argument, NULL, 'p'},
+		{"env-fd", required_argument, NULL, 'e'},
 		{"allow-root", no_argument, NULL, 'R'},
 		{"private-proc", no_argument, NULL, 'P'},
 		{"ns-init", no_argument, NULL, 'I'},
@@ -166,6 +179,7 @@ static void parse_args(struct options *o, int argc, char **argv)
 
 	memset(o, 0, sizeof(*o));
 	o->pid_fd = -1;
+	o->env_fd = -1;
 	opterr = 0;
 	/* '+': stop at the first non-option, CMD's own options are not ours. */
 	while ((c = getopt_long(argc, argv, "+", longopts, NULL)) != -1) {
@@ -194,6 +208,11 @@ static void parse_args(struct options *o, int argc, char **argv)
 			if (parse_ulong(optarg, INT_MAX, &v) || v <= 2)
 				die(EXIT_SELF, "--pid-fd: invalid fd '%s' (must be > 2)", optarg);
 			o->pid_fd = (int)v;
+			break;
+		case 'e':
+			if (parse_ulong(optarg, INT_MAX, &v) || v <= 2)
+				die(EXIT_SELF, "--env-fd: invalid fd '%s' (must be > 2)", optarg);
+			o->env_fd = (int)v;
 			break;
 		case 'R':
 			o->allow_root = 1;
@@ -224,6 +243,8 @@ static void parse_args(struct options *o, int argc, char **argv)
 	}
 	if (o->pid_fd >= 0 && fcntl(o->pid_fd, F_GETFD) < 0)
 		die(EXIT_SELF, "--pid-fd %d: %s", o->pid_fd, strerror(errno));
+	if (o->env_fd >= 0 && (fcntl(o->env_fd, F_GETFD) < 0 || o->env_fd == o->pid_fd))
+		die(EXIT_SELF, "--env-fd %d: %s", o->env_fd, o->env_fd == o->pid_fd ? "same as --pid-fd" : strerror(errno));
 	o->argv = argv + optind;
 }
 
@@ -275,13 +296,58 @@ static int status_to_exit(int status)
 	return EXIT_SELF;
 }
 
+/* The credentials PID 1 had before it took the job user's file-system identity. */
+struct fs_identity {
+	int switched;
+	uid_t fsuid;
+	gid_t fsgid;
+	int ngroups;
+	gid_t groups[MAX_GROUPS];
+};
+
+/*
+ * Opens from here on are checked as the job user's: fsuid/fsgid and supplementary
+ * groups are the user's, and the kernel drops the file-system capabilities (DAC
+ * override and search) from the effective set while fsuid is not 0. Nothing to do
+ * when mm-init does not change users or the job is root's own (--allow-root, uid 0).
+ */
+static void take_owner_fs_identity(const struct options *o, struct fs_identity *saved)
+{
+	saved->switched = 0;
+	if (!o->have_uid || o->uid == 0 || geteuid() != 0)
+		return;
+	saved->ngroups = getgroups(MAX_GROUPS, saved->groups);
+	if (saved->ngroups < 0)
+		die(EXIT_SELF, "getgroups: %s", strerror(errno));
+	if (setgroups(o->ngroups, o->ngroups ? o->groups : NULL))
+		die(EXIT_SELF, "setgroups: %s", strerror(errno));
+	saved->fsgid = (gid_t)setfsgid(o->gid);
+	saved->fsuid = (uid_t)setfsuid(o->uid);
+	if ((uid_t)setfsuid((uid_t)-1) != o->uid || (gid_t)setfsgid((gid_t)-1) != o->gid)
+		die(EXIT_SELF, "cannot take the job user's file-system identity");
+	saved->switched = 1;
+}
+
+static void give_back_fs_identity(const struct fs_identity *saved)
+{
+	if (!saved->switched)
+		return;
+	setfsuid(saved->fsuid);
+	setfsgid(saved->fsgid);
+	if ((uid_t)setfsuid((uid_t)-1) != saved->fsuid || (gid_t)setfsgid((gid_t)-1) != saved->fsgid ||
+	    setgroups((size_t)saved->ngroups, saved->groups))
+		die(EXIT_SELF, "cannot restore PID 1's own credentials");
+}
+
 /*
  * Give fd `fd` a new open file description of the same file, opened in this (new)
  * mount namespace; same access mode, flags and offset. Only regular files and
- * character devices: pipes, sockets and the like belong to no mount. Returns 0 when
- * done or not needed, -1 with errno set on failure; a file that cannot be found
- * again by its name (deleted, renamed, replaced) is left as it is: the job runs, and
- * a later dump says which file CRIU could not place.
+ * character devices: pipes, sockets and the like belong to no mount. The caller has
+ * taken the job user's file-system identity: the open is the user's. Returns 0 when
+ * done or not needed, -1 with errno set on failure. Left as it is (the job runs, and a
+ * later dump says which file CRIU could not place): a file that cannot be found again
+ * by its name (deleted, renamed, replaced), one the user may not open, and an O_PATH
+ * fd (it grants no reading or writing, and must not come back as a readable fd).
  */
 static int reopen_here(int fd)
 {
@@ -291,13 +357,15 @@ static int reopen_here(int fd)
 	off_t pos;
 	int flags, opath, nfd, keep;
 
-	if (fstat(fd, &was))
-		return errno == EBADF ? 0 : -1;
-	if (!S_ISREG(was.st_mode) && !S_ISCHR(was.st_mode))
-		return 0;
 	flags = fcntl(fd, F_GETFL);
 	if (flags < 0)
+		return errno == EBADF ? 0 : -1;
+	if (flags & O_PATH)
+		return 0;
+	if (fstat(fd, &was))
 		return -1;
+	if (!S_ISREG(was.st_mode) && !S_ISCHR(was.st_mode))
+		return 0;
 	snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
 	n = readlink(link, path, sizeof(path) - 1);
 	if (n < 0)
@@ -320,7 +388,7 @@ static int reopen_here(int fd)
 	nfd = open(link, keep | O_NOCTTY | O_CLOEXEC);
 	close(opath);
 	if (nfd < 0)
-		return -1;
+		return (errno == EACCES || errno == EPERM) ? 0 : -1;
 	pos = lseek(fd, 0, SEEK_CUR);
 	if (pos > 0 && lseek(nfd, pos, SEEK_SET) != pos) {
 		close(nfd);
@@ -335,8 +403,9 @@ static int reopen_here(int fd)
 }
 
 /* PID 1 of the namespace: a mount namespace of its own with /proc of its PID namespace. */
-static void private_proc(void)
+static void private_proc(const struct options *o)
 {
+	struct fs_identity saved;
 	int fd, same_as[3], j;
 	pid_t self = getpid();
 
@@ -362,6 +431,7 @@ static void private_proc(void)
 			if (syscall(SYS_kcmp, self, self, KCMP_FILE, j, fd) == 0)
 				same_as[fd] = j;
 	}
+	take_owner_fs_identity(o, &saved);
 	for (fd = 0; fd <= 2; fd++) {
 		if (same_as[fd] >= 0) {
 			if (dup2(same_as[fd], fd) < 0)
@@ -370,6 +440,7 @@ static void private_proc(void)
 			die(EXIT_SELF, "reopening fd %d in the job's mount namespace: %s", fd, strerror(errno));
 		}
 	}
+	give_back_fs_identity(&saved);
 }
 
 /*
@@ -406,6 +477,48 @@ static void reexec_here(int argc, char **argv)
 	die(EXIT_SELF, "re-executing %s: %s", path, strerror(errno));
 }
 
+/*
+ * The job's environment as read from --env-fd: NUL-separated NAME=VALUE entries (an
+ * entry without '=' or with an empty name is dropped). Read in the app process after
+ * the privilege drop; it is data here, never this process's own environment.
+ */
+static char **job_environment(int fd)
+{
+	struct stat st;
+	size_t len, done = 0, i, count = 1;
+	char *buf, **envp;
+	ssize_t got;
+
+	if (fstat(fd, &st))
+		die(EXIT_SELF, "--env-fd: %s", strerror(errno));
+	if (st.st_size < 0 || st.st_size > MAX_ENV_BYTES)
+		die(EXIT_SELF, "--env-fd: an environment of %lld bytes is too large", (long long)st.st_size);
+	len = (size_t)st.st_size;
+	buf = malloc(len + 1);
+	if (!buf)
+		die(EXIT_SELF, "out of memory");
+	while (done < len) {
+		got = pread(fd, buf + done, len - done, (off_t)done);
+		if (got < 0 && errno == EINTR)
+			continue;
+		if (got <= 0)
+			die(EXIT_SELF, "--env-fd: short read: %s", got < 0 ? strerror(errno) : "end of file");
+		done += (size_t)got;
+	}
+	buf[len] = '\0';
+	for (i = 0; i < len; i++)
+		count += buf[i] == '\0';
+	envp = calloc(count + 1, sizeof(*envp));
+	if (!envp)
+		die(EXIT_SELF, "out of memory");
+	count = 0;
+	for (i = 0; i < len; i += strlen(buf + i) + 1)
+		if (buf[i] != '=' && strchr(buf + i, '='))
+			envp[count++] = buf + i;
+	envp[count] = NULL;
+	return envp;
+}
+
 /* Runs in the app process: becomes the job user, then executes CMD. Never returns. */
 static void exec_app(const struct options *o)
 {
@@ -438,6 +551,12 @@ static void exec_app(const struct options *o)
 		if (setresuid(0, 0, 0) == 0)
 			die(EXIT_SELF, "could regain root after dropping privileges");
 	}
+	/* Only now, as the job user: the job's environment becomes ours for execvp (PATH). */
+	if (o->env_fd >= 0) {
+		environ = job_environment(o->env_fd);
+		if (close(o->env_fd))
+			die(EXIT_SELF, "close --env-fd: %s", strerror(errno));
+	}
 	/* After the drop: the user's permissions decide whether DIR can be entered. */
 	if (o->chdir && chdir(o->chdir))
 		die(EXIT_SELF, "cannot change directory to %s: %s", o->chdir, strerror(errno));
@@ -461,6 +580,9 @@ static void run_init(const struct options *o, const sigset_t *waitset)
 		die(EXIT_SELF, "fork: %s", strerror(errno));
 	if (app == 0)
 		exec_app(o);
+	/* The app has the job's environment; none of it stays with PID 1 (nor in an image). */
+	if (o->env_fd >= 0 && close(o->env_fd))
+		die(EXIT_SELF, "close --env-fd: %s", strerror(errno));
 	/* Both sides set the group, so that no signal can reach PID 1's group by a race. */
 	if (setpgid(app, app) && errno != EACCES && errno != ESRCH)
 		die(EXIT_SELF, "setpgid: %s", strerror(errno));
@@ -520,13 +642,17 @@ int main(int argc, char **argv)
 		if (o.pid_fd >= 0 && close(o.pid_fd))
 			die(EXIT_SELF, "close pid fd: %s", strerror(errno));
 		if (o.private_proc) {
-			private_proc();
+			private_proc(&o);
 			reexec_here(argc, argv);
 		}
 		run_init(&o, &waitset);
 	}
 
 	/* Outer process: from here on, silent. */
+	if (o.env_fd >= 0 && close(o.env_fd)) {
+		kill(init, SIGKILL);
+		_exit(EXIT_SELF);
+	}
 	if (o.pid_fd >= 0) {
 		n = snprintf(buf, sizeof(buf), "%d\n", (int)init);
 		if (n < 0 || write(o.pid_fd, buf, (size_t)n) != n || close(o.pid_fd)) {

@@ -8,14 +8,12 @@
  * "Can't get rlimit 0: Operation not permitted". CRIU 4.2.1 reads them with
  * syscall(__NR_prlimit64, ...) (cr-dump.c, dump_task_rlimits) and calls prlimit64()
  * elsewhere, so this wraps syscall() for that one number, and prlimit64()/prlimit():
- * when the real call fails with EPERM for another process, it sets criu's real
- * uid/gid to the target's for that one call (the effective uid stays 0, so no
- * capability is dropped), retries, and puts the real ids back.
+ * when a READ of another process's limits is refused with EPERM, it answers from
+ * /proc/PID/limits (written by the kernel, readable by anyone) instead.
  *
- * What this trusts: /proc/PID/status of the target (written by the kernel). It does
- * nothing unless it runs with effective uid 0 and the plain call was refused. If the
- * real ids cannot be put back, it aborts rather than let criu go on as someone else.
- * While the ids are switched (one syscall), the target's user may signal criu.
+ * It never changes criu's credentials: a criu whose real uid were the job user's, even
+ * for one call, could be stopped or killed by that user in the middle of a dump.
+ * Setting another process's limits is not emulated (the refusal stands).
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -51,64 +49,65 @@ static long raw_prlimit64(pid_t pid, int resource, const void *new_limit, void *
 	return fn(SYS_prlimit64, (long)pid, (long)resource, (long)new_limit, (long)old_limit);
 }
 
-/* The target's real uid and gid, from the "Uid:" and "Gid:" lines of /proc/PID/status. */
-static int target_ids(pid_t pid, uid_t *uid, gid_t *gid)
+/* RLIM_INFINITY for "unlimited", else the number; -1 on anything else. */
+static int parse_limit(const char *word, rlim64_t *out)
 {
-	char path[64], line[256];
-	unsigned long u = 0, g = 0;
-	int have_u = 0, have_g = 0;
+	char *end;
+	unsigned long long v;
+
+	if (!strcmp(word, "unlimited")) {
+		*out = RLIM64_INFINITY;
+		return 0;
+	}
+	errno = 0;
+	v = strtoull(word, &end, 10);
+	if (errno || end == word || *end)
+		return -1;
+	*out = (rlim64_t)v;
+	return 0;
+}
+
+/*
+ * Limit `resource` of `pid` from /proc/PID/limits: a header line, then one line per
+ * resource in RLIMIT_* order, each "%-25s %-20s %-20s %-10s" (name, soft, hard, units).
+ */
+static int limits_from_proc(pid_t pid, int resource, struct rlimit64 *out)
+{
+	char path[64], line[256], soft[32], hard[32];
+	int index = -1, ok = -1;
 	FILE *f;
 
-	if (snprintf(path, sizeof(path), "/proc/%d/status", (int)pid) >= (int)sizeof(path))
+	if (resource < 0 || snprintf(path, sizeof(path), "/proc/%d/limits", (int)pid) >= (int)sizeof(path))
 		return -1;
 	f = fopen(path, "re");
 	if (!f)
 		return -1;
 	while (fgets(line, sizeof(line), f)) {
-		if (!strncmp(line, "Uid:", 4))
-			have_u = sscanf(line + 4, "%lu", &u) == 1;
-		else if (!strncmp(line, "Gid:", 4))
-			have_g = sscanf(line + 4, "%lu", &g) == 1;
+		if (index++ != resource)
+			continue;
+		if (strlen(line) > 26 && sscanf(line + 26, "%31s %31s", soft, hard) == 2 &&
+		    !parse_limit(soft, &out->rlim_cur) && !parse_limit(hard, &out->rlim_max))
+			ok = 0;
+		break;
 	}
-	if (fclose(f) || !have_u || !have_g)
-		return -1;
-	*uid = (uid_t)u;
-	*gid = (gid_t)g;
-	return 0;
+	fclose(f);
+	return ok;
 }
 
 static long prlimit_as_target(pid_t pid, int resource, const void *new_limit, void *old_limit)
 {
-	uid_t ruid, euid, suid, tuid;
-	gid_t rgid, egid, sgid, tgid;
 	long ret;
 	int err;
 
 	ret = raw_prlimit64(pid, resource, new_limit, old_limit);
-	if (ret == 0 || errno != EPERM || pid == 0 || pid == getpid())
+	if (ret == 0 || errno != EPERM || pid == 0 || pid == getpid() || new_limit || !old_limit)
 		return ret;
 	err = errno;
-	if (getresuid(&ruid, &euid, &suid) || getresgid(&rgid, &egid, &sgid) || euid != 0 ||
-	    target_ids(pid, &tuid, &tgid)) {
+	if (limits_from_proc(pid, resource, (struct rlimit64 *)old_limit)) {
 		errno = err;
 		return -1;
 	}
-	if (setresgid(tgid, (gid_t)-1, (gid_t)-1)) {
-		errno = err;
-		return -1;
-	}
-	if (setresuid(tuid, (uid_t)-1, (uid_t)-1)) {
-		if (setresgid(rgid, (gid_t)-1, (gid_t)-1))
-			abort();
-		errno = err;
-		return -1;
-	}
-	ret = raw_prlimit64(pid, resource, new_limit, old_limit);
-	err = errno;
-	if (setresuid(ruid, (uid_t)-1, (uid_t)-1) || setresgid(rgid, (gid_t)-1, (gid_t)-1))
-		abort();
-	errno = err;
-	return ret;
+	return 0;
 }
 
 int prlimit64(pid_t pid, __rlimit_resource_t resource, const struct rlimit64 *new_limit,

@@ -1,9 +1,9 @@
-"""Streaming zstd compression with checksums, for one image file at a time.
+"""Whole-file zstd streams: reading images of format 1, and the compress-or-not sample.
 
-Files are read and written in fixed-size chunks (never whole), hashed with SHA-256 over
-their raw bytes as they stream, and compressed only when a sample of their start shows it
-pays: GPU memory and already-compressed data would otherwise cost CPU time during a
-preemption grace period for nothing. Knows file descriptors, not paths or images.
+Format 1 stored each file as one zstd stream or raw, with a SHA-256 of its raw bytes;
+check() reads such files back (old images must still restore). worth_compressing()
+decides, from slices across a file, whether a large file of format 2 is a .zst (whose
+chunks then each decide for themselves). Knows file descriptors, not paths or images.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import hashlib
 import io
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import zstandard
 
@@ -34,13 +33,6 @@ class Cancelled(Exception):
     """Another file of the same image already failed; stop early."""
 
 
-@dataclass(frozen=True)
-class Stored:
-    size: int
-    stored_size: int
-    sha256: str
-
-
 SLICES = 16
 
 
@@ -57,41 +49,6 @@ def worth_compressing(fd: int, level: int) -> bool:
     sample = b"".join(os.pread(fd, step if size > SAMPLE else SAMPLE, off) for off in offsets)
     packed = zstandard.ZstdCompressor(level=level).compress(sample)
     return len(packed) <= len(sample) * (1 - MIN_SAVING)
-
-
-def zstd_threads(threads: int) -> int:
-    """Our setting (0 = one worker per CPU) as zstandard's (-1 = one per CPU)."""
-    return -1 if threads == 0 else threads
-
-
-def store(src: int, dst: int, *, compress: bool, level: int, threads: int,
-          on_bytes: ByteCounter | None = None) -> Stored:
-    """Copy src to dst (both fds at offset 0), compressed or raw, hashing the raw bytes."""
-    digest = hashlib.sha256()
-    size = 0
-    buf = bytearray(CHUNK)
-    reader = io.FileIO(src, "rb", closefd=False)
-    sink = io.FileIO(dst, "wb", closefd=False)
-    writer = None
-    if compress:
-        cctx = zstandard.ZstdCompressor(level=level, threads=zstd_threads(threads), write_checksum=True)
-        writer = cctx.stream_writer(sink, write_size=CHUNK, closefd=False)
-    while True:
-        n = reader.readinto(buf)
-        if not n:
-            break
-        chunk = memoryview(buf)[:n]
-        digest.update(chunk)
-        if writer is not None:
-            writer.write(chunk)
-        else:
-            write_all(dst, chunk)
-        size += n
-        if on_bytes:
-            on_bytes(n)
-    if writer is not None:
-        writer.close()  # ends the frame; closefd=False keeps dst open for fsync
-    return Stored(size=size, stored_size=os.fstat(dst).st_size, sha256=digest.hexdigest())
 
 
 def check(src: int, dst: int | None, *, compressed: bool, size: int, sha256: str,

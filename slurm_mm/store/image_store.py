@@ -10,10 +10,17 @@ Layout (docs/design.md, "Store layout"):
         .tmp-<seq>-<rand>/       being written, never listed; gc removes leftovers
         ckpt-<seq:06d>/          complete and verified
           manifest.json
-          <file>.zst | <file>.raw
+          <file>.zst | <file>.raw  (also in subdirectories of the image)
 
-What it guarantees: an image is either complete and verified or invisible (written under
-.tmp-*, fsynced, read back and checked, then renamed); a writer whose epoch is below the
+What it guarantees: an image is either complete and verified or invisible. Complete and
+verified means: written under .tmp-*, every file synced (fsync) and every stored chunk
+then read back through a second file descriptor and found equal (xxh3-128) to the buffer
+that was written, the manifest and the directories synced, the tree listed and found to be
+exactly the manifest's, then renamed (pipeline.py). With read_back="cache" the read-back
+may come from the page cache, as a restore on the same node would; "device" evicts the
+synced pages first so the storage itself is read. Not re-checked at commit: that a zstd
+frame decodes to its raw chunk (zstd's own round trip; extract and verify check it, and
+an image that fails there is skipped for the previous one). A writer whose epoch is below the
 fence never renames (checked under the fence lock at rename time); a damaged image is
 skipped for the previous one with a logged reason; retention keeps the newest `keep` good
 images. What it trusts and never does: see safe_fs (no symlinks, no user-writable
@@ -28,7 +35,6 @@ import logging
 import os
 import re
 import secrets
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -53,8 +59,9 @@ from slurm_mm.errors import (
     UnsafePath,
     UsageError,
 )
-from slurm_mm.store import acl, compression
+from slurm_mm.store import acl, chunks, compression, pipeline, tree
 from slurm_mm.store.manifest import FORMAT_VERSION, MANIFEST_NAME, MAX_MANIFEST_BYTES, FileEntry, Manifest
+from slurm_mm.store.priority import Priority
 from slurm_mm.store.safe_fs import (
     check_name,
     create_file,
@@ -80,7 +87,13 @@ FENCE_NAME = "fence"
 TMP_PREFIX = ".tmp-"
 _FENCE_TMP_PREFIX = ".fence-tmp-"
 _CKPT_RE = re.compile(r"ckpt-(\d{6,})")
-_MAX_WORKERS = 8
+_MAX_WORKERS = 32
+# Files read or written by one pool at a time (each holds an fd or two).
+_FILES_PER_BATCH = 128
+BACKGROUND_TRIGGERS = ("periodic",)
+"""Commits for these triggers run while the job runs on: their threads yield the CPU to it."""
+
+MIN_LEVEL = -7
 
 PHASES = ("locked", "tmp-created", "file-written", "manifest-written", "synced", "verified", "renamed",
           "collected")
@@ -143,26 +156,56 @@ class ImageStore:
     """Checkpoint images of jobs under one root directory on a shared filesystem."""
 
     def __init__(self, root: Path | str, *, level: int = 3, threads: int = 0, keep: int = 3,
-                 lock_timeout: float = 60.0) -> None:
-        """level: zstd level (1-22); threads: zstd workers and restore parallelism, 0 = one
-        per CPU; keep: complete images kept per job; lock_timeout: seconds a writer waits for
-        another before StoreBusy."""
-        if isinstance(level, bool) or not isinstance(level, int) \
-                or not 1 <= level <= zstandard.MAX_COMPRESSION_LEVEL:
-            raise ConfigError(f"compression level {show(level)} is not in 1-{zstandard.MAX_COMPRESSION_LEVEL}")
+                 lock_timeout: float = 60.0, chunk_size: int = chunks.DEFAULT_CHUNK_SIZE,
+                 read_back: str = "cache", background_cpus: float | None = None) -> None:
+        """level: zstd level (-7 to 22; negative levels are zstd's fast modes); threads:
+        worker threads of a commit, verify or extract, 0 = one per CPU; keep: complete images
+        kept per job; lock_timeout: seconds a writer waits for another before StoreBusy;
+        chunk_size: bytes per chunk of new images; read_back: how a commit reads its chunks
+        back, "device" (from the storage, past the page cache) or "cache" (pipeline.py);
+        background_cpus: CPU seconds per second that a periodic commit's threads may use
+        together (None: no limit beyond their idle priority; see priority.Priority)."""
+        if isinstance(level, bool) or not isinstance(level, int) or level == 0 \
+                or not MIN_LEVEL <= level <= zstandard.MAX_COMPRESSION_LEVEL:
+            raise ConfigError(f"compression level {show(level)} is not in {MIN_LEVEL}-"
+                              f"{zstandard.MAX_COMPRESSION_LEVEL} (and not 0)")
         if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= 256:
             raise ConfigError(f"compression threads {show(threads)} is not in 0-256")
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ConfigError(f"images to keep {show(keep)} is not a positive integer")
         if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)) or not lock_timeout >= 0:
             raise ConfigError(f"lock timeout {show(lock_timeout)} is not a number of seconds >= 0")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) \
+                or not chunks.MIN_CHUNK_SIZE <= chunk_size <= chunks.MAX_CHUNK_SIZE:
+            raise ConfigError(f"chunk size {show(chunk_size)} is not in {chunks.MIN_CHUNK_SIZE}-"
+                              f"{chunks.MAX_CHUNK_SIZE} bytes")
+        if background_cpus is not None and (isinstance(background_cpus, bool)
+                                            or not isinstance(background_cpus, (int, float))
+                                            or not 0 < background_cpus <= 1024):
+            raise ConfigError(f"background CPUs {show(background_cpus)} is not a number in (0, 1024]")
+        if read_back not in pipeline.READ_BACK_MODES:
+            raise ConfigError(f"read_back {show(read_back)} is not one of {', '.join(pipeline.READ_BACK_MODES)}")
         self.root = Path(root)
         self.level = level
         self.threads = threads
         self.keep = keep
         self.lock_timeout = float(lock_timeout)
+        self.chunk_size = chunk_size
+        self.read_back = read_back
+        self.background_cpus = background_cpus
         self._workers = min(_MAX_WORKERS, threads or os.cpu_count() or 1)
         self._warned_no_acl = False
+        self._active: dict[str, list[Priority]] = {}
+        self._active_lock = threading.Lock()
+
+    def hurry(self, job_id: str | None = None) -> None:
+        """Let commits in progress (of `job_id`, or all) run at normal priority from their
+        next chunk on: a more urgent checkpoint of the job is waiting for them."""
+        with self._active_lock:
+            for job, priorities in self._active.items():
+                if job_id is None or job == job_id:
+                    for p in priorities:
+                        p.hurry()
 
     # ------------------------------------------------------------------ job directory
 
@@ -217,9 +260,12 @@ class ImageStore:
     def commit(self, job_id: str, source_dir: Path | str, *, epoch: int, uid: int, gid: int, node: str,
                trigger: str, gpu: dict[str, Any] | None = None, criu_version: str = "",
                extra: dict[str, Any] | None = None, progress: Progress | None = None) -> Image:
-        """Store the files of `source_dir` (flat, regular files) as the job's newest image.
+        """Store the files of `source_dir` (regular files, in subdirectories too) as the job's
+        newest image.
 
-        Atomic: the image becomes visible only once written, fsynced and verified. Raises
+        Atomic: the image becomes visible only once written, synced and read back equal.
+        A periodic commit (BACKGROUND_TRIGGERS) runs its threads at idle priority, so the
+        running job loses next to no CPU time to it; hurry() lifts that. Raises
         StaleEpoch if `epoch` is below the job's fence (then nothing is written), StoreBusy
         if another writer holds the job longer than lock_timeout, UnsafePath for a symlink
         or a bad name in source_dir. Afterwards applies retention (see gc).
@@ -230,6 +276,7 @@ class ImageStore:
             "format_version": FORMAT_VERSION, "job_id": job_id, "epoch": epoch, "uid": uid, "gid": gid,
             "node": node, "created": time.time(), "trigger": trigger, "files": [], "gpu": gpu,
             "criu_version": criu_version, "extra": {} if extra is None else extra,
+            "hash": chunks.HASH_NAME, "dirs": [],
         }
         # Same checks as a manifest read back later, but reported as the caller's mistake.
         Manifest.from_dict(meta, source=f"commit for job {job_id}", error=UsageError)
@@ -240,15 +287,24 @@ class ImageStore:
         # Store what a later reader will parse back (tuples become lists, keys strings).
         meta["gpu"], meta["extra"] = json.loads(json.dumps([gpu, meta["extra"]]))
         source = Path(source_dir)
-        with self._io(f"job {job_id}: writing an image"), self._root_fd(create=True) as rfd:
-            jfd = self._job_fd(rfd, job_id, owner=(uid, gid))
-            try:
-                return self._commit(jfd, job_id, source, meta, progress)  # type: ignore[arg-type]
-            finally:
-                os.close(jfd)  # type: ignore[arg-type]
+        priority = Priority(background=trigger in BACKGROUND_TRIGGERS, cpu_share=self.background_cpus)
+        with self._active_lock:
+            self._active.setdefault(job_id, []).append(priority)
+        try:
+            with self._io(f"job {job_id}: writing an image"), self._root_fd(create=True) as rfd:
+                jfd = self._job_fd(rfd, job_id, owner=(uid, gid))
+                try:
+                    return self._commit(jfd, job_id, source, meta, progress, priority)  # type: ignore[arg-type]
+                finally:
+                    os.close(jfd)  # type: ignore[arg-type]
+        finally:
+            with self._active_lock:
+                self._active[job_id].remove(priority)
+                if not self._active[job_id]:
+                    del self._active[job_id]
 
     def _commit(self, jfd: int, job_id: str, source: Path, meta: dict[str, Any],
-                progress: Progress | None) -> Image:
+                progress: Progress | None, priority: Priority) -> Image:
         epoch = meta["epoch"]
         with self._lock(job_id, LOCK_NAME):
             _phase("locked")
@@ -259,7 +315,7 @@ class ImageStore:
             final = f"ckpt-{seq:06d}"
             tmp = f"{TMP_PREFIX}{seq:06d}-{secrets.token_hex(4)}"
             try:
-                manifest = self._write_image(jfd, job_id, tmp, source, meta, progress)
+                manifest = self._write_image(jfd, job_id, tmp, source, meta, progress, priority)
                 # The fence is checked again at the rename, under its own lock: a new run may
                 # have started while this image was being written.
                 with self._lock(job_id, FENCE_LOCK_NAME):
@@ -289,22 +345,68 @@ class ImageStore:
             return image
 
     def _write_image(self, jfd: int, job_id: str, tmp: str, source: Path, meta: dict[str, Any],
-                     progress: Progress | None) -> Manifest:
+                     progress: Progress | None, priority: Priority) -> Manifest:
         uid, gid = meta["uid"], meta["gid"]
         tmp_path = self.root / job_id / tmp
         sfd = open_dir(source, dir_fd=None, path=source)
+        src_dirs = tree.DirFds(sfd, source)
         try:
-            sources = _source_files(sfd, source)
+            listing = tree.walk(sfd, source)
+            if not listing.files:
+                raise ImageError(f"{source} holds no files to store")
+            for d in listing.dirs:
+                src_dirs.fd(d)
+            names = [name for name, _ in listing.files]
+            sizes = [size for _, size in listing.files]
+            zst_modes = [size > self.chunk_size and self._worth_compressing(src_dirs, source, name)
+                         for name, size in listing.files]
             tfd = make_dir(tmp, dir_fd=jfd, mode=0o750, path=tmp_path)
+            dst_dirs = tree.DirFds(tfd, tmp_path)
             try:
                 _phase("tmp-created")
                 self._grant(tfd, uid, gid, directory=True, path=tmp_path)
-                tracker = _Progress(sum(size for _, size in sources), progress)
-                entries = []
-                for name, _size in sources:
-                    entries.append(self._store_file(sfd, tfd, name, source, uid, gid, tracker))
-                    _phase("file-written")
-                manifest = Manifest(**{**meta, "files": tuple(entries)})
+                for d in listing.dirs:
+                    self._grant(dst_dirs.make(d, 0o750), uid, gid, directory=True, path=tmp_path / d)
+                tracker = _Progress(sum(sizes), progress)
+
+                def stored_name(i: int, zst: bool) -> tuple[int, str]:
+                    parent, base = dst_dirs.parent_and_name(names[i])
+                    return parent, base + (".zst" if zst else ".raw")
+
+                def create_stored(i: int, zst: bool) -> int:
+                    parent, name = stored_name(i, zst)
+                    fd = create_file(name, dir_fd=parent, mode=0o640)
+                    try:
+                        self._grant(fd, uid, gid, directory=False, path=tmp_path)
+                    except BaseException:
+                        os.close(fd)
+                        raise
+                    return fd
+
+                def open_stored(i: int, zst: bool) -> int:
+                    parent, name = stored_name(i, zst)
+                    return open_read(name, dir_fd=parent, path=tmp_path / names[i])
+
+                def open_source(i: int) -> int:
+                    parent, base = src_dirs.parent_and_name(names[i])
+                    return open_read(base, dir_fd=parent, path=source / names[i], check_owner=False)
+
+                try:
+                    written = pipeline.write_files(
+                        sizes, zst_modes=zst_modes, open_source=open_source, create_stored=create_stored,
+                        open_stored=open_stored, encoder=chunks.Encoder(self.level), chunk_size=self.chunk_size,
+                        workers=self._workers, priority=priority, read_back=self.read_back,
+                        on_bytes=tracker.counter, on_file_written=lambda i: _phase("file-written"))
+                except pipeline.SourceChanged as exc:
+                    raise ImageError(f"{source / names[exc.index]} {exc}") from None
+                except pipeline.ReadBackMismatch as exc:
+                    raise ImageCorrupt(f"{tmp_path / names[exc.index]}: {exc} (the storage returned other "
+                                       "bytes than were written)") from None
+                entries = tuple(
+                    FileEntry(name=names[i], size=sizes[i], stored_size=w.stored_size, sha256="", compressed=w.zst,
+                              chunk_size=self.chunk_size, chunks=tuple(w.chunks))
+                    for i, w in enumerate(written))
+                manifest = Manifest(**{**meta, "files": entries, "dirs": listing.dirs})
                 mfd = create_file(MANIFEST_NAME, dir_fd=tfd, mode=0o640)
                 try:
                     self._grant(mfd, uid, gid, directory=False, path=tmp_path)
@@ -313,35 +415,30 @@ class ImageStore:
                 finally:
                     os.close(mfd)
                 _phase("manifest-written")
-                os.fsync(tfd)
+                for dfd in reversed(dst_dirs.opened()):
+                    os.fsync(dfd)
                 _phase("synced")
-                # Read everything back as a restore would, so a bad write is caught now.
-                self._verify_dir(tfd, manifest, tmp_path)
+                # Every chunk was read back and checked as it was synced; what is left is the
+                # tree itself and the manifest on disk.
+                self._check_listing(tfd, manifest, tmp_path)
                 _phase("verified")
                 return manifest
             finally:
+                dst_dirs.close()
                 os.close(tfd)
         finally:
+            src_dirs.close()
             os.close(sfd)
 
-    def _store_file(self, sfd: int, tfd: int, name: str, source: Path, uid: int, gid: int,
-                    tracker: _Progress) -> FileEntry:
-        src = open_read(name, dir_fd=sfd, path=source / name, check_owner=False)
+    def _worth_compressing(self, src_dirs: tree.DirFds, source: Path, name: str) -> bool:
+        """A multi-chunk file becomes a .zst when slices across it compress (each chunk then
+        still decides for itself); else a .raw, with no chunk passed through zstd."""
+        parent, base = src_dirs.parent_and_name(name)
+        fd = open_read(base, dir_fd=parent, path=source / name, check_owner=False)
         try:
-            compress = compression.worth_compressing(src, self.level)
-            stored_name = name + (".zst" if compress else ".raw")
-            dst = create_file(stored_name, dir_fd=tfd, mode=0o640)
-            try:
-                self._grant(dst, uid, gid, directory=False, path=source)
-                result = compression.store(src, dst, compress=compress, level=self.level, threads=self.threads,
-                                           on_bytes=tracker.counter)
-                os.fsync(dst)
-            finally:
-                os.close(dst)
+            return compression.worth_compressing(fd, self.level)
         finally:
-            os.close(src)
-        return FileEntry(name=name, size=result.size, stored_size=result.stored_size, sha256=result.sha256,
-                         compressed=compress)
+            os.close(fd)
 
     def gc(self, job_id: str) -> list[Path]:
         """Apply retention now: keep the newest `keep` images whose manifest reads, remove older
@@ -419,14 +516,15 @@ class ImageStore:
 
     def verify(self, image: Image) -> None:
         """Check the image's files against its manifest: no missing or extra file, no
-        symlink, every size and SHA-256 right. Raises ImageCorrupt (UnsafePath for a symlink
-        or a file writable by others)."""
+        symlink, every size and checksum right (each chunk's hash, and each zstd frame
+        decodes to its chunk). Raises ImageCorrupt (UnsafePath for a symlink or a file
+        writable by others)."""
         with self._image_fd(image) as dfd:
             self._verify_dir(dfd, image.manifest, image.path)
 
     def extract(self, image: Image, dest: Path | str, progress: Progress | None = None) -> Manifest:
         """Decompress the image into the new directory `dest` (mode 0700), checking every size
-        and checksum on the way. `dest` appears only when everything checked out; on
+        and checksum on the way, chunks in parallel. `dest` appears only when everything checked out; on
         ImageCorrupt nothing is left behind. dest's parent must be root's and not writable by
         others: the restore reads these files as root."""
         dest = Path(dest)
@@ -441,23 +539,19 @@ class ImageStore:
                 tmp = f".{dest.name}.tmp-{secrets.token_hex(4)}"
                 with self._image_fd(image) as dfd:
                     tfd = make_dir(tmp, dir_fd=pfd, mode=0o700, path=dest.parent / tmp)
+                    out_dirs = tree.DirFds(tfd, dest.parent / tmp)
                     try:
                         self._check_listing(dfd, image.manifest, image.path)
+                        for d in image.manifest.dirs:
+                            out_dirs.make(d, 0o700)
                         tracker = _Progress(image.manifest.total_size, progress)
-
-                        def extract_one(entry: FileEntry, cancelled: Callable[[], bool]) -> None:
-                            out = create_file(entry.name, dir_fd=tfd, mode=0o600)
-                            try:
-                                self._check_file(dfd, entry, image.path, out, tracker, cancelled)
-                            finally:
-                                os.close(out)
-
-                        self._each_file(image.manifest.files, extract_one)
+                        self._check_files(dfd, image.manifest, image.path, out_dirs, tracker)
                         os.rename(tmp, dest.name, src_dir_fd=pfd, dst_dir_fd=pfd)
                     except BaseException:
                         _remove_quietly(tmp, pfd)
                         raise
                     finally:
+                        out_dirs.close()
                         os.close(tfd)
             finally:
                 os.close(pfd)
@@ -681,8 +775,66 @@ class ImageStore:
 
     def _verify_dir(self, dfd: int, manifest: Manifest, path: Path) -> None:
         self._check_listing(dfd, manifest, path)
-        self._each_file(manifest.files,
-                        lambda entry, cancelled: self._check_file(dfd, entry, path, None, None, cancelled))
+        self._check_files(dfd, manifest, path, None, None)
+
+    def _check_files(self, dfd: int, manifest: Manifest, path: Path, out_dirs: tree.DirFds | None,
+                     tracker: _Progress | None) -> None:
+        """Check every file of the image, writing the raw bytes below `out_dirs` if given."""
+        old = tuple(f for f in manifest.files if not f.chunked)
+        if old:  # images of format 1: one stream per file
+            def check_one(entry: FileEntry, cancelled: Callable[[], bool]) -> None:
+                out = None if out_dirs is None else create_file(entry.name, dir_fd=out_dirs.fd(""), mode=0o600)
+                try:
+                    self._check_file(dfd, entry, path, out, tracker, cancelled)
+                finally:
+                    if out is not None:
+                        os.close(out)
+            self._each_file(old, check_one)
+        new = sorted((f for f in manifest.files if f.chunked), key=lambda f: f.size, reverse=True)
+        if not new:
+            return
+        image_dirs = tree.DirFds(dfd, path)
+        try:
+            for start in range(0, len(new), _FILES_PER_BATCH):
+                self._check_chunked(new[start:start + _FILES_PER_BATCH], image_dirs, path, out_dirs, tracker)
+        finally:
+            image_dirs.close()
+
+    def _check_chunked(self, entries: list[FileEntry], image_dirs: tree.DirFds, path: Path,
+                       out_dirs: tree.DirFds | None, tracker: _Progress | None) -> None:
+        fds: list[int] = []
+        try:
+            files = []
+            for entry in entries:
+                spath = path / entry.stored_name
+                parent, base = image_dirs.parent_and_name(entry.stored_name)
+                try:
+                    fd = open_read(base, dir_fd=parent, path=spath)
+                except FileNotFoundError:
+                    raise ImageCorrupt(f"{spath} is missing") from None
+                except OSError as exc:
+                    raise ImageCorrupt(f"{spath}: {exc.strerror}") from None
+                fds.append(fd)
+                size = os.fstat(fd).st_size
+                if size != entry.stored_size:
+                    raise ImageCorrupt(f"{spath} has {size} bytes, manifest says {entry.stored_size}")
+                out = None
+                if out_dirs is not None:
+                    oparent, obase = out_dirs.parent_and_name(entry.name)
+                    out = create_file(obase, dir_fd=oparent, mode=0o600)
+                    fds.append(out)
+                spans = [(i, raw_off, stored_off, chunk, entry.raw_length(i))
+                         for i, raw_off, stored_off, chunk in entry.chunk_spans()]
+                files.append(pipeline.ReadFile(chunks=spans, stored_fd=fd, out_fd=out))
+            try:
+                pipeline.read_files(files, workers=self._workers, on_bytes=tracker.counter if tracker else None)
+            except pipeline.ChunkError as exc:
+                entry = entries[exc.file_index]
+                raise ImageCorrupt(f"{path / entry.stored_name} chunk {exc.chunk} at byte {exc.stored_offset} "
+                                   f"{exc}") from None
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     @staticmethod
     def _check_listing(dfd: int, manifest: Manifest, path: Path) -> None:
@@ -690,7 +842,7 @@ class ImageStore:
         the one we hold (it was not replaced since it was read)."""
         mpath = path / MANIFEST_NAME
         try:
-            names = set(os.listdir(dfd))
+            listing = tree.walk(dfd, path)
             data = _read_manifest_bytes(dfd, mpath)
         except OverflowError as exc:
             raise ImageCorrupt(str(exc)) from None
@@ -698,13 +850,15 @@ class ImageStore:
             raise ImageCorrupt(f"{path}: {exc.strerror}") from None
         if Manifest.from_json(data, source=str(mpath)) != manifest:
             raise ImageCorrupt(f"{mpath} changed since it was read")
-        expected = {MANIFEST_NAME} | {f.stored_name for f in manifest.files}
-        missing = sorted(expected - names)
-        if missing:
-            raise ImageCorrupt(f"{path / missing[0]} is missing")
-        extra = sorted(names - expected)
-        if extra:
-            raise ImageCorrupt(f"{path} has a file not in its manifest: {show(extra[0])}")
+        for kind, found, expected in (
+                ("directory", set(listing.dirs), set(manifest.dirs)),
+                ("file", {name for name, _ in listing.files}, {MANIFEST_NAME} | {f.stored_name for f in manifest.files})):
+            missing = sorted(expected - found)
+            if missing:
+                raise ImageCorrupt(f"{path / missing[0]} is missing")
+            extra = sorted(found - expected)
+            if extra:
+                raise ImageCorrupt(f"{path} has a {kind} not in its manifest: {show(extra[0])}")
 
     def _check_file(self, dfd: int, entry: FileEntry, path: Path, out: int | None, tracker: _Progress | None,
                     cancelled: Callable[[], bool]) -> None:
@@ -777,24 +931,6 @@ def _check_ids(uid: object, gid: object) -> None:
     for what, value in (("uid", uid), ("gid", gid)):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 0xFFFFFFFF:
             raise UsageError(f"{what} {show(value)} is not a user/group id")
-
-
-def _source_files(sfd: int, source: Path) -> list[tuple[str, int]]:
-    """(name, size) of the files to store, sorted; refuses anything but flat regular files."""
-    result = []
-    for name in sorted(os.listdir(sfd)):
-        problem = name_problem(name)
-        if problem:
-            raise UnsafePath(f"{source}: {problem}")
-        st = os.stat(name, dir_fd=sfd, follow_symlinks=False)
-        if stat.S_ISLNK(st.st_mode):
-            raise UnsafePath(f"{source / name} is a symlink")
-        if not stat.S_ISREG(st.st_mode):
-            raise UnsafePath(f"{source / name} is not a regular file")
-        result.append((name, st.st_size))
-    if not result:
-        raise ImageError(f"{source} holds no files to store")
-    return result
 
 
 def _exists(name: str, dir_fd: int) -> bool:
