@@ -229,10 +229,11 @@ class JobSteps:
                 os.close(fd)
 
         threading.Thread(target=wait, daemon=True, name=f"task-{self.sup.job_id}-{rank}").start()
+        conn.settimeout(None)  # the request's deadline is over: the task relays for its lifetime
         send({"op": "started", "mode": "restored" if image is not None else "launched"})
         while True:
             try:
-                relayed, extra = protocol.recv(conn)
+                relayed, extra = protocol.recv(conn, max_size=protocol.MAX_SMALL_MESSAGE)
             except (EOFError, OSError, protocol.ProtocolError):
                 return
             for fd in extra:
