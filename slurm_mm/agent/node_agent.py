@@ -222,7 +222,7 @@ class NodeAgent:
         job_id = str(message.get("job_id", ""))
         step_job = step_launch.step_task_job(pid)
         if step_job is not None:  # a task of a step the agent launched for a job here
-            step_launch.handle_task_start(self, conn, pid, uid, step_job, message, fds)
+            step_launch.handle_task_start(self, conn, pid, uid, step_job, message, fds, slot.release)
             return
         try:
             auth.check_batch_step(pid, job_id, self.node)

@@ -174,7 +174,10 @@ class JobSteps:
 
     # -------------------------------------------------------- step tasks
 
-    def start_task(self, conn: socket.socket, pid: int, message: dict, fds: list[int]) -> None:
+    def start_task(self, conn: socket.socket, pid: int, message: dict, fds: list[int],
+                   admitted=lambda: None) -> None:
+        """`admitted`: called once the task is known, so that its long-lived connection no
+        longer counts against its user's share of agent connections (as a batch task's)."""
         from slurm_mm.agent.supervisor import LaunchRequest  # noqa: PLC0415
 
         argv, env, cwd = message.get("argv"), message.get("env"), message.get("cwd")
@@ -229,6 +232,7 @@ class JobSteps:
                 os.close(fd)
 
         threading.Thread(target=wait, daemon=True, name=f"task-{self.sup.job_id}-{rank}").start()
+        admitted()
         conn.settimeout(None)  # the request's deadline is over: the task relays for its lifetime
         send({"op": "started", "mode": "restored" if image is not None else "launched"})
         while True:
@@ -370,12 +374,12 @@ def step_task_job(pid: int) -> str | None:
 
 
 def handle_task_start(agent: NodeAgent, conn: socket.socket, pid: int, uid: int, job_id: str,
-                      message: dict, fds: list[int]) -> None:
+                      message: dict, fds: list[int], admitted=lambda: None) -> None:
     sup = agent.jobs.get(job_id)
     try:
         if sup is None or sup.req.uid != uid or str(message.get("job_id")) != job_id:
             raise PermissionDenied(f"job {job_id} has no slurm_mm-supervised batch tree of uid {uid} here")
-        sup.steps.jobsteps.start_task(conn, pid, message, fds)
+        sup.steps.jobsteps.start_task(conn, pid, message, fds, admitted)
     except SlurmMMError as exc:
         log.warning("refused step task of job %s from pid %d: %s", job_id, pid, exc)
         for fd in fds:
