@@ -37,13 +37,45 @@ int mm_stepd_user_init(spank_t sp)
  * wrapper and hand it the script's path in SLURM_MM_SCRIPT: everything else Slurm
  * does before the exec (cgroups, stdio, task prolog, environment) stays as it is.
  */
+/*
+ * A task of an srun step that slurm_mm's node agent launched for an enrolled job (its
+ * environment carries the agent's step token): wrap it like the batch task, so that the
+ * agent starts it under slurm_mm (or restores it) and a checkpoint carries it. Other
+ * steps run untouched.
+ */
+static int step_task_init(spank_t sp)
+{
+	static char wrapper[sizeof(mm_cfg.run_wrapper)];
+	char token[64];
+	int argc = 0;
+	char **argv = NULL;
+
+	if (spank_getenv(sp, "SLURM_MM_STEP_TOKEN", token, sizeof(token)) != ESPANK_SUCCESS || !token[0])
+		return 0;
+	if (spank_get_item(sp, S_JOB_ARGV, &argc, &argv) != ESPANK_SUCCESS || argc < 1 ||
+	    access(mm_cfg.run_wrapper, X_OK) != 0) {
+		slurm_error("slurm_mm: cannot wrap this step's task; it runs without checkpoints");
+		return 0;
+	}
+	if (spank_setenv(sp, "SLURM_MM_SCRIPT", argv[0], 1) != ESPANK_SUCCESS ||
+	    spank_setenv(sp, "SLURM_MM_AGENT_SOCKET", mm_cfg.agent_socket, 1) != ESPANK_SUCCESS) {
+		slurm_error("slurm_mm: cannot pass the step's command; it runs without checkpoints");
+		return 0;
+	}
+	snprintf(wrapper, sizeof(wrapper), "%s", mm_cfg.run_wrapper);
+	argv[0] = wrapper;
+	return 0;
+}
+
 int mm_stepd_task_init(spank_t sp)
 {
 	static char wrapper[sizeof(mm_cfg.run_wrapper)];
 	int argc = 0;
 	char **argv = NULL;
 
-	if (mm_interval <= 0 || !is_batch_step(sp))
+	if (!is_batch_step(sp))
+		return step_task_init(sp);
+	if (mm_interval <= 0)
 		return 0;
 	if (spank_get_item(sp, S_JOB_ARGV, &argc, &argv) != ESPANK_SUCCESS || argc < 1) {
 		slurm_error("slurm_mm: cannot read the batch script's argv; job runs unprotected");

@@ -19,6 +19,37 @@ local function enrolled(options)
     return value ~= nil and value ~= "" and string.lower(value) ~= "off" and value ~= "0"
 end
 
+-- Site setting: an enrolled job that asks for more than one node gets no images
+-- (slurm_mm checkpoints single-node jobs only). "warn": submit it with a warning;
+-- "error": refuse the submission.
+local MULTINODE_POLICY = "warn"
+
+-- The smallest node count the job asked for (-N MIN[-MAX]); 1 when it did not say.
+local function min_nodes(options)
+    local nodes = options["nodes"]
+    if nodes == nil or nodes == "" then
+        return 1
+    end
+    return tonumber(string.match(nodes, "^(%d+)")) or 1
+end
+
+-- One line at submit time for what the node agent would tell the job anyway.
+local function check_multinode(options)
+    local n = min_nodes(options)
+    if n <= 1 then
+        return slurm.SUCCESS
+    end
+    local text = "--checkpoint-interval: this job asks for " .. n .. " nodes and slurm_mm " ..
+        "checkpoints single-node jobs only: it will get no images, and preemption, drains " ..
+        "and node failures will rerun it from the start"
+    if MULTINODE_POLICY == "error" then
+        slurm.log_error("%s (refused by this site's slurm_mm policy)", text)
+        return slurm.ERROR
+    end
+    slurm.log_info("warning: %s", text)
+    return slurm.SUCCESS
+end
+
 function slurm_cli_setup_defaults(options, early_pass)
     return slurm.SUCCESS
 end
@@ -33,7 +64,7 @@ function slurm_cli_pre_submit(options, pack_offset)
     if options["open-mode"] == nil or options["open-mode"] == "" then
         options["open-mode"] = "append"
     end
-    return slurm.SUCCESS
+    return check_multinode(options)
 end
 
 function slurm_cli_post_submit(offset, job_id, step_id)

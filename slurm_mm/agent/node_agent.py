@@ -23,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from slurm_mm.agent import admission, auth, protocol
+from slurm_mm.agent import admission, auth, protocol, step_launch
 from slurm_mm.agent.cgroups import step_cgroup_procs
 from slurm_mm.agent.staging import (fits, gpu_dump_dir, prepare_staging_root, root_only_dir, tree_gpu_bytes,
                                     tree_resident_bytes)
@@ -174,7 +174,7 @@ class NodeAgent:
         fds: list[int] = []
         try:
             # Only a batch task sends a job's whole environment; the rest is small.
-            big = auth.batch_step_job(pid, self.node) is not None
+            big = auth.batch_step_job(pid, self.node) is not None or step_launch.step_task_job(pid) in self.jobs
             message, fds = protocol.recv(
                 conn, max_size=protocol.MAX_MESSAGE if big else protocol.MAX_SMALL_MESSAGE,
                 deadline=time.monotonic() + admission.REQUEST_SECONDS)
@@ -182,6 +182,8 @@ class NodeAgent:
             if op == "start":
                 self._start(conn, pid, uid, message, fds, slot)
                 fds = []  # owned by the supervisor now
+            elif op == "srun":  # the srun stand-in of an enrolled job (agent/step_launch.py)
+                step_launch.handle_srun(self, conn, pid, uid, message, fds)
             elif op == "checkpoint":
                 conn.settimeout(admission.REQUEST_SECONDS)
                 reply, then = self._checkpoint_request(uid, message)
@@ -218,6 +220,10 @@ class NodeAgent:
     def _start(self, conn: socket.socket, pid: int, uid: int, message: dict, fds: list[int],
                slot: admission.Slot) -> None:
         job_id = str(message.get("job_id", ""))
+        step_job = step_launch.step_task_job(pid)
+        if step_job is not None:  # a task of a step the agent launched for a job here
+            step_launch.handle_task_start(self, conn, pid, uid, step_job, message, fds, slot.release)
+            return
         try:
             auth.check_batch_step(pid, job_id, self.node)
             with self.jobs_lock:

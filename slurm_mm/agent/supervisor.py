@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slurm_mm.agent import job_comment, metrics, protocol
+from slurm_mm.agent.steps import StepGuard
 from slurm_mm.config import RESTORE_POLICIES
 from slurm_mm.engine import filestate
 from slurm_mm.engine.proctree import tree_pids
@@ -74,6 +75,7 @@ class JobRecord:
     last_image: dict[str, Any] = field(default_factory=dict)
     progress: Progress = field(default_factory=Progress)
     last_error: str = ""
+    refused: str = ""  # why checkpoints of this job are refused (steps.py)
 
 
 class JobSupervisor:
@@ -89,6 +91,7 @@ class JobSupervisor:
         self.tree: Any = None
         self.record = JobRecord(self.job_id, request.uid, request.interval)
         self.send_lock = threading.Lock()
+        self.steps = StepGuard(self)
 
     # ------------------------------------------------------------ messages
 
@@ -115,6 +118,7 @@ class JobSupervisor:
         store.prepare_job(self.job_id, self.req.uid, self.req.gid)
         store.advance_epoch(self.job_id, self.epoch)
         mode = "launched"
+        self.steps.prepare()
         if self.epoch > 0:
             tried = []
             for image in self._candidate_images():
@@ -137,6 +141,8 @@ class JobSupervisor:
                 if tried:
                     return self._no_restorable_image(tried)
                 self.tell("no image of an earlier run: starting the job script from the beginning")
+            if mode == "restored":
+                self.steps.check_restored(self.tree)
         if self.tree is None:
             self.tree = self.agent.engine.launch(self.req)
         self._running(mode)
@@ -146,6 +152,7 @@ class JobSupervisor:
         self.record.mode = mode
         self.record.state = "running"
         metrics.registry.job_started(self.job_id, mode)
+        self.steps.on_start()
         threading.Thread(target=self._wait_exit, name=f"wait-{self.job_id}", daemon=True).start()
         if self.req.interval > 0:
             threading.Thread(target=self._periodic, name=f"periodic-{self.job_id}", daemon=True).start()
@@ -213,8 +220,10 @@ class JobSupervisor:
             self.record.progress = Progress("extracting", "restore", time.time())
             self.agent.store.extract(image, staging, progress=self._progress)
             self.record.progress.phase = "restoring"
-            return self.agent.engine.restore(staging, self.req, image.manifest.gpu, node=self.agent.node,
+            tree = self.agent.engine.restore(staging, self.req, image.manifest.gpu, node=self.agent.node,
                                              pin_root=self.pin_root())
+            self.steps.restored(tree, staging, image.manifest.extra)
+            return tree
         finally:
             self.record.progress = Progress()
             shutil.rmtree(staging, ignore_errors=True)
@@ -234,6 +243,8 @@ class JobSupervisor:
                 return  # restored in place after a failed commit: a new waiter took over
             if self.record.state in ("checkpointed", "requeued"):
                 log.info("job %s: tree stopped after checkpoint (status %s)", self.job_id, status)
+                return
+            if self.steps.ended_by_preemption(status):
                 return
             self.record.state = "exited"
         log.info("job %s: exited with %s", self.job_id, status)
@@ -278,6 +289,10 @@ class JobSupervisor:
                 self.record.last_error = "the job is suspended"
                 log.info("job %s: no %s checkpoint while suspended", self.job_id, trigger)
                 return None
+            refusal = self.steps.refusal(stopping)
+            if refusal:
+                self.steps.refuse(trigger, stopping, refusal)
+                return None
             self.record.progress = Progress("dumping", trigger, time.time())
             started = time.monotonic()
             staging: Path | None = None
@@ -301,6 +316,7 @@ class JobSupervisor:
             self.record.last_image = {"name": image.path.name, "created": m.created, "trigger": m.trigger,
                                       "size": sum(f.stored_size for f in m.files),
                                       "same_node_only": bool(m.extra.get("files", {}).get("same_node_only"))}
+            self.steps.clear()
             if stopping:
                 self.record.state = "checkpointed"
         if stopping and not defer_requeue:
@@ -322,9 +338,11 @@ class JobSupervisor:
     def _dump_and_commit(self, staging: Path, trigger: str, stopping: bool):
         engine, store = self.agent.engine, self.agent.store
         files = engine.file_spec(self.req, node=self.agent.node, pin_root=self.pin_root(), pin_name=staging.name)
-        dumped = engine.dump(self.tree, staging, leave_running=not stopping, files=files)
+        dumped = engine.dump(self.tree, staging, leave_running=not stopping or self.steps.holds_steps(),
+                             files=files)
         for note in dumped.extra.get("files", {}).get("notes", []):
             self.tell(note)
+        dumped.extra["steps"] = self.steps.dump_steps(staging, stopping)
         try:
             self.record.progress.phase = "writing"
             image = store.commit(

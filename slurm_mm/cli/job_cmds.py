@@ -154,6 +154,7 @@ def status_rows(cfg: config.Config) -> list[dict[str, Any]]:
                 "name": images[0].path.name, "age": round(time.time() - last.created),
                 "size": sum(f.stored_size for f in last.files), "trigger": last.trigger},
             "in_progress": progress if progress.get("phase", "idle") != "idle" else None,
+            "refused": (agent or {}).get("refused", ""),
         })
     return rows
 
@@ -188,8 +189,12 @@ def run_status(args: argparse.Namespace) -> int:
             "-" if last is None else f"{last['name']} ({last['trigger']}, {last['age']}s ago, {_human_bytes(last['size'])})",
             "-" if prog is None else _progress_text(prog),
         ])
-    print(tabulate(table, headers=["job", "state", "node", "interval", "last image", "in progress"])
-          if table else "no enrolled jobs")
+    headers = ["job", "state", "node", "interval", "last image", "in progress"]
+    if any(r["refused"] for r in rows):  # jobs slurm_mm cannot capture whole (agent/steps.py)
+        headers.append("not checkpointed because")
+        for line, r in zip(table, rows):
+            line.append(r["refused"] or "-")
+    print(tabulate(table, headers=headers) if table else "no enrolled jobs")
     return 0
 
 

@@ -1,0 +1,454 @@
+"""Single-node `srun` steps of an enrolled job: run them so that a checkpoint carries them.
+
+Three parts, all for jobs whose batch tree this agent supervises:
+- `srun` request (from the stand-in, slurm_mm/step_client.py, inside the batch tree):
+  the agent runs Slurm's real `srun` outside the tree, as the job's user, in the batch
+  step's cgroups, with the stand-in's stdio, and writes its exit code to a file the
+  stand-in polls. The step's environment carries a token naming the step.
+- step task start (slurm-mm-run as a step task, the SPANK plugin redirects tasks whose
+  environment carries a token): the task's command starts under mm-init like the batch
+  script (its own PID namespace, the step's cgroups, the task's stdio), or, for a step
+  relaunched after a restore, its task tree is restored from the image instead.
+- dump/restore: each task tree is dumped after the batch tree into the same image (files
+  named `step@TOKEN@RANK@...`); the manifest's extra lists the steps. A restore relaunches
+  each step's `srun` with the recorded command line and a restore request, taking stdio
+  from the restored stand-in, whose exit file then receives the new srun's exit code.
+
+Trusts: SO_PEERCRED, /proc (cgroups, tree membership), the agent's own records. The
+token and rank a task sends only select among images of the task's own job. Everything
+run for the user runs with the user's ids, groups and working directory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from slurm_mm.agent import protocol
+from slurm_mm.agent.cgroups import step_cgroup_procs
+from slurm_mm.config import agent_socket
+from slurm_mm.engine.proctree import tree_pids
+from slurm_mm.errors import PermissionDenied, SlurmMMError
+
+if TYPE_CHECKING:
+    from slurm_mm.agent.node_agent import NodeAgent
+    from slurm_mm.agent.supervisor import JobSupervisor
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "SLURM_MM_STEP_TOKEN"
+RESTORE_ENV = "SLURM_MM_RESTORE_STEP"
+FILE_PREFIX = "step@"
+_STEP_CGROUP = re.compile(r"/job_(\d+)/step_(\d+)(?:/|$)")
+_TOKEN = re.compile(r"[0-9a-f]{16}")
+
+
+# ---------------------------------------------------------------- records
+
+@dataclass
+class StepTask:
+    rank: int
+    tree: Any
+
+
+@dataclass
+class Step:
+    """One `srun` of the job's script, as the agent runs it."""
+
+    token: str
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    standin_ns_pid: int
+    ntasks: int = 0  # known once a task has started
+    tasks: dict[int, StepTask] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    restoring: dict[int, Path] = field(default_factory=dict)  # rank -> image dir
+    restored: set[int] = field(default_factory=set)
+
+    def meta(self) -> dict[str, Any]:
+        return {"argv": self.argv, "env": self.env, "cwd": self.cwd, "standin_ns_pid": self.standin_ns_pid,
+                "ntasks": self.ntasks, "ranks": sorted(self.tasks)}
+
+
+class JobSteps:
+    """The running steps of one job on this node."""
+
+    def __init__(self, sup: JobSupervisor) -> None:
+        self.sup = sup
+        self.lock = threading.Lock()
+        self.steps: dict[str, Step] = {}
+        self.stopping = False  # a stopping dump is ending the steps: their exits mean nothing
+
+    # -------------------------------------------------------- paths
+
+    @property
+    def agent(self) -> NodeAgent:
+        return self.sup.agent
+
+    def exit_dir(self) -> Path:
+        return self.agent.config.run_dir / "steps" / self.sup.job_id
+
+    def bin_dir(self) -> Path:
+        return self.agent.config.run_dir / "bin"
+
+    # -------------------------------------------------------- launch
+
+    def prepare_env(self, env: dict[str, str]) -> None:
+        """The batch script finds the stand-in as `srun` first on its PATH."""
+        bin_dir = self.bin_dir()
+        _install_standin(bin_dir)
+        env["PATH"] = f"{bin_dir}:{env.get('PATH', '/usr/bin:/bin')}"
+        env["SLURM_MM_STEPS_BIN"] = str(bin_dir)
+        env["SLURM_MM_STEPS_SOCKET"] = str(agent_socket(self.agent.config, self.agent.node))
+
+    def start_srun(self, argv: list[str], env: dict[str, str], cwd: str, fds: list[int], ns_pid: int,
+                   token: str | None = None, restoring: dict[int, Path] | None = None) -> Path:
+        """Run the real srun for the job; returns the exit file the stand-in waits on."""
+        token = token or secrets.token_hex(8)
+        step = Step(token, argv, env, cwd, ns_pid, restoring=restoring or {})
+        exit_file = self.exit_dir() / token
+        self.exit_dir().mkdir(parents=True, exist_ok=True, mode=0o755)
+        exit_file.unlink(missing_ok=True)
+        run_env = self._srun_env(env, token, restore=bool(restoring))
+        req = self.sup.req
+        with self.lock:  # known before its tasks can ask for it
+            self.steps[token] = step
+        try:
+            step.proc = subprocess.Popen(
+                ["srun", *argv], env=run_env, stdin=fds[0], stdout=fds[1], stderr=fds[2], close_fds=True,
+                preexec_fn=_become(req.uid, req.gid, req.groups, cwd, req.cgroup_procs))
+        except OSError as exc:
+            with self.lock:
+                self.steps.pop(token, None)
+            raise SlurmMMError(f"cannot run srun for job {self.sup.job_id}: {exc}") from None
+        threading.Thread(target=self._wait_srun, args=(step, exit_file), daemon=True,
+                         name=f"srun-{self.sup.job_id}-{token}").start()
+        return exit_file
+
+    def _srun_env(self, env: dict[str, str], token: str, restore: bool) -> dict[str, str]:
+        """The stand-in's environment, with this run's Slurm variables (a restored script
+        still holds the old run's node list)."""
+        out = dict(env)
+        for key, value in self.sup.req.env.items():
+            if key.startswith("SLURM_") and not key.startswith("SLURM_MM_"):
+                out[key] = value
+        shim = env.get("SLURM_MM_STEPS_BIN", str(self.bin_dir()))
+        out["PATH"] = ":".join(p for p in out.get("PATH", "").split(":") if p and p != shim) or "/usr/bin:/bin"
+        out[TOKEN_ENV] = token
+        out.pop(RESTORE_ENV, None)
+        if restore:
+            out[RESTORE_ENV] = token
+        return out
+
+    def _wait_srun(self, step: Step, exit_file: Path) -> None:
+        rc = step.proc.wait()
+        code = rc if rc >= 0 else 128 - rc
+        with self.lock:
+            self.steps.pop(step.token, None)
+        for path in step.restoring.values():
+            shutil.rmtree(path, ignore_errors=True)
+        missing = sorted(set(step.restoring) - step.restored)
+        if missing and not self.stopping:
+            self.fail_job(f"step `srun {' '.join(step.argv)[:80]}` ended (exit {code}) before its "
+                          f"task(s) {missing} were restored")
+            return
+        if self.stopping or self.sup.record.state not in ("running", "starting"):
+            return  # the job was checkpointed to stop: its tree is gone or going
+        tmp = exit_file.with_name(f".{exit_file.name}.tmp")
+        tmp.write_text(f"{code}\n")
+        os.chmod(tmp, 0o644)
+        os.rename(tmp, exit_file)
+
+    # -------------------------------------------------------- step tasks
+
+    def start_task(self, conn: socket.socket, pid: int, message: dict, fds: list[int],
+                   admitted=lambda: None) -> None:
+        """`admitted`: called once the task is known, so that its long-lived connection no
+        longer counts against its user's share of agent connections (as a batch task's)."""
+        from slurm_mm.agent.supervisor import LaunchRequest  # noqa: PLC0415
+
+        argv, env, cwd = message.get("argv"), message.get("env"), message.get("cwd")
+        if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)
+                and isinstance(env, dict) and isinstance(cwd, str) and len(fds) == 3):
+            raise PermissionDenied("step task start request is malformed")
+        token = str(env.get(TOKEN_ENV, ""))
+        with self.lock:
+            step = self.steps.get(token)
+        if step is None:
+            raise PermissionDenied(f"no step with token '{token}' runs for job {self.sup.job_id} here")
+        try:
+            rank = int(env.get("SLURM_PROCID", ""))
+            ntasks = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 0)
+        except ValueError:
+            raise PermissionDenied("step task has no valid SLURM_PROCID") from None
+        req = self.sup.req
+        task_req = LaunchRequest(job=req.job, uid=req.uid, gid=req.gid, groups=req.groups, argv=argv,
+                                 env=env, cwd=cwd, stdio=fds, cgroup_procs=step_cgroup_procs(pid), interval=0)
+        image = step.restoring.get(rank)
+        engine = self.agent.engine
+        if image is not None:
+            try:
+                tree = engine.restore(image, task_req, None, node=self.agent.node, pin_root=None)
+            except SlurmMMError as exc:
+                self.fail_job(f"cannot restore task {rank} of step `srun {' '.join(step.argv)[:80]}`: {exc}")
+                raise
+            step.restored.add(rank)
+            self.sup.tell(f"restored task {rank} of step `srun {' '.join(step.argv)[:80]}`")
+        else:
+            tree = engine.launch(task_req)
+        task = StepTask(rank, tree)
+        with self.lock:
+            step.ntasks = max(step.ntasks, ntasks)
+            step.tasks[rank] = task
+        send_lock = threading.Lock()
+
+        def send(msg: dict) -> None:
+            with send_lock:
+                try:
+                    protocol.send(conn, msg)
+                except OSError:
+                    pass
+
+        def wait() -> None:
+            status = tree.wait()
+            with self.lock:
+                if step.tasks.get(rank) is task:
+                    del step.tasks[rank]
+            send({"op": "exit", "status": status})
+            for fd in fds:
+                os.close(fd)
+
+        threading.Thread(target=wait, daemon=True, name=f"task-{self.sup.job_id}-{rank}").start()
+        admitted()
+        conn.settimeout(None)  # the request's deadline is over: the task relays for its lifetime
+        send({"op": "started", "mode": "restored" if image is not None else "launched"})
+        while True:
+            try:
+                relayed, extra = protocol.recv(conn, max_size=protocol.MAX_SMALL_MESSAGE)
+            except (EOFError, OSError, protocol.ProtocolError):
+                return
+            for fd in extra:
+                os.close(fd)
+            if relayed.get("op") == "signal" and isinstance(relayed.get("signal"), int):
+                self._on_task_signal(tree, relayed["signal"])
+
+    def _on_task_signal(self, tree: Any, signum: int) -> None:
+        """Slurm ends a job's steps (SIGTERM, SIGKILL after KillWait) as soon as it preempts
+        the job: that SIGTERM starts the job's preemption checkpoint instead of ending the
+        task, which the checkpoint then dumps within KillWait."""
+        if signum == signal.SIGTERM and self.agent._being_preempted(self.sup.job_id):
+            threading.Thread(target=self.sup.checkpoint, args=("preempt",), daemon=True).start()
+            return
+        tree.signal(signum)
+
+    def fail_job(self, reason: str, tree: Any = None) -> None:
+        """A restored script waits on a step that cannot come back: end the job FAILED
+        with the reason, never let the script carry on as if the step had run."""
+        self.sup.tell(f"error: {reason}; failing the job instead of reporting its lost work as done")
+        tree = tree or self.sup.tree
+        if tree is not None:
+            try:
+                os.kill(tree.init_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    # -------------------------------------------------------- checkpoint
+
+    def unsettled(self) -> str | None:
+        """Why the steps cannot be dumped now (a step starting or ending), or None."""
+        with self.lock:
+            steps = list(self.steps.values())
+        for step in steps:
+            if step.proc is None or step.proc.poll() is not None:
+                return f"step `srun {' '.join(step.argv)[:80]}` is ending"
+            if step.ntasks == 0 or len(step.tasks) < step.ntasks:
+                return f"step `srun {' '.join(step.argv)[:80]}` is still starting its tasks"
+        return None
+
+    def active(self) -> bool:
+        with self.lock:
+            return bool(self.steps)
+
+    def dump(self, staging: Path, leave_running: bool) -> dict[str, Any]:
+        """Dump every step task into `staging` (after the batch tree); the manifest's record."""
+        with self.lock:
+            steps = [(s, dict(s.tasks)) for s in self.steps.values()]
+        record: dict[str, Any] = {}
+        for step, tasks in steps:
+            meta = {**step.meta(), "ranks": sorted(tasks)}  # a stopping dump ends the tasks
+            for rank, task in sorted(tasks.items()):
+                scratch = self.agent.staging(self.sup.job_id, f"step-{step.token}-{rank}-{int(time.time() * 1000)}")
+                try:
+                    self.agent.engine.dump(task.tree, scratch, leave_running=leave_running)
+                    for path in scratch.iterdir():
+                        os.rename(path, staging / f"{FILE_PREFIX}{step.token}@{rank}@{path.name}")
+                finally:
+                    shutil.rmtree(scratch, ignore_errors=True)
+            record[step.token] = meta
+        return record
+
+    # -------------------------------------------------------- restore
+
+    def restored(self, tree: Any, staging: Path, steps_meta: Any) -> None:
+        """After the batch tree's restore: relaunch each step it was waiting on, restoring
+        the step's tasks from the image."""
+        if not isinstance(steps_meta, dict):
+            return
+        for token, meta in steps_meta.items():
+            if not _TOKEN.fullmatch(str(token)) or not isinstance(meta, dict):
+                continue
+            images: dict[int, Path] = {}
+            for rank in meta.get("ranks", []):
+                kept = self.agent.staging(self.sup.job_id, f"restore-step-{token}-{int(rank)}")
+                prefix = f"{FILE_PREFIX}{token}@{int(rank)}@"
+                for path in staging.iterdir():
+                    if path.name.startswith(prefix):
+                        os.rename(path, kept / path.name[len(prefix):])
+                images[int(rank)] = kept
+            host_pid = tree.ns_pids.get(int(meta.get("standin_ns_pid", 0)))
+            fds = _fds_of(host_pid) if host_pid else None
+            try:
+                self.start_srun(list(meta["argv"]), dict(meta["env"]), str(meta["cwd"]),
+                                fds or self.sup.req.stdio, int(meta.get("standin_ns_pid", 0)),
+                                token=str(token), restoring=images)
+            except (SlurmMMError, KeyError, TypeError, ValueError) as exc:
+                self.fail_job(f"cannot relaunch step {token} of the image: {exc}", tree)
+                return
+            finally:
+                for fd in fds or []:
+                    os.close(fd)
+            self.sup.tell(f"relaunched step `srun {' '.join(meta['argv'])[:80]}` to restore its "
+                          f"{len(images)} task(s)")
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.exit_dir(), ignore_errors=True)
+
+
+# ---------------------------------------------------------------- agent entry points
+
+def handle_srun(agent: NodeAgent, conn: socket.socket, pid: int, uid: int, message: dict,
+                fds: list[int]) -> None:
+    """A stand-in asks for a step: only from inside the tree of a job supervised here."""
+    job_id = str(message.get("job_id", ""))
+    sup = agent.jobs.get(job_id)
+    if sup is None or sup.req.uid != uid or sup.tree is None or pid not in tree_pids(sup.tree.init_pid):
+        protocol.send(conn, {"op": "unprotected"})
+        return
+    if sup.steps.job_reason:
+        protocol.send(conn, {"op": "unprotected"})
+        return
+    argv, env, cwd = message.get("argv"), message.get("env"), message.get("cwd")
+    if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv) and isinstance(env, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+            and isinstance(cwd, str) and len(fds) == 3):
+        protocol.send(conn, {"op": "error", "message": "malformed srun request"})
+        return
+    exit_file = sup.steps.jobsteps.start_srun(argv, env, cwd, fds, _ns_pid(pid))
+    protocol.send(conn, {"op": "srun-started", "exit_file": str(exit_file)})
+
+
+def step_task_job(pid: int) -> str | None:
+    """Job id whose (non-batch) step `pid` is a task of, per the kernel's cgroup record."""
+    try:
+        text = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        m = _STEP_CGROUP.search(line.split(":", 2)[-1])
+        if m:
+            return m.group(1)
+    return None
+
+
+def handle_task_start(agent: NodeAgent, conn: socket.socket, pid: int, uid: int, job_id: str,
+                      message: dict, fds: list[int], admitted=lambda: None) -> None:
+    sup = agent.jobs.get(job_id)
+    try:
+        if sup is None or sup.req.uid != uid or str(message.get("job_id")) != job_id:
+            raise PermissionDenied(f"job {job_id} has no slurm_mm-supervised batch tree of uid {uid} here")
+        sup.steps.jobsteps.start_task(conn, pid, message, fds, admitted)
+    except SlurmMMError as exc:
+        log.warning("refused step task of job %s from pid %d: %s", job_id, pid, exc)
+        for fd in fds:
+            os.close(fd)
+        protocol.send(conn, {"op": "refused", "message": str(exc)})
+
+
+# ---------------------------------------------------------------- helpers
+
+def _ns_pid(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("NSpid:"):
+                return int(line.split()[-1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _become(uid: int, gid: int, groups: list[int], cwd: str, cgroup_procs: list[Path]):
+    """For the child only: join the job's cgroups, drop to the user, then enter cwd."""
+    def run() -> None:
+        for procs in cgroup_procs:
+            try:
+                with open(procs, "w") as handle:
+                    handle.write("0")
+            except OSError:
+                pass
+        os.setgroups(groups)
+        os.setgid(gid)
+        os.setuid(uid)
+        os.chdir(cwd)
+    return run
+
+
+_SYS_PIDFD_GETFD = 438
+
+
+def _fds_of(pid: int) -> list[int] | None:
+    """Copies of fds 0-2 of `pid` (the restored stand-in's stdio: the relaunched srun's)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    got: list[int] = []
+    try:
+        for fd in (0, 1, 2):
+            new = libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
+            if new < 0:
+                for g in got:
+                    os.close(g)
+                return None
+            got.append(new)
+        return got
+    finally:
+        os.close(pidfd)
+
+
+def _install_standin(bin_dir: Path) -> None:
+    """`srun` in a root-owned directory: the stand-in, run by the agent's own Python."""
+    import sys  # noqa: PLC0415
+
+    target = bin_dir / "srun"
+    text = f"#!/bin/sh\nexec {sys.executable} -I -m slurm_mm.step_client \"$@\"\n"
+    if target.exists() and target.read_text() == text:
+        return
+    bin_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+    tmp = bin_dir / f".srun.{os.getpid()}"
+    tmp.write_text(text)
+    os.chmod(tmp, 0o755)
+    os.rename(tmp, target)

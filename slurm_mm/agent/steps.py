@@ -1,0 +1,265 @@
+"""Jobs whose work slurm_mm cannot capture whole: refuse them loudly, never fake an image.
+
+An image holds the job's batch tree on its batch host and nothing else. Work outside
+that tree would be lost by a restore without anyone noticing:
+- a job allocated more than one node (its tasks on the other nodes are not in the image);
+- an `srun` step: the batch tree holds only the `srun` client, the step's tasks run under
+  their own slurmstepd. A restored client finds its step gone and may exit 0, which
+  turns lost work into a COMPLETED job.
+Such a checkpoint is refused with one line in the job's stderr (and in `slurm-mm
+status`). A stopping trigger (preemption, drain, requeue) then requeues the job without
+an image: it reruns from its last whole image, or from the start, as Slurm would rerun it.
+A restored tree that still holds an `srun` client (an image written before this check
+existed) has lost that step: it is killed and the job fails with the reason.
+
+Trusts: slurmctld's record of the job (its node list) and /proc of the job's tree.
+Never acts on a process outside the tree it is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable
+
+from slurm_mm.agent.step_launch import JobSteps
+from slurm_mm.engine.proctree import tree_pids
+from slurm_mm.errors import SlurmMMError
+
+if TYPE_CHECKING:
+    from slurm_mm.agent.supervisor import JobSupervisor
+
+log = logging.getLogger(__name__)
+
+STEP_CLIENTS = frozenset({"srun"})
+STOPPING_SETTLE_SECONDS = 5.0
+
+
+# ---------------------------------------------------------------- what cannot be captured
+
+def node_count(nodelist: str) -> int:
+    """Hosts in a Slurm hostlist expression: 'n1' -> 1, 'n[1-3],m5' -> 4, '' -> 0."""
+    total = 0
+    for item in re.findall(r"[^,\[]+(?:\[[^\]]*\][^,\[]*)*", nodelist):
+        count = 1
+        for ranges in re.findall(r"\[([^\]]*)\]", item):
+            count *= sum(_range_size(part) for part in ranges.split(",") if part)
+        total += count
+    return total
+
+
+def _range_size(part: str) -> int:
+    low, sep, high = part.partition("-")
+    try:
+        return int(high) - int(low) + 1 if sep else 1
+    except ValueError:
+        return 1
+
+
+@dataclass(frozen=True)
+class StepClient:
+    """An `srun` (step launcher) process inside the batch tree."""
+
+    pid: int
+    command: str
+
+    def __str__(self) -> str:
+        return f"`{self.command}` (pid {self.pid})"
+
+
+def _program(pid: int) -> str:
+    """The executable's name: /proc/PID/exe, which argv[0] games cannot change."""
+    try:
+        return os.path.basename(os.readlink(f"/proc/{pid}/exe")).removesuffix(" (deleted)")
+    except OSError:
+        try:
+            with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+                return f.read().strip()
+        except OSError:
+            return ""
+
+
+def _command(pid: int, limit: int = 120) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            words = [w.decode(errors="replace") for w in f.read().split(b"\0") if w]
+    except OSError:
+        return "?"
+    text = " ".join(words)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def step_clients(pids: Iterable[int]) -> list[StepClient]:
+    """The `srun` clients among `pids` (a vanished process is simply not one); an srun's
+    own helper child (srun forks one per step) is part of its client, not another step."""
+    found = [pid for pid in pids if _program(pid) in STEP_CLIENTS]
+    return [StepClient(pid, _command(pid)) for pid in found if _parent(pid) not in found]
+
+
+def multi_node_reason(nodelist: str) -> str | None:
+    count = node_count(nodelist)
+    if count <= 1:
+        return None
+    return (f"this job was allocated {count} nodes ({nodelist}); slurm_mm checkpoints "
+            "single-node jobs only, so it writes no images for it: preemption, drains and "
+            "node failures requeue it to rerun from the start, as Slurm does")
+
+
+def steps_reason(clients: list[StepClient]) -> str:
+    shown = ", ".join(str(c) for c in clients[:3]) + (" ..." if len(clients) > 3 else "")
+    return (f"not checkpointed: srun step {shown} is running and slurm_mm cannot checkpoint "
+            "srun steps yet (an image would lose the step's work)")
+
+
+# ---------------------------------------------------------------- hooks for the supervisor
+
+class StepGuard:
+    """Per job: decides whether a checkpoint would capture all of its work, and tells once."""
+
+    def __init__(self, supervisor: JobSupervisor) -> None:
+        self.sup = supervisor
+        self.job_reason = multi_node_reason(supervisor.req.job.nodes)
+        self._told: set[str] = set()
+        self.jobsteps = JobSteps(supervisor)
+
+    def prepare(self) -> None:
+        """Before the script starts: its `srun` is the stand-in, so steps can be captured."""
+        if not self.job_reason:
+            try:
+                self.jobsteps.prepare_env(self.sup.req.env)
+            except OSError as exc:
+                log.warning("job %s: cannot install the srun stand-in: %s", self.sup.job_id, exc)
+
+    def on_start(self) -> None:
+        """A job that can never be captured hears it once, when it starts."""
+        if self.job_reason:
+            self._tell_once(self.job_reason)
+            self.sup.record.refused = self.job_reason
+
+    def refusal(self, stopping: bool = False) -> str | None:
+        """Why a checkpoint now would not capture the job's work (None: it would). A step
+        that is starting or ending settles within moments: a stopping trigger waits."""
+        if self.job_reason:
+            return self.job_reason
+        tree = self.sup.tree
+        clients = step_clients(tree_pids(tree.init_pid)) if tree is not None else []
+        if clients:
+            return steps_reason(clients)
+        deadline = time.monotonic() + (STOPPING_SETTLE_SECONDS if stopping else 0)
+        while True:
+            unsettled = self.jobsteps.unsettled()
+            if unsettled is None or time.monotonic() >= deadline:
+                return None if unsettled is None else f"not checkpointed now: {unsettled}"
+            time.sleep(0.2)
+
+    def holds_steps(self) -> bool:
+        return self.jobsteps.active()
+
+    def dump_steps(self, staging, stopping: bool) -> dict:
+        """After the batch tree (dumped leaving it running): each step task. For a stopping
+        checkpoint the steps end with their dump, then the batch tree is ended."""
+        if not self.jobsteps.active():
+            return {}
+        self.jobsteps.stopping = stopping
+        try:
+            record = self.jobsteps.dump(staging, leave_running=not stopping)
+        except BaseException:
+            self.jobsteps.stopping = False
+            raise
+        if stopping and self.sup.tree is not None:
+            try:
+                os.kill(self.sup.tree.init_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return record
+
+    def restored(self, tree, staging, extra) -> None:
+        """The batch tree is back: bring back the steps it waits on."""
+        steps_meta = extra.get("steps") if isinstance(extra, dict) else None
+        if steps_meta:
+            self.jobsteps.restored(tree, staging, steps_meta)
+
+    def refuse(self, trigger: str, stopping: bool, reason: str) -> None:
+        """Called with the job's lock held, instead of a dump."""
+        sup = self.sup
+        sup.record.last_error = reason
+        sup.record.refused = reason
+        if not stopping:
+            if reason == self.job_reason:
+                return  # told at start
+            self._tell_once(reason + "; periodic checkpoints resume once no step runs")
+            return
+        last = sup.record.last_image.get("name") or _stored_latest(sup)
+        where = f"its last whole image {last}" if last else "the beginning (no whole image exists)"
+        sup.tell(f"{trigger}: {reason}; requeueing the job to rerun from {where}")
+        sup.record.state = "requeued"  # the tree's end is the requeue's, not the job's
+        threading.Thread(target=self._requeue, name=f"requeue-{sup.job_id}", daemon=True).start()
+
+    def ended_by_preemption(self, status: int) -> bool:
+        """Called with the job's lock held when the tree ends. Slurm ends srun steps when it
+        preempts a job, before anything can be dumped: the script then fails, and only a
+        requeue (a rerun) keeps that from ending the job FAILED. True: requeued."""
+        if status == 0 or not self.sup.agent._being_preempted(self.sup.job_id):
+            self.jobsteps.cleanup()
+            return False
+        self.refuse("preempt", True, f"the job script ended with exit code {status} while the job "
+                    "was being preempted (Slurm ends srun steps when preemption starts, and "
+                    "slurm_mm cannot checkpoint srun steps yet)")
+        return True
+
+    def clear(self) -> None:
+        """A checkpoint went through: nothing is refused any more."""
+        if not self.job_reason:
+            self.sup.record.refused = ""
+
+    def check_restored(self, tree) -> None:
+        """A restored tree holding an `srun` client has lost that step: kill it so that the
+        job fails with the reason instead of the client reporting success."""
+        clients = step_clients(tree_pids(tree.init_pid))
+        if not clients:
+            return
+        self.sup.tell(f"error: the restored image held srun step {clients[0]}, whose tasks are "
+                      "gone (slurm_mm does not restore srun steps yet); failing the job "
+                      "instead of reporting its lost work as done")
+        try:
+            os.kill(tree.init_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def _tell_once(self, text: str) -> None:
+        if text in self._told:
+            log.info("job %s: %s", self.sup.job_id, text)
+            return
+        self._told.add(text)
+        self.sup.tell(text)
+
+    def _requeue(self) -> None:
+        sup = self.sup
+        try:
+            sup.agent.slurm.requeue(sup.job_id)
+        except SlurmMMError as exc:
+            sup.tell(f"requeue failed ({exc}); Slurm's own preemption or the admin must requeue it")
+            with sup.lock:
+                if sup.record.state == "requeued":
+                    sup.record.state = "running"
+
+
+def _stored_latest(sup: JobSupervisor) -> str | None:
+    try:
+        images = sup.agent.store.images(sup.job_id)
+    except (SlurmMMError, OSError):
+        return None
+    return images[0].path.name if images else None

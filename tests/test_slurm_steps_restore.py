@@ -1,0 +1,183 @@
+"""Single-node `srun` steps are part of an enrolled job's checkpoint: the four shapes of
+batch script (srun -n1; srun -n4 of a non-MPI program; sequential steps; a background
+step while the script works) are preempted to another node and resume, each workload
+judging its own result (hash chains in memory, step logs with no gap or repeat)."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import testcluster as tc
+from slurm_jobs import (WORKLOAD, assert_no_lost_or_repeated_steps, image_names, logged_steps, output,
+                        user_processes)
+from workloads.chain_job import chain
+
+pytestmark = pytest.mark.cluster
+PY = "/usr/bin/python3"
+
+
+def submit(cluster, job_dir: Path, body: str, *options: str, interval: str = "10m") -> str:
+    shutil.copy(WORKLOAD, job_dir / "chain_job.py")
+    user = pwd.getpwnam(tc.USER)
+    os.chown(job_dir / "chain_job.py", user.pw_uid, user.pw_gid)
+    # The script body lives on the shared filesystem: bash keeps its script open, and the
+    # copy in slurmd's node-local spool directory does not exist on the next node.
+    (job_dir / "job.sh").write_text(f"cd {job_dir}\n{body}")
+    os.chown(job_dir / "job.sh", user.pw_uid, user.pw_gid)
+    script = f"#!/bin/bash\nexec /bin/bash {job_dir}/job.sh\n"
+    opts = [*options, "-o", str(job_dir / "chain.out"), "-J", "steps", "-p", "low",
+            f"--checkpoint-interval={interval}"]
+    return tc.job_id(tc.sbatch(cluster, script, *opts, cwd=job_dir))
+
+
+def preempt_and_finish(cluster, job_dir: Path, job: str, ready) -> dict[str, str]:
+    """Preempt the job once `ready()`; it must come back on another node and end."""
+    node = tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)["BatchHost"]
+    tc.wait_for(ready, 60, "the job's steps to be under way")
+    urgent = tc.job_id(tc.sbatch(cluster, "#!/bin/sh\nsleep 40\n", "-p", "high", "-w", node,
+                                 "--exclusive", "-o", "/dev/null", cwd=job_dir))
+    try:
+        tc.wait_for(lambda: tc.job_info(cluster, job).get("Restarts") == "1", 60, "the requeue")
+        info = tc.wait_job(cluster, job, {"COMPLETED", "FAILED"}, timeout=150)
+        assert info["BatchHost"] != node and info["Restarts"] == "1"
+        return info
+    finally:
+        subprocess.run(["scancel", urgent], env=cluster.env())
+
+
+def results(job_dir: Path) -> list[str]:
+    return [l.split()[0] for l in output(job_dir).splitlines() if l.startswith("result=")]
+
+
+def test_srun_n1_job_resumes_its_step_on_another_node(cluster, job_dir):
+    job = submit(cluster, job_dir, f"srun -n1 {PY} chain_job.py 100 0.25 chain.log\necho script-after-step rc=$?\n")
+    info = preempt_and_finish(cluster, job_dir, job, lambda: len(logged_steps(job_dir)) >= 12)
+    out = output(job_dir)
+    assert info["JobState"] == "COMPLETED", out
+    assert "restored task 0 of step" in out, out
+    assert results(job_dir) == [f"result={chain(100)}"], out
+    assert_no_lost_or_repeated_steps(job_dir, 100)
+    assert out.count("script-after-step rc=0") == 1, out
+
+
+def test_srun_n4_of_a_plain_program_resumes_all_tasks(cluster, job_dir):
+    body = (f"srun -O -n4 bash -c 'exec {PY} chain_job.py 60 0.25 chain.$SLURM_PROCID.log'\n"
+            "echo script-after-step rc=$?\n")
+    job = submit(cluster, job_dir, body)
+    info = preempt_and_finish(cluster, job_dir, job,
+                              lambda: all(len(logged_steps(job_dir, f"chain.{r}")) >= 8 for r in range(4)))
+    out = output(job_dir)
+    assert info["JobState"] == "COMPLETED", out
+    assert all(f"restored task {r} of step" in out for r in range(4)), out
+    assert results(job_dir) == [f"result={chain(60)}"] * 4, out
+    for r in range(4):
+        assert logged_steps(job_dir, f"chain.{r}") == list(range(1, 61))
+    assert out.count("script-after-step rc=0") == 1, out
+
+
+def test_sequential_steps_resume_the_one_running(cluster, job_dir):
+    body = (f"srun -n1 {PY} chain_job.py 20 0.05 first.log || exit 1\n"
+            f"srun -n1 {PY} chain_job.py 100 0.25 chain.log\necho script-after-steps rc=$?\n")
+    job = submit(cluster, job_dir, body)
+    info = preempt_and_finish(cluster, job_dir, job, lambda: len(logged_steps(job_dir)) >= 12)
+    out = output(job_dir)
+    assert info["JobState"] == "COMPLETED", out
+    assert results(job_dir) == [f"result={chain(20)}", f"result={chain(100)}"], out
+    assert logged_steps(job_dir, "first") == list(range(1, 21))
+    assert_no_lost_or_repeated_steps(job_dir, 100)
+    assert out.count("script-after-steps rc=0") == 1, out
+
+
+def test_background_step_and_the_script_s_own_work_both_resume(cluster, job_dir):
+    body = (f"srun -n1 {PY} chain_job.py 100 0.25 chain.log &\n"
+            f"{PY} chain_job.py 70 0.25 main.log\nwait $!\necho background rc=$?\n")
+    job = submit(cluster, job_dir, body)
+    info = preempt_and_finish(cluster, job_dir, job, lambda: len(logged_steps(job_dir)) >= 12)
+    out = output(job_dir)
+    assert info["JobState"] == "COMPLETED", out
+    assert sorted(results(job_dir)) == sorted([f"result={chain(100)}", f"result={chain(70)}"]), out
+    assert logged_steps(job_dir, "main") == list(range(1, 71))
+    assert_no_lost_or_repeated_steps(job_dir, 100)
+    assert out.count("background rc=0") == 1, out
+
+
+def test_step_that_cannot_come_back_fails_the_job_with_the_reason(cluster, job_dir):
+    # The step is pinned to the node it started on: on another node its srun cannot run,
+    # and the script (which ignores srun's exit code) must not go on as if it had.
+    body = f"srun -w $SLURMD_NODENAME -n1 {PY} chain_job.py 100 0.25 chain.log\necho script-went-on\n"
+    job = submit(cluster, job_dir, body)
+    info = preempt_and_finish(cluster, job_dir, job, lambda: len(logged_steps(job_dir)) >= 12)
+    out = output(job_dir)
+    assert info["JobState"] == "FAILED", out
+    assert "error: step `srun -w n" in out and "before its task(s) [0] were restored" in out, out
+    assert "failing the job instead of reporting its lost work as done" in out
+    assert "script-went-on" not in out and results(job_dir) == [], out
+
+
+def test_step_exit_code_reaches_the_script(cluster, job_dir):
+    body = "srun -n1 sh -c 'echo in-step; exit 7'\necho srun-rc=$?\nexit 3\n"
+    job = submit(cluster, job_dir, body)
+    info = tc.wait_job(cluster, job, {"COMPLETED", "FAILED"}, timeout=60)
+    out = output(job_dir)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "3:0", info
+    assert "in-step" in out and "srun-rc=7" in out, out
+
+
+def test_scancel_ends_a_job_and_its_step(cluster, job_dir):
+    job = submit(cluster, job_dir, f"srun -n1 {PY} chain_job.py 400 0.25 chain.log\n")
+    tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)
+    tc.wait_for(lambda: len(logged_steps(job_dir)) >= 4, 30, "progress")
+    subprocess.run(["scancel", job], env=cluster.env(), check=True)
+    info = tc.wait_job(cluster, job, {"CANCELLED"}, timeout=60)
+    assert info["JobState"] == "CANCELLED"
+    tc.wait_for(lambda: not user_processes(f"{job_dir}/chain_job.py"), 30, "the step's task gone")
+    done = len(logged_steps(job_dir))
+    time.sleep(2)
+    assert len(logged_steps(job_dir)) == done
+
+
+def test_srun_job_resumes_its_step_after_a_node_failure(cluster, job_dir):
+    job = submit(cluster, job_dir, f"srun -n1 {PY} chain_job.py 160 0.25 chain.log\n", interval="5s")
+    node = tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)["BatchHost"]
+    tc.wait_for(lambda: len(image_names(cluster, job)) >= 2, 40, "periodic images with the step")
+    tc.kill_node(cluster, node)
+    try:
+        tc.wait_for(lambda: tc.job_info(cluster, job).get("Restarts") == "1", 90, "the requeue")
+        info = tc.wait_job(cluster, job, {"COMPLETED", "FAILED"}, timeout=150)
+    finally:
+        tc.start_node(cluster, node)
+        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], env=cluster.env(),
+                       capture_output=True)
+    out = output(job_dir)
+    assert info["JobState"] == "COMPLETED" and info["BatchHost"] != node, out
+    assert "restored task 0 of step" in out, out
+    assert results(job_dir) == [f"result={chain(160)}"], out
+    steps = logged_steps(job_dir)
+    assert sorted(set(steps)) == list(range(1, 161))  # work after the image redone, none skipped
+    assert len(steps) - 160 <= 5 / 0.25 + 8
+
+
+def test_srun_job_moves_off_a_drained_node_with_its_step(cluster, job_dir):
+    job = submit(cluster, job_dir, f"srun -n1 {PY} chain_job.py 100 0.25 chain.log\n")
+    node = tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)["BatchHost"]
+    tc.wait_for(lambda: len(logged_steps(job_dir)) >= 10, 30, "progress")
+    try:
+        res = subprocess.run(["slurm-mm", "drain", node, "--reason", "steps test", "--timeout", "60"],
+                             env=cluster.env(), capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stdout + res.stderr
+        info = tc.wait_job(cluster, job, {"COMPLETED", "FAILED"}, timeout=150)
+    finally:
+        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], env=cluster.env(),
+                       capture_output=True)
+    out = output(job_dir)
+    assert info["JobState"] == "COMPLETED" and info["BatchHost"] != node, out
+    assert "for drain" in out and "restored task 0 of step" in out, out
+    assert results(job_dir) == [f"result={chain(100)}"], out
+    assert_no_lost_or_repeated_steps(job_dir, 100)
