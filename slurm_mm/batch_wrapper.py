@@ -4,7 +4,7 @@ The SPANK plugin points the batch task's argv[0] here and passes the real script
 SLURM_MM_SCRIPT. This process stays the batch step's task: it hands its stdin/stdout/
 stderr and the job's command to the node agent, which starts the job in its own PID
 namespace (or restores it from an image), relays the signals Slurm sends it (Slurm
-signals only slurmstepd's direct children, FACTS.md) and exits with the job's exit
+signals only slurmstepd's direct children; docs/design.md) and exits with the job's exit
 status. It holds no privilege and decides nothing about images.
 """
 

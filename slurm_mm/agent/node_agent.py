@@ -4,7 +4,7 @@ Requests (agent/protocol.py): `start` from a batch task (slurm-mm-run, which the
 relays its signals on the same connection), `checkpoint` from `slurm-mm checkpoint`
 (the job's owner or root), `status`. A watcher polls Slurm for jobs of this node that
 were selected for preemption and for a node drain asked by `slurm-mm drain`, so that
-no notice depends on the job having `--signal` set (FACTS.md).
+no notice depends on the job having `--signal` set (docs/design.md, measured facts).
 """
 
 from __future__ import annotations

@@ -157,7 +157,7 @@ def launch(
     the user; never this process's environment). It reaches the command only: mm-init
     itself runs with MM_INIT_ENV. `cwd`: the command's directory,
     entered as the user. `stdin`/`stdout`/`stderr`: fds for the job (None: /dev/null;
-    use O_APPEND files for output, FACTS.md). `join_cgroups`: cgroups the whole tree
+    use O_APPEND files for output; docs/design.md, measured facts). `join_cgroups`: cgroups the whole tree
     starts in. `private_proc`: the tree also gets its own mount namespace (mounts made
     private, /proc of its PID namespace; the stdio fds reopened there); needed for CUDA.
     Returns once the namespace init exists; the command's own failure to start (not

@@ -1,5 +1,5 @@
-"""Refuse a restored tree that would run as anyone but the job's owner (DESIGN invariant 3),
-or that holds anything its owner could not have opened (DESIGN hard problem 7).
+"""Refuse a restored tree that would run as anyone but the job's owner,
+or that holds anything its owner could not have opened (docs/security.md).
 
 criu runs this as its --action-script during `criu restore`. At the "pre-resume" stage
 every restored task exists with its credentials applied and its files open, but is
