@@ -140,7 +140,10 @@ def _batch_tree_init(job: str) -> int:
 def test_restored_tree_whose_step_is_gone_fails_with_the_reason(cluster, job_dir):
     # Without the check, the restored srun client finds its step gone and exits 0.
     script = "#!/bin/bash\n/usr/bin/srun -n1 sleep 300 || exit $?\necho the-step-finished\n"
-    job = tc.job_id(submit(cluster, job_dir, script, "--checkpoint-interval=10m", name="lost"))
+    # Pinned to one node: the image below is taken by `slurm-mm checkpoint --pid`, which does
+    # not record the job's node-local files (its batch script), so only its own node can
+    # restore it; what is tested here is what the restored tree's srun means.
+    job = tc.job_id(submit(cluster, job_dir, script, "--checkpoint-interval=10m", "-w", "n1", name="lost"))
     tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)
     tc.wait_for(lambda: _step_running(cluster, job), 30, "step 0 running")
     # An image that holds the srun client, as slurm_mm before the step check wrote them:
