@@ -287,25 +287,33 @@ class NodeAgent:
     def _watch(self) -> None:
         """Poll Slurm: preemption notices and slurm_mm drains for this node's jobs."""
         while not self.stopping.wait(self.poll_interval):
-            running = {j: s for j, s in self.jobs.items() if s.record.state == JobState.RUNNING}
-            if not running:
-                continue
-            try:
-                node = self.slurm.node(self.node)
-                here = self.slurm.jobs(self.node)
-                preempted = {j.job_id for j in here if self.preemption.ends_run(j)}
-                runnable = {j.job_id for j in here if j.state == "RUNNING"}
-            except SlurmMMError as exc:
-                log.warning("cannot poll Slurm: %s", exc)
-                continue
-            draining = node.draining and node.reason.startswith(DRAIN_PREFIX)
-            for job_id, supervisor in running.items():
-                if job_id not in runnable or supervisor.suspended.is_set():
-                    continue  # a suspended (frozen) tree cannot be dumped
-                trigger = Trigger.PREEMPT if job_id in preempted else Trigger.DRAIN if draining else None
-                if trigger:
-                    self.checkpointer.hurry(job_id)
-                    threading.Thread(target=supervisor.checkpoint, args=(trigger,), daemon=True).start()
+            self.poll_once()
+
+    def poll_once(self) -> dict[str, Trigger]:
+        """One look at Slurm: start the preempt/drain image of each running job that needs
+        one now; what was started, by job."""
+        running = {j: s for j, s in self.jobs.items() if s.record.state == JobState.RUNNING}
+        if not running:
+            return {}
+        try:
+            node = self.slurm.node(self.node)
+            here = self.slurm.jobs(self.node)
+            preempted = {j.job_id for j in here if self.preemption.ends_run(j)}
+            runnable = {j.job_id for j in here if j.state == "RUNNING"}
+        except SlurmMMError as exc:
+            log.warning("cannot poll Slurm: %s", exc)
+            return {}
+        draining = node.draining and node.reason.startswith(DRAIN_PREFIX)
+        started: dict[str, Trigger] = {}
+        for job_id, supervisor in running.items():
+            if job_id not in runnable or supervisor.suspended.is_set():
+                continue  # a suspended (frozen) tree cannot be dumped
+            trigger = Trigger.PREEMPT if job_id in preempted else Trigger.DRAIN if draining else None
+            if trigger:
+                self.checkpointer.hurry(job_id)
+                threading.Thread(target=supervisor.checkpoint, args=(trigger,), daemon=True).start()
+                started[job_id] = trigger
+        return started
 
     # ------------------------------------------------------------ status
 

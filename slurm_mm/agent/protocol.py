@@ -15,13 +15,13 @@ import struct
 import time
 from typing import Any
 
+from slurm_mm.errors import ProtocolError
+
+__all__ = ["ProtocolError", "peer_credentials", "recv", "send"]
+
 MAX_MESSAGE = 4 * 1024 * 1024  # a job's argv + environment fit easily
 MAX_SMALL_MESSAGE = 64 * 1024  # any request but a batch task's start
 MAX_FDS = 8
-
-
-class ProtocolError(Exception):
-    """The peer sent something that is not a well-formed message."""
 
 
 def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:

@@ -30,17 +30,11 @@ from typing import Mapping, Sequence
 from slurm_mm.engine import cgroups as cgroups_mod
 from slurm_mm.engine import native
 from slurm_mm.engine.owner import owner_groups
-from slurm_mm.errors import SlurmMMError, UsageError
+from slurm_mm.errors import LaunchFailed, UsageError
 
 
 # mm-init's whole environment: it looks nothing up by PATH and loads nothing by name.
 MM_INIT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"}
-
-
-class LaunchFailed(SlurmMMError):
-    """The job's tree could not be started (mm-init refused or died before its init ran)."""
-
-    exit_code = 11
 
 
 def exit_code(status: int) -> int:
