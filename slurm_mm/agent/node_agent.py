@@ -214,16 +214,7 @@ class NodeAgent:
             protocol.send(conn, {"op": "refused", "message": str(exc)})
             return
         supervisor.send({"op": "started", "mode": mode})  # same lock as the exit message
-        while True:  # relayed signals until the batch task goes away
-            try:
-                relayed, extra = protocol.recv(conn, max_size=protocol.MAX_SMALL_MESSAGE)
-            except (EOFError, OSError, protocol.ProtocolError):
-                return
-            for fd in extra:
-                os.close(fd)
-            if relayed.get("op") == "signal" and isinstance(relayed.get("signal"), int):
-                supervisor.on_signal(relayed["signal"])
-            time.sleep(RELAY_SPACING)  # a signal may ask slurmctld something: no floods
+        protocol.relay_signals(conn, supervisor.on_signal, RELAY_SPACING)
 
     def _launch_request(self, job, uid: int, pid: int, message: dict, fds: list[int]) -> LaunchRequest:
         argv, env, cwd = message.get("argv"), message.get("env"), message.get("cwd")

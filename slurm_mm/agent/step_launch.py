@@ -234,15 +234,7 @@ class JobSteps:
         admitted()
         conn.settimeout(None)  # the request's deadline is over: the task relays for its lifetime
         send({"op": "started", "mode": "restored" if image is not None else "launched"})
-        while True:
-            try:
-                relayed, extra = protocol.recv(conn, max_size=protocol.MAX_SMALL_MESSAGE)
-            except (EOFError, OSError, protocol.ProtocolError):
-                return
-            for fd in extra:
-                os.close(fd)
-            if relayed.get("op") == "signal" and isinstance(relayed.get("signal"), int):
-                self._on_task_signal(tree, relayed["signal"])
+        protocol.relay_signals(conn, lambda signum: self._on_task_signal(tree, signum))
 
     def _on_task_signal(self, tree: Any, signum: int) -> None:
         """Slurm ends a job's steps (SIGTERM, SIGKILL after KillWait) as soon as it preempts
