@@ -76,6 +76,23 @@ def restorable(store: ImageStore, job_id: str, *, before_epoch: int | None,
             yield image, ""
 
 
+def image_pins(extra: Any) -> set[str]:
+    """The pin directories an image's manifest names: its batch tree's (`files.pins`) and
+    each of its step tasks' (`steps.<token>.files.<rank>.pins`); retention keeps them."""
+    found: set[str] = set()
+    if not isinstance(extra, dict):
+        return found
+    summaries = [extra.get("files")]
+    for meta in (extra.get("steps") or {}).values() if isinstance(extra.get("steps"), dict) else ():
+        if isinstance(meta, dict) and isinstance(meta.get("files"), dict):
+            summaries.extend(meta["files"].values())
+    for summary in summaries:
+        pins = summary.get("pins") if isinstance(summary, dict) else None
+        if isinstance(pins, str):
+            found.add(pins)
+    return found
+
+
 @dataclass
 class Dumped:
     """A dump in staging, and what the store's manifest records about it."""
@@ -211,8 +228,8 @@ class JobCheckpointer:
                                   node=self.node, trigger=trigger, gpu=dumped.gpu_inventory,
                                   criu_version=dumped.criu_version, extra=dumped.extra, progress=progress)
         self.store.gc(job_id)
-        filestate.prune_pins(self.pin_root(job_id), {img.manifest.extra.get("files", {}).get("pins")
-                                                     for img in self.store.images(job_id)})
+        filestate.prune_pins(self.pin_root(job_id), {pin for img in self.store.images(job_id)
+                                                     for pin in image_pins(img.manifest.extra)})
         return image
 
     def hurry(self, job_id: str) -> None:

@@ -7,6 +7,7 @@ import pwd
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Callable
 
 from conftest import testcluster as tc
 from workloads.chain_job import chain
@@ -50,6 +51,31 @@ def assert_correct_result(job_dir: Path, steps: int, name: str = "chain") -> Non
 
 def assert_no_lost_or_repeated_steps(job_dir: Path, steps: int, name: str = "chain") -> None:
     assert logged_steps(job_dir, name) == list(range(1, steps + 1))
+
+
+def preempt_to_another_node(cluster, job: str, job_dir: Path, *, ready: Callable[[], bool] | None = None,
+                            on_requeue: Callable[[str], None] | None = None, another_node: bool = True,
+                            hold: int = 45) -> dict[str, str]:
+    """Preempt `job` (partition low) once `ready()`: an exclusive high-priority job takes its
+    node for `hold` seconds. Waits for Slurm's requeue (Restarts 1), calls `on_requeue(node)`,
+    waits for the job's end and returns its final record, which must show one restart and,
+    with `another_node`, a batch host other than the preempted one."""
+    node = tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)["BatchHost"]
+    if ready is not None:
+        tc.wait_for(ready, 60, "the job to be under way")
+    urgent = tc.job_id(tc.sbatch(cluster, f"#!/bin/sh\nsleep {hold}\n", "-p", "high", "-w", node,
+                                 "--exclusive", "-o", "/dev/null", cwd=job_dir))
+    try:
+        tc.wait_for(lambda: tc.job_info(cluster, job).get("Restarts") == "1", 60, "the requeue")
+        if on_requeue is not None:
+            on_requeue(node)
+        info = tc.wait_job(cluster, job, {"COMPLETED", "FAILED"}, timeout=150)
+    finally:
+        subprocess.run(["scancel", urgent], env=cluster.env())
+    assert info["Restarts"] == "1", info
+    if another_node:
+        assert info["BatchHost"] != node, info
+    return info
 
 
 def image_names(cluster, job: str) -> list[str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import testcluster as tc
-from slurm_jobs import as_user, image_names
+from slurm_jobs import as_user, image_names, preempt_to_another_node
 
 pytestmark = pytest.mark.cluster
 
@@ -42,7 +42,7 @@ def node_tmp(cluster) -> Path:
 
 class PipelineJob:
     def __init__(self, cluster, job_dir: Path, stages: int, delay: float, *, exec_app: bool = False,
-                 interval: str = "10m", options: tuple[str, ...] = ()) -> None:
+                 launcher: str = "", interval: str = "10m", options: tuple[str, ...] = ()) -> None:
         self.cluster, self.dir, self.stages, self.exec_app = cluster, job_dir, stages, exec_app
         user = pwd.getpwnam(tc.USER)
         shutil.copy(APP, job_dir / "app.py")
@@ -57,7 +57,7 @@ class PipelineJob:
                   f"export TMPDIR={base}/$SLURMD_NODENAME/job$SLURM_JOB_ID\n"
                   "mkdir -p \"$TMPDIR\"\n"
                   "echo \"run on $SLURMD_NODENAME\"\n"
-                  f"{run}/usr/bin/python3 {job_dir}/app.py {job_dir}/out {job_dir}/input.dat {stages} {delay}\n"
+                  f"{run}{launcher}/usr/bin/python3 {job_dir}/app.py {job_dir}/out {job_dir}/input.dat {stages} {delay}\n"
                   "rc=$?\n"
                   "echo \"app exited $rc\"\n"
                   "exit $rc\n")
@@ -93,20 +93,25 @@ class PipelineJob:
 
 def test_preempted_bash_job_resumes_on_another_node_with_its_files(cluster, job_dir, tmp_path):
     job = PipelineJob(cluster, job_dir, stages=40, delay=0.5, options=("-p", "low"))
-    node = tc.wait_job(cluster, job.id, {"RUNNING"}, timeout=30)["BatchHost"]
-    tc.wait_for(lambda: job.stages_done() >= 5, 60, "5 stages")
-    urgent = tc.job_id(tc.sbatch(cluster, "#!/bin/sh\nsleep 40\n", "-p", "high", "-w", node,
-                                 "--exclusive", "-o", "/dev/null", cwd=job_dir))
-    try:
-        tc.wait_for(lambda: tc.job_info(cluster, job.id).get("Restarts") == "1", 60, "requeue")
-        job.wipe_node_tmp(node)  # what the next node never had
-        info = tc.wait_job(cluster, job.id, {"RUNNING"}, timeout=120, node_not=node)
-        info = tc.wait_job(cluster, job.id, {"COMPLETED", "FAILED"}, timeout=120)
-    finally:
-        subprocess.run(["scancel", urgent], env=cluster.env())
+    # The node-local files are wiped once the job left: what the next node never had.
+    info = preempt_to_another_node(cluster, job.id, job_dir, ready=lambda: job.stages_done() >= 5,
+                                   on_requeue=job.wipe_node_tmp, hold=40)
     assert info["JobState"] == "COMPLETED", job.output()
     assert "for preempt" in job.output() and "restored from ckpt-" in job.output()
     assert f"slurm_script: handed over from the image" in job.output()
+    job.assert_same_as_uninterrupted(tmp_path)
+
+
+def test_preempted_srun_step_resumes_on_another_node_with_its_files(cluster, job_dir, tmp_path):
+    # The application runs as an srun step (its own task tree, dumped beside the batch
+    # tree's): its node-local scratch must come back on the next node with it.
+    job = PipelineJob(cluster, job_dir, stages=40, delay=0.5, launcher="srun -n1 ", options=("-p", "low"))
+    info = preempt_to_another_node(cluster, job.id, job_dir, ready=lambda: job.stages_done() >= 5,
+                                   on_requeue=job.wipe_node_tmp, hold=40)
+    out = job.output()
+    assert info["JobState"] == "COMPLETED", out
+    assert "for preempt" in out and "restored task 0 of step" in out, out
+    assert "scratch-" in out and "node-local file recreated (task 0)" in out, out
     job.assert_same_as_uninterrupted(tmp_path)
 
 

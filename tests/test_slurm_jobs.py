@@ -11,7 +11,8 @@ import pytest
 
 from conftest import testcluster as tc
 from slurm_jobs import (as_user, assert_correct_result, assert_no_lost_or_repeated_steps,
-                        image_names, logged_steps, output, submit_chain, user_processes)
+                        image_names, logged_steps, output, preempt_to_another_node, submit_chain,
+                        user_processes)
 
 pytestmark = pytest.mark.cluster
 
@@ -56,16 +57,7 @@ def test_owner_checkpoint_requeue_resumes_without_lost_work(cluster, job_dir):
 
 def test_preempted_job_resumes_on_another_node(cluster, job_dir):
     job = submit_chain(cluster, job_dir, 120, 0.25, "-p", "low", interval="10m")
-    node = tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)["BatchHost"]
-    tc.wait_for(lambda: len(logged_steps(job_dir)) >= 10, 30, "10 steps")
-    urgent = tc.job_id(tc.sbatch(cluster, "#!/bin/sh\nsleep 45\n", "-p", "high", "-w", node,
-                                 "--exclusive", "-o", "/dev/null", cwd=job_dir))
-    try:
-        info = tc.wait_job(cluster, job, {"RUNNING"}, timeout=120, node_not=node)
-        assert info["Restarts"] == "1"
-        info = tc.wait_job(cluster, job, {"COMPLETED", "FAILED"}, timeout=120)
-    finally:
-        subprocess.run(["scancel", urgent], env=cluster.env())
+    info = preempt_to_another_node(cluster, job, job_dir, ready=lambda: len(logged_steps(job_dir)) >= 10)
     assert info["JobState"] == "COMPLETED"
     assert "for preempt" in output(job_dir)
     assert_correct_result(job_dir, 120)

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import testcluster as tc
-from slurm_jobs import (WORKLOAD, assert_no_lost_or_repeated_steps, image_names, logged_steps, output,
-                        user_processes)
+from slurm_jobs import (WORKLOAD, as_user, assert_no_lost_or_repeated_steps, image_names, logged_steps,
+                        output, preempt_to_another_node, user_processes)
 from workloads.chain_job import chain
 
 pytestmark = pytest.mark.cluster
@@ -39,17 +39,7 @@ def submit(cluster, job_dir: Path, body: str, *options: str, interval: str = "10
 
 def preempt_and_finish(cluster, job_dir: Path, job: str, ready) -> dict[str, str]:
     """Preempt the job once `ready()`; it must come back on another node and end."""
-    node = tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)["BatchHost"]
-    tc.wait_for(ready, 60, "the job's steps to be under way")
-    urgent = tc.job_id(tc.sbatch(cluster, "#!/bin/sh\nsleep 40\n", "-p", "high", "-w", node,
-                                 "--exclusive", "-o", "/dev/null", cwd=job_dir))
-    try:
-        tc.wait_for(lambda: tc.job_info(cluster, job).get("Restarts") == "1", 60, "the requeue")
-        info = tc.wait_job(cluster, job, {"COMPLETED", "FAILED"}, timeout=150)
-        assert info["BatchHost"] != node and info["Restarts"] == "1"
-        return info
-    finally:
-        subprocess.run(["scancel", urgent], env=cluster.env())
+    return preempt_to_another_node(cluster, job, job_dir, ready=ready, hold=40)
 
 
 def results(job_dir: Path) -> list[str]:
@@ -143,10 +133,31 @@ def test_scancel_ends_a_job_and_its_step(cluster, job_dir):
     assert len(logged_steps(job_dir)) == done
 
 
-def test_srun_job_resumes_its_step_after_a_node_failure(cluster, job_dir):
-    job = submit(cluster, job_dir, f"srun -n1 {PY} chain_job.py 160 0.25 chain.log\n", interval="5s")
+def test_scancel_ends_a_restored_job_and_its_restored_step(cluster, job_dir):
+    job = submit(cluster, job_dir, f"srun -n1 {PY} chain_job.py 400 0.25 chain.log\n")
+    tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)
+    tc.wait_for(lambda: len(logged_steps(job_dir)) >= 4, 30, "progress")
+    res = as_user(cluster, "slurm-mm", "checkpoint", job, "--requeue")
+    assert res.returncode == 0, res.stdout + res.stderr
+    tc.wait_for(lambda: "restored task 0 of step" in output(job_dir), 60, "the step's restore")
+    assert user_processes(f"{job_dir}/chain_job.py")
+    assert as_user(cluster, "scancel", job).returncode == 0
+    info = tc.wait_job(cluster, job, {"CANCELLED"}, timeout=30)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "1"
+    tc.wait_for(lambda: not user_processes(f"{job_dir}/chain_job.py"), 20, "the restored task gone")
+
+
+def test_steps_of_every_shape_resume_from_a_periodic_image_after_a_node_failure(cluster, job_dir):
+    # One job, the three other shapes at once: a step that finished before the image (a
+    # sequential one), a two-task step started in the background, and the script's own work
+    # beside it. Periodic images hold them all; the node dies; the last image comes back.
+    body = (f"srun -n1 {PY} chain_job.py 10 0.05 first.log || exit 1\n"
+            f"srun -O -n2 bash -c 'exec {PY} chain_job.py 120 0.25 chain.$SLURM_PROCID.log' &\n"
+            f"{PY} chain_job.py 90 0.25 main.log\nwait $!\necho background rc=$?\n")
+    job = submit(cluster, job_dir, body, interval="5s")
     node = tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)["BatchHost"]
-    tc.wait_for(lambda: len(image_names(cluster, job)) >= 2, 40, "periodic images with the step")
+    tc.wait_for(lambda: len(image_names(cluster, job)) >= 2 and len(logged_steps(job_dir, "chain.1")) >= 8,
+                60, "periodic images with the steps under way")
     tc.kill_node(cluster, node)
     try:
         tc.wait_for(lambda: tc.job_info(cluster, job).get("Restarts") == "1", 90, "the requeue")
@@ -157,11 +168,34 @@ def test_srun_job_resumes_its_step_after_a_node_failure(cluster, job_dir):
                        capture_output=True)
     out = output(job_dir)
     assert info["JobState"] == "COMPLETED" and info["BatchHost"] != node, out
-    assert "restored task 0 of step" in out, out
-    assert results(job_dir) == [f"result={chain(160)}"], out
-    steps = logged_steps(job_dir)
-    assert sorted(set(steps)) == list(range(1, 161))  # work after the image redone, none skipped
-    assert len(steps) - 160 <= 5 / 0.25 + 8
+    assert "restored task 0 of step" in out and "restored task 1 of step" in out, out
+    assert sorted(results(job_dir)) == sorted([f"result={chain(10)}", f"result={chain(90)}"]
+                                              + [f"result={chain(120)}"] * 2), out
+    assert logged_steps(job_dir, "first") == list(range(1, 11))  # finished before: not run again
+    for name, steps in (("chain.0", 120), ("chain.1", 120), ("main", 90)):
+        logged = logged_steps(job_dir, name)
+        assert sorted(set(logged)) == list(range(1, steps + 1)), (name, logged)  # none skipped
+        assert len(logged) - steps <= 5 / 0.25 + 8, (name, logged)  # at most an interval redone
+    assert out.count("background rc=0") == 1, out
+
+
+def test_owner_requeue_of_a_job_with_a_step_reruns_it_once(cluster, job_dir):
+    # Not a preemption: the step ends with SIGTERM and the script with 143, which the agent
+    # must pass on (Slurm requeues the job), not read as a preemption and requeue once more.
+    job = submit(cluster, job_dir, f"srun -n1 {PY} chain_job.py 60 0.1 chain.log\necho step rc=$?\n")
+    tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)
+    tc.wait_for(lambda: len(logged_steps(job_dir)) >= 10, 30, "progress")
+    res = as_user(cluster, "scontrol", "requeue", job)
+    assert res.returncode == 0, res.stdout + res.stderr
+    info = tc.wait_job(cluster, job, {"COMPLETED", "FAILED"}, timeout=120)
+    time.sleep(3)  # an extra requeue would show now
+    info = tc.job_info(cluster, job)
+    out = output(job_dir)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, out)
+    assert "being preempted" not in out and "requeueing" not in out, out
+    assert results(job_dir) == [f"result={chain(60)}"], out  # the rerun's; the first run was cut short
+    logged = logged_steps(job_dir)
+    assert logged[-60:] == list(range(1, 61)) and logged[:-60] == list(range(1, len(logged) - 59)), logged
 
 
 def test_srun_job_moves_off_a_drained_node_with_its_step(cluster, job_dir):

@@ -3,13 +3,23 @@ clients in a process tree found by their executable (not their argv[0])."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from slurm_mm.agent.step_launch import JobSteps
+from slurm_mm.checkpointer import image_pins
+from slurm_mm.engine import filestate
+from slurm_mm.engine.owner import Owner
+from slurm_mm.errors import FileStateRefused
+from store_fixtures import ensure_user
 from slurm_mm.agent.steps import multi_node_reason, node_count, step_clients, steps_reason
 
 
@@ -59,3 +69,50 @@ def test_other_programs_named_srun_in_argv_are_not_clients(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_retention_keeps_the_pins_of_step_tasks_too():
+    extra = {"files": {"pins": "dump-1"},
+             "steps": {"0123456789abcdef": {"files": {"0": {"pins": "dump-1@0123456789abcdef@0"},
+                                                      "1": {"pins": None}}}}}
+    assert image_pins(extra) == {"dump-1", "dump-1@0123456789abcdef@0"}
+    assert image_pins({"files": {}, "steps": {}}) == set()
+    assert image_pins({"steps": {"x": "not a record"}}) == set()  # an odd manifest names nothing
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="checks the files as their owner, with setuid")
+def test_step_task_whose_files_cannot_come_back_refuses_the_image_before_anything_runs(tmp_path, request):
+    owner = ensure_user("mmtest")
+    base = Path(tempfile.mkdtemp(prefix="slurm_mm-steps-"))  # a path the owner can reach
+    request.addfinalizer(lambda: shutil.rmtree(base, ignore_errors=True))
+    base.chmod(0o755)
+    home = base / "home"
+    home.mkdir()
+    os.chown(home, owner.pw_uid, owner.pw_gid)
+    data = home / "input.dat"
+    data.write_bytes(b"x" * 100)
+    st = data.stat()
+    rec = filestate.FileRecord(path=str(data), dev=st.st_dev, ino=st.st_ino, size=100, mtime_ns=st.st_mtime_ns,
+                               mode=st.st_mode, uid=st.st_uid, node_local=False)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    token = "0123456789abcdef"
+    state = filestate.FileState(node="n1", records=[rec])
+    (staging / f"step@{token}@0@{filestate.STATE_FILE}").write_text(json.dumps(state.to_json()))
+    (staging / f"step@{token}@0@pages-1.img").write_bytes(b"")
+    with open(data, "ab") as f:  # another party's edit of what the task only read
+        f.write(b"edited")
+    made: list[Path] = []
+
+    def staging_dir(job: str, name: str) -> Path:
+        made.append(tmp_path / name)
+        made[-1].mkdir()
+        return made[-1]
+
+    checkpointer = SimpleNamespace(staging=staging_dir, pin_root=lambda job: tmp_path / "pins")
+    sup = SimpleNamespace(job_id="7", services=SimpleNamespace(checkpointer=checkpointer, node="n2"),
+                          req=SimpleNamespace(owner=Owner(owner.pw_uid, owner.pw_gid, (owner.pw_gid,))))
+    steps = JobSteps(sup)
+    with pytest.raises(FileStateRefused, match=r"task 0 of step `srun app`: .*input.dat: size 100 -> 106"):
+        steps.unpack(staging, {token: {"argv": ["app"], "ranks": [0]}})
+    assert made and not any(p.exists() for p in made) and steps.unpacked == {}

@@ -70,7 +70,8 @@ class NodeAgent:
         self.poll_interval = poll_interval
         self.preemption = Preemption(slurm)
         self.jobs: JobRegistry[JobSupervisor] = JobRegistry()
-        self.services = NodeServices(node, config, slurm, checkpointer, self.preemption, self.jobs)
+        self.services = NodeServices(node, config, slurm, checkpointer, self.preemption, self.jobs,
+                                     poll_interval=poll_interval)
         self.stopping = threading.Event()
         self.admission = admission.Admission()
         self._manual_at: dict[str, float] = {}  # job -> last manual checkpoint (monotonic)
@@ -289,7 +290,9 @@ class NodeAgent:
         try:
             node = self.slurm.node(self.node)
             here = self.slurm.jobs(self.node)
-            preempted = {j.job_id for j in here if self.preemption.ends_run(j)}
+            records = {j.job_id: j for j in here}
+            preempted = {j for j, s in running.items()
+                         if j in records and self.preemption.ends_run(records[j], s.epoch)}
             runnable = {j.job_id for j in here if j.state == "RUNNING"}
         except SlurmMMError as exc:
             log.warning("cannot poll Slurm: %s", exc)
@@ -300,6 +303,8 @@ class NodeAgent:
             if job_id not in runnable or supervisor.suspended.is_set():
                 continue  # a suspended (frozen) tree cannot be dumped
             trigger = Trigger.PREEMPT if job_id in preempted else Trigger.DRAIN if draining else None
+            if trigger == Trigger.PREEMPT:
+                supervisor.preempt_notice.saw("slurmctld's preempt_time, seen by the agent's poll")
             if trigger:
                 self.checkpointer.hurry(job_id)
                 threading.Thread(target=supervisor.checkpoint, args=(trigger,), daemon=True).start()

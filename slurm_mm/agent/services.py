@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from slurm_mm.agent.job_record import JobRecord, LaunchRequest
-from slurm_mm.agent.preemption import Preemption
+from slurm_mm.agent.preemption import PreemptNotice, Preemption
 from slurm_mm.checkpointer import JobCheckpointer, ProcessTree
 from slurm_mm.config import Config
 from slurm_mm.slurm.model import SlurmClient
@@ -62,6 +62,7 @@ class NodeServices:
     checkpointer: JobCheckpointer
     preemption: Preemption
     jobs: JobRegistry = field(default_factory=JobRegistry)
+    poll_interval: float = 2.0  # seconds between the watcher's looks at Slurm
 
 
 class SupervisedJob(Protocol):
@@ -69,6 +70,8 @@ class SupervisedJob(Protocol):
 
     services: NodeServices
     job_id: str
+    epoch: int
+    preempt_notice: PreemptNotice
     req: LaunchRequest
     record: JobRecord
     tree: ProcessTree | None

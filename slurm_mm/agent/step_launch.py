@@ -43,7 +43,8 @@ from slurm_mm.agent.services import NodeServices, SupervisedJob
 from slurm_mm.checkpointer import RestoreTarget
 from slurm_mm.config import agent_socket
 from slurm_mm.engine.proctree import tree_pids
-from slurm_mm.errors import PermissionDenied, SlurmMMError
+from slurm_mm.engine import filestate
+from slurm_mm.errors import FileStateRefused, PermissionDenied, SlurmMMError
 from slurm_mm.store import Trigger
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ _TOKEN = re.compile(r"[0-9a-f]{16}")
 class StepTask:
     rank: int
     tree: Any
+    req: LaunchRequest | None = None  # what a dump records of the task's files comes from it
 
 
 @dataclass
@@ -91,6 +93,7 @@ class JobSteps:
         self.lock = threading.Lock()
         self.steps: dict[str, Step] = {}
         self.stopping = False  # a stopping dump is ending the steps: their exits mean nothing
+        self.unpacked: dict[str, dict[int, Path]] = {}  # token -> rank -> image, for a restore
 
     # -------------------------------------------------------- paths
 
@@ -200,15 +203,18 @@ class JobSteps:
         checkpointer = self.services.checkpointer
         if image is not None:
             try:
-                tree = checkpointer.restore(image, RestoreTarget.of(task_req), None, pin_root=None)
+                tree = checkpointer.restore(image, RestoreTarget.of(task_req), None,
+                                            pin_root=checkpointer.pin_root(self.sup.job_id))
             except SlurmMMError as exc:
                 self.fail_job(f"cannot restore task {rank} of step `srun {' '.join(step.argv)[:80]}`: {exc}")
                 raise
             step.restored.add(rank)
             self.sup.tell(f"restored task {rank} of step `srun {' '.join(step.argv)[:80]}`")
+            for line in getattr(tree, "files_report", []):
+                self.sup.tell(f"file {line} (task {rank})")
         else:
             tree = checkpointer.launch(task_req)
-        task = StepTask(rank, tree)
+        task = StepTask(rank, tree, task_req)
         with self.lock:
             step.ntasks = max(step.ntasks, ntasks)
             step.tasks[rank] = task
@@ -240,7 +246,8 @@ class JobSteps:
         """Slurm ends a job's steps (SIGTERM, SIGKILL after KillWait) as soon as it preempts
         the job: that SIGTERM starts the job's preemption checkpoint instead of ending the
         task, which the checkpoint then dumps within KillWait."""
-        if signum == signal.SIGTERM and self.services.preemption.job_ends_run(self.sup.job_id):
+        if signum == signal.SIGTERM and self.services.preemption.job_ends_run(self.sup.job_id, self.sup.epoch):
+            self.sup.preempt_notice.saw("SIGTERM to a step task")
             threading.Thread(target=self.sup.checkpoint, args=(Trigger.PREEMPT,), daemon=True).start()
             return
         tree.signal(signum)
@@ -274,41 +281,82 @@ class JobSteps:
             return bool(self.steps)
 
     def dump(self, staging: Path, leave_running: bool) -> dict[str, Any]:
-        """Dump every step task into `staging` (after the batch tree); the manifest's record."""
+        """Dump every step task into `staging` (after the batch tree); the manifest's record.
+        Each task's files are captured with it as the batch tree's are (engine.filestate,
+        at CRIU's post-dump action), pinned under the job's pin root as
+        `<image's dump>@<token>@<rank>`; `files` keeps each task's summary."""
         with self.lock:
             steps = [(s, dict(s.tasks)) for s in self.steps.values()]
-        record: dict[str, Any] = {}
+        checkpointer, record = self.services.checkpointer, {}
         for step, tasks in steps:
-            meta = {**step.meta(), "ranks": sorted(tasks)}  # a stopping dump ends the tasks
+            meta = {**step.meta(), "ranks": sorted(tasks), "files": {}}  # a stopping dump ends the tasks
             for rank, task in sorted(tasks.items()):
-                scratch = self.services.checkpointer.staging(self.sup.job_id, f"step-{step.token}-{rank}-{int(time.time() * 1000)}")
+                scratch = checkpointer.staging(self.sup.job_id, f"step-{step.token}-{rank}-{int(time.time() * 1000)}")
+                req = task.req or self.sup.req
+                files = checkpointer.file_spec(self.sup.job_id, req.owner, env=req.env, script=req.argv[0],
+                                               pin_name=f"{staging.name}@{step.token}@{rank}")
                 try:
-                    self.services.checkpointer.dump(task.tree.init_pid, scratch, leave_running=leave_running)
+                    dumped = checkpointer.dump(task.tree.init_pid, scratch, leave_running=leave_running, files=files)
                     for path in scratch.iterdir():
                         os.rename(path, staging / f"{FILE_PREFIX}{step.token}@{rank}@{path.name}")
                 finally:
                     shutil.rmtree(scratch, ignore_errors=True)
+                summary = dumped.extra.get("files", {})
+                meta["files"][str(rank)] = summary
+                for note in summary.get("notes", []):
+                    self.sup.tell(f"task {rank} of step `srun {' '.join(step.argv)[:60]}`: {note}")
             record[step.token] = meta
         return record
 
     # -------------------------------------------------------- restore
 
-    def restored(self, tree: Any, staging: Path, steps_meta: Any) -> None:
-        """After the batch tree's restore: relaunch each step it was waiting on, restoring
-        the step's tasks from the image."""
+    def unpack(self, staging: Path, steps_meta: Any) -> None:
+        """Before the batch tree's restore: each step task's image to its own staging
+        directory, and its files checked (as their owner, changing nothing) against their
+        record. A task whose files cannot be brought back refuses the whole image
+        (FileStateRefused naming them) while nothing of it runs: the next image or the
+        restore policy decides, instead of a restored script failing later."""
+        self.discard_unpacked()
         if not isinstance(steps_meta, dict):
             return
+        checkpointer, owner = self.services.checkpointer, self.sup.req.owner
         for token, meta in steps_meta.items():
             if not _TOKEN.fullmatch(str(token)) or not isinstance(meta, dict):
                 continue
             images: dict[int, Path] = {}
+            self.unpacked[str(token)] = images
             for rank in meta.get("ranks", []):
-                kept = self.services.checkpointer.staging(self.sup.job_id, f"restore-step-{token}-{int(rank)}")
+                kept = checkpointer.staging(self.sup.job_id, f"restore-step-{token}-{int(rank)}")
+                images[int(rank)] = kept
                 prefix = f"{FILE_PREFIX}{token}@{int(rank)}@"
                 for path in staging.iterdir():
                     if path.name.startswith(prefix):
                         os.rename(path, kept / path.name[len(prefix):])
-                images[int(rank)] = kept
+                state = filestate.FileState.read(kept)
+                if state is None:
+                    continue
+                found = filestate.plan(state, kept, node=self.services.node, uid=owner.uid, gids=list(owner.groups),
+                                       pin_root=checkpointer.pin_root(self.sup.job_id))
+                if found.problems:
+                    self.discard_unpacked()
+                    raise FileStateRefused(f"task {int(rank)} of step `srun {' '.join(meta.get('argv', []))[:60]}`: "
+                                           + "; ".join(found.problems[:5]))
+
+    def discard_unpacked(self) -> None:
+        """Step images unpacked for a restore that did not happen."""
+        for images in self.unpacked.values():
+            for path in images.values():
+                shutil.rmtree(path, ignore_errors=True)
+        self.unpacked = {}
+
+    def restored(self, tree: Any, steps_meta: Any) -> None:
+        """After the batch tree's restore: relaunch each step it was waiting on, restoring
+        the step's tasks from their unpacked images."""
+        unpacked, self.unpacked = self.unpacked, {}
+        if not isinstance(steps_meta, dict):
+            return
+        for token, images in unpacked.items():
+            meta = steps_meta[token]
             host_pid = tree.ns_pids.get(int(meta.get("standin_ns_pid", 0)))
             fds = _fds_of(host_pid) if host_pid else None
             try:
@@ -316,6 +364,8 @@ class JobSteps:
                                 fds or self.sup.req.stdio, int(meta.get("standin_ns_pid", 0)),
                                 token=str(token), restoring=images)
             except (SlurmMMError, KeyError, TypeError, ValueError) as exc:
+                for path in images.values():
+                    shutil.rmtree(path, ignore_errors=True)
                 self.fail_job(f"cannot relaunch step {token} of the image: {exc}", tree)
                 return
             finally:

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 STEP_CLIENTS = frozenset({"srun"})
 STOPPING_SETTLE_SECONDS = 5.0
+# A notice comes from the watcher's poll (every poll interval) or a relayed signal (< 1 s).
+NOTICE_SLACK_SECONDS = 1.5
 
 
 # ---------------------------------------------------------------- what cannot be captured
@@ -186,11 +188,21 @@ class StepGuard:
                 pass
         return record
 
-    def restored(self, tree, staging, extra) -> None:
+    def unpack(self, staging, extra) -> None:
+        """Before the batch tree's restore: the step tasks' images set aside and their files
+        checked; FileStateRefused refuses the image while nothing of it runs."""
+        steps_meta = extra.get("steps") if isinstance(extra, dict) else None
+        if steps_meta:
+            self.jobsteps.unpack(staging, steps_meta)
+
+    def discard_unpacked(self) -> None:
+        self.jobsteps.discard_unpacked()
+
+    def restored(self, tree, extra) -> None:
         """The batch tree is back: bring back the steps it waits on."""
         steps_meta = extra.get("steps") if isinstance(extra, dict) else None
         if steps_meta:
-            self.jobsteps.restored(tree, staging, steps_meta)
+            self.jobsteps.restored(tree, steps_meta)
 
     def refuse(self, trigger: str, stopping: bool, reason: str) -> None:
         """Called with the job's lock held, instead of a dump."""
@@ -210,15 +222,29 @@ class StepGuard:
 
     def ended_by_preemption(self, status: int) -> bool:
         """Called with the job's lock held when the tree ends. Slurm ends srun steps when it
-        preempts a job, before anything can be dumped: the script then fails, and only a
-        requeue (a rerun) keeps that from ending the job FAILED. True: requeued."""
-        if status == 0 or not self.sup.services.preemption.job_ends_run(self.sup.job_id):
+        preempts a job, and a step slurm_mm does not run (`/usr/bin/srun`) is gone before
+        anything can be dumped: the script then fails, and only a requeue (a rerun) keeps
+        that from ending the job FAILED. True: requeued. Only a preemption of this very run
+        that the agent was told of counts (agent/preemption.py): anything else that ends a
+        script non-zero (an owner's `scontrol requeue`, a failing step) is the job's exit."""
+        if status == 0 or not self._preempted_this_run():
             self.jobsteps.cleanup()
             return False
-        self.refuse(Trigger.PREEMPT, True, f"the job script ended with exit code {status} while the job "
-                    "was being preempted (Slurm ends srun steps when preemption starts, and "
-                    "slurm_mm cannot checkpoint srun steps yet)")
+        self.refuse(Trigger.PREEMPT, True, f"the job script ended with exit code {status} while this run "
+                    f"was being preempted ({self.sup.preempt_notice.source}; Slurm ends srun steps "
+                    "when preemption starts, before an image could hold them)")
         return True
+
+    def _preempted_this_run(self) -> bool:
+        sup = self.sup
+        if not sup.services.preemption.job_ends_run(sup.job_id, sup.epoch):
+            return False
+        wait = sup.services.poll_interval + NOTICE_SLACK_SECONDS
+        if sup.preempt_notice.wait(wait):
+            return True
+        log.warning("job %s: slurmctld shows this run preempted but no notice reached the agent "
+                    "within %.1f s: the script's exit stands", sup.job_id, wait)
+        return False
 
     def clear(self) -> None:
         """A checkpoint went through: nothing is refused any more."""

@@ -22,6 +22,7 @@ from typing import Any
 
 from slurm_mm.agent import job_comment, metrics, protocol
 from slurm_mm.agent.job_record import CheckpointProgress, JobRecord, JobState, LaunchRequest
+from slurm_mm.agent.preemption import PreemptNotice
 from slurm_mm.agent.services import NodeServices
 from slurm_mm.agent.steps import StepGuard
 from slurm_mm.checkpointer import ProcessTree, RestoreTarget
@@ -57,6 +58,7 @@ class JobSupervisor:
         self.record = JobRecord(self.job_id, request.uid, request.interval)
         self.send_lock = threading.Lock()
         self.steps = StepGuard(self)
+        self.preempt_notice = PreemptNotice()  # this run's own preemption notices
 
     # ------------------------------------------------------------ messages
 
@@ -175,12 +177,18 @@ class JobSupervisor:
 
     def _restore(self, image: Image) -> ProcessTree:
         self.record.progress = CheckpointProgress("extracting", "restore", time.time())
+        extra = image.manifest.extra
+
+        def target(staging: Path) -> RestoreTarget:
+            self.steps.unpack(staging, extra)  # step tasks' images set aside, their files checked
+            return RestoreTarget.of(self.req)
+
         try:
             return self.checkpointer.restore_image(
-                self.job_id, image, RestoreTarget.of(self.req), progress=self._progress,
-                on_phase=self._phase,
-                after=lambda tree, staging: self.steps.restored(tree, staging, image.manifest.extra))
+                self.job_id, image, target, progress=self._progress, on_phase=self._phase,
+                after=lambda tree, staging: self.steps.restored(tree, extra))
         finally:
+            self.steps.discard_unpacked()  # nothing left once restored() took them
             self.record.progress = CheckpointProgress()
 
     def _phase(self, phase: str) -> None:
@@ -229,7 +237,9 @@ class JobSupervisor:
         starts the preemption image (the job's own handler never sees it: the image must
         hold the job as it was), SIGTSTP/SIGCONT of a SUSPEND move GPU state out and back,
         anything else is the job's."""
-        if signum in (signal.SIGUSR1, signal.SIGTERM) and self.services.preemption.job_ends_run(self.job_id):
+        preemption = self.services.preemption
+        if signum in (signal.SIGUSR1, signal.SIGTERM) and preemption.job_ends_run(self.job_id, self.epoch):
+            self.preempt_notice.saw(f"{signal.Signals(signum).name} to the batch task")
             self.checkpointer.hurry(self.job_id)
             threading.Thread(target=self.checkpoint, args=(Trigger.PREEMPT,), daemon=True).start()
             return
