@@ -98,7 +98,7 @@ def test_preempted_bash_job_resumes_on_another_node_with_its_files(cluster, job_
                                    on_requeue=job.wipe_node_tmp, hold=40)
     assert info["JobState"] == "COMPLETED", job.output()
     assert "for preempt" in job.output() and "restored from ckpt-" in job.output()
-    assert f"slurm_script: handed over from the image" in job.output()
+    assert "slurm_script: handed over from the image" in job.output()
     job.assert_same_as_uninterrupted(tmp_path)
 
 

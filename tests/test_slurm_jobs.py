@@ -5,7 +5,6 @@ its final hash equals an uninterrupted run's only if no work was lost or repeate
 from __future__ import annotations
 
 import subprocess
-import time
 
 import pytest
 
