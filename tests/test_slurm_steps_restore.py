@@ -124,27 +124,33 @@ def test_scancel_ends_a_job_and_its_step(cluster, job_dir):
     job = submit(cluster, job_dir, f"srun -n1 {PY} chain_job.py 400 0.25 chain.log\n")
     tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)
     tc.wait_for(lambda: len(logged_steps(job_dir)) >= 4, 30, "progress")
+    task = "chain_job.py 400 0.25"  # the step's command line (run from job_dir)
+    assert user_processes(task)
     subprocess.run(["scancel", job], env=cluster.env(), check=True)
     info = tc.wait_job(cluster, job, {"CANCELLED"}, timeout=60)
     assert info["JobState"] == "CANCELLED"
-    tc.wait_for(lambda: not user_processes(f"{job_dir}/chain_job.py"), 30, "the step's task gone")
+    tc.wait_for(lambda: not user_processes(task), 30, "the step's task gone")
     done = len(logged_steps(job_dir))
     time.sleep(2)
     assert len(logged_steps(job_dir)) == done
 
 
 def test_scancel_ends_a_restored_job_and_its_restored_step(cluster, job_dir):
-    job = submit(cluster, job_dir, f"srun -n1 {PY} chain_job.py 400 0.25 chain.log\n")
+    job = submit(cluster, job_dir, f"srun -n1 {PY} chain_job.py 401 0.25 chain.log\n")
     tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)
     tc.wait_for(lambda: len(logged_steps(job_dir)) >= 4, 30, "progress")
     res = as_user(cluster, "slurm-mm", "checkpoint", job, "--requeue")
     assert res.returncode == 0, res.stdout + res.stderr
     tc.wait_for(lambda: "restored task 0 of step" in output(job_dir), 60, "the step's restore")
-    assert user_processes(f"{job_dir}/chain_job.py")
+    task = "chain_job.py 401 0.25"  # the restored task keeps its command line
+    assert user_processes(task)
     assert as_user(cluster, "scancel", job).returncode == 0
     info = tc.wait_job(cluster, job, {"CANCELLED"}, timeout=30)
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "1"
-    tc.wait_for(lambda: not user_processes(f"{job_dir}/chain_job.py"), 20, "the restored task gone")
+    tc.wait_for(lambda: not user_processes(task), 20, "the restored task gone")
+    done = len(logged_steps(job_dir))
+    time.sleep(2)
+    assert len(logged_steps(job_dir)) == done
 
 
 def test_steps_of_every_shape_resume_from_a_periodic_image_after_a_node_failure(cluster, job_dir):
