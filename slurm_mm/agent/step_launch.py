@@ -40,7 +40,8 @@ from slurm_mm.agent import protocol
 from slurm_mm.agent.cgroups import step_cgroup_procs
 from slurm_mm.agent.job_record import ACTIVE, LaunchRequest
 from slurm_mm.agent.services import NodeServices, SupervisedJob
-from slurm_mm.checkpointer import RestoreTarget
+from slurm_mm.checkpointer import ProcessTree, RestoreTarget
+from slurm_mm.engine.restore import RestoredTree
 from slurm_mm.config import agent_socket
 from slurm_mm.engine.proctree import tree_pids
 from slurm_mm.engine import filestate
@@ -61,7 +62,7 @@ _TOKEN = re.compile(r"[0-9a-f]{16}")
 @dataclass
 class StepTask:
     rank: int
-    tree: Any
+    tree: ProcessTree
     req: LaunchRequest | None = None  # what a dump records of the task's files comes from it
 
 
@@ -242,7 +243,7 @@ class JobSteps:
         send({"op": "started", "mode": "restored" if image is not None else "launched"})
         protocol.relay_signals(conn, lambda signum: self._on_task_signal(tree, signum))
 
-    def _on_task_signal(self, tree: Any, signum: int) -> None:
+    def _on_task_signal(self, tree: ProcessTree, signum: int) -> None:
         """Slurm ends a job's steps (SIGTERM, SIGKILL after KillWait) as soon as it preempts
         the job: that SIGTERM starts the job's preemption checkpoint instead of ending the
         task, which the checkpoint then dumps within KillWait."""
@@ -252,7 +253,7 @@ class JobSteps:
             return
         tree.signal(signum)
 
-    def fail_job(self, reason: str, tree: Any = None) -> None:
+    def fail_job(self, reason: str, tree: ProcessTree | None = None) -> None:
         """A restored script waits on a step that cannot come back: end the job FAILED
         with the reason, never let the script carry on as if the step had run."""
         self.sup.tell(f"error: {reason}; failing the job instead of reporting its lost work as done")
@@ -310,7 +311,7 @@ class JobSteps:
 
     # -------------------------------------------------------- restore
 
-    def unpack(self, staging: Path, steps_meta: Any) -> None:
+    def unpack(self, staging: Path, steps_meta: object) -> None:
         """Before the batch tree's restore: each step task's image to its own staging
         directory, and its files checked (as their owner, changing nothing) against their
         record. A task whose files cannot be brought back refuses the whole image
@@ -349,7 +350,7 @@ class JobSteps:
                 shutil.rmtree(path, ignore_errors=True)
         self.unpacked = {}
 
-    def restored(self, tree: Any, steps_meta: Any) -> None:
+    def restored(self, tree: RestoredTree, steps_meta: object) -> None:
         """After the batch tree's restore: relaunch each step it was waiting on, restoring
         the step's tasks from their unpacked images."""
         unpacked, self.unpacked = self.unpacked, {}
