@@ -76,7 +76,7 @@ def restorable(store: ImageStore, job_id: str, *, before_epoch: int | None,
             yield image, ""
 
 
-def image_pins(extra: Any) -> set[str]:
+def image_pins(extra: object) -> set[str]:
     """The pin directories an image's manifest names: its batch tree's (`files.pins`) and
     each of its step tasks' (`steps.<token>.files.<rank>.pins`); retention keeps them."""
     found: set[str] = set()
