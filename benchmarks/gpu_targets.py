@@ -48,6 +48,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--staging", type=Path, default=Path("/dev/shm/slurm_mm-gpu-targets"))
     p.add_argument("--out", type=Path, default=HERE / "out" / "gpu_targets.json")
     p.add_argument("--deadline", type=float, default=540.0, help="no new round after this many seconds")
+    p.add_argument("--warm-libs", action="store_true",
+                   help="after dropping caches, read the job's mapped files back before the restore (timed)")
     p.add_argument("--no-gpu", action="store_true", help="smoke-test the harness without a GPU (job on the CPU)")
     return p.parse_args()
 
@@ -100,10 +102,23 @@ def wait_iterating(job, timeout: float) -> tuple[bool, list[str]]:
     return False, seen[-40:]
 
 
+def mapped_files(pid: int) -> list[Path]:
+    """The regular files mapped by a process (its executable and libraries)."""
+    paths = set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        parts = line.split(None, 5)
+        if len(parts) == 6 and parts[5].startswith("/") and not parts[5].startswith(("/dev/", "/proc/")):
+            p = Path(parts[5].removesuffix(" (deleted)"))
+            if p.is_file():
+                paths.add(p)
+    return sorted(paths)
+
+
 def one_round(args, gc, thp: str | None) -> dict:
     if thp:
         THP.write_text(thp + "\n")
-    row: dict = {"gb": args.gb, "thp": THP.read_text().strip(), "read_back": args.read_back}
+    row: dict = {"gb": args.gb, "thp": THP.read_text().strip(), "read_back": args.read_back,
+                 "warm_libs": args.warm_libs}
     store = gb.ImageStore(args.shared / "store", level=1, threads=0, keep=1, read_back=args.read_back)
     jid = "targets"
     store.remove_job(jid)
@@ -129,8 +144,15 @@ def one_round(args, gc, thp: str | None) -> dict:
         row["dd_fsync_s"] = tool(["dd", f"if={big}", f"of={out}", "bs=8M", "conv=fsync"])
         out.unlink()
         shutil.rmtree(img)
+        libs = mapped_files(job.pid)
         job.kill()
         drop_caches()
+        # The job's programs and libraries (PyTorch: GBs, here on a compressed squashfs)
+        # are read back on first touch after a restore; a cold read of them is their floor.
+        # With --warm-libs they are read now, as on a node that already ran such jobs.
+        row["lib_bytes"] = sum(p.stat().st_size for p in libs)
+        if args.warm_libs:
+            row["lib_cold_read_s"] = tool(["cat", *map(str, libs)])
         r0 = time.monotonic()
         store.extract(image, dest)
         r1 = time.monotonic()
