@@ -6,16 +6,23 @@ parallel; one writer thread writes them in file order, so each stored file is wr
 sequentially once; a verifier thread syncs what was written every SYNC_BYTES (so the final
 sync waits only for the tail) and then reads those chunks back through a second file
 descriptor and checks each against the hash of the buffer that was written. With
-read_back="device" it first drops the synced pages from the page cache (fadvise
-DONTNEED on clean pages), so the read comes from the storage itself, not from memory;
-with "cache" the read may be served from the page cache (as a restore on the same node
-would be). Either way a commit returns only once every stored byte was synced and read
-back equal, and the page cache holds none of it (the running job keeps its memory).
+read_back="cache" writes are buffered and the read may be served from the page cache (as
+a restore on the same node would be). With "device", whole raw chunks at aligned offsets
+are written with O_DIRECT straight from the page-aligned buffer they were read and hashed
+in, and every chunk is read back with O_DIRECT, so the read comes from the storage
+itself and neither pass copies through the page cache (measured: the buffered write and
+its writeback cost more CPU than all the rest of a commit of incompressible data); the
+price is a second pass over the disk. Unaligned pieces (compressed chunks, raw-block
+frames, a file's tail) are written buffered; a filesystem that refuses O_DIRECT gets
+buffered I/O and a read-back after dropping the synced pages. Either way a commit
+returns only once every stored byte was synced and read back equal, and the page cache
+holds none of it (the running job keeps its memory).
 
 Reading (extract, verify): worker threads each take a chunk, read its stored bytes,
 check their hash, and (extract) decode and write the raw bytes at their offset in the
 destination (pwrite: no ordering needed); verify checks hashes and frame headers only.
-The first failure stops the rest.
+Stored files are read with O_DIRECT where the filesystem takes it: no page cache to fill
+and drop, and the check reads the storage. The first failure stops the rest.
 
 Knows file descriptors and chunks; the image store opens every file (safely) for it.
 """
