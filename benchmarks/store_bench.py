@@ -162,7 +162,18 @@ def slowdown_series(threads: int, commit, reps: int, job_cpu: int | None, commit
     for p in procs:
         p.start()
 
+    steal: list[float] = []  # share of the job's CPU the hypervisor took, per window
+
+    def cpu_steal() -> float:
+        name = f"cpu{job_cpu}" if job_cpu is not None else "cpu"
+        for line in Path("/proc/stat").read_text().splitlines():
+            f = line.split()
+            if f[0] == name and len(f) > 8:
+                return int(f[8]) / os.sysconf("SC_CLK_TCK")
+        return 0.0
+
     def window(during=None) -> tuple[float, float]:
+        s0 = cpu_steal()
         n0, t0 = counter.value, time.monotonic()
         if during is None:
             time.sleep(alone_s)
@@ -172,6 +183,7 @@ def slowdown_series(threads: int, commit, reps: int, job_cpu: int | None, commit
             th.join(max_window)
         t = time.monotonic() - t0
         rate = (counter.value - n0) / t
+        steal.append((cpu_steal() - s0) / t)
         if during is not None:
             th.join()
         return rate, t
@@ -203,7 +215,8 @@ def slowdown_series(threads: int, commit, reps: int, job_cpu: int | None, commit
         return {"mean": m, "sd": sd, "min": min(xs), "max": max(xs), "n": len(xs)}
 
     return {"slowdown": stats(slow), "alone_to_alone": stats(noise), "samples": slow,
-            "alone_rates": alone, "during_rates": during, "commit_s": stats(commit_s)}
+            "alone_rates": alone, "during_rates": during, "commit_s": stats(commit_s),
+            "job_cpu_steal": steal}
 
 
 def one_round(args, content: str, src_dir: Path, size: int, read_back: str, rep: int, full: bool) -> dict:
