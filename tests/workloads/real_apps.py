@@ -56,6 +56,8 @@ samtools idxstats aln.bam > idxstats.txt
 echo "align done"
 """,
 }
+# The same alignment with bwa as an `srun` step whose output is a pipe into samtools.
+SCRIPTS["align-srun"] = SCRIPTS["align"].replace("bwa mem -t 2", "srun -n1 bwa mem -t 2")
 
 # What an interrupted run must reproduce, byte for byte.
 RESULT_FILES = {
@@ -118,12 +120,13 @@ def _genome_and_reads(directory: Path, genome: int, coverage: int, seed: int) ->
 
 def prepare(app: str, directory: Path, scale: float = 1.0) -> str:
     """Write the app's inputs into `directory`; returns the batch script's text."""
-    if app == "md":
+    kind = app.split("-")[0]
+    if kind == "md":
         (directory / "md.mdp").write_text(_MDP.format(steps=int(12000 * scale)))
         (directory / "topol.top").write_text(_TOP)
-    elif app == "assembly":
+    elif kind == "assembly":
         _genome_and_reads(directory, int(1_000_000 * scale), 30, seed=7)
-    elif app == "align":
+    elif kind == "align":
         _genome_and_reads(directory, int(2_000_000 * scale), 40, seed=11)
     else:
         raise ValueError(f"unknown app {app!r}")
@@ -133,13 +136,20 @@ def prepare(app: str, directory: Path, scale: float = 1.0) -> str:
 def results(app: str, directory: Path) -> dict[str, str]:
     """sha256 of each result file (absent: 'missing'), plus velvet's Log without dates."""
     digest = {}
-    for name in RESULT_FILES[app]:
+    for name in RESULT_FILES[app.split("-")[0]]:
         path = directory / name
         digest[name] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
     if app == "assembly" and (directory / "asm" / "Log").is_file():
         lines = (directory / "asm" / "Log").read_text().splitlines()
         digest["asm/Log (no dates)"] = "\n".join(l for l in lines if not _DATE.match(l))
     return digest
+
+
+def listing(directory: Path) -> list[str]:
+    """Every file and directory the job left, but its own output and start log."""
+    skip = {"job.out", "starts.txt", "bin"}
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
+                  if p.relative_to(directory).parts[0] not in skip)
 
 
 def fresh_starts(directory: Path) -> list[str]:
