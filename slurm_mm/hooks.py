@@ -20,20 +20,14 @@ import shutil
 import sys
 
 from slurm_mm import config
+from slurm_mm.checkpointer import open_store, restorable
 from slurm_mm.errors import SlurmMMError
-from slurm_mm.store import ImageStore
 
 log = logging.getLogger("slurm_mm.hooks")
 
 
 def _enrolled(env: dict[str, str]) -> bool:
     return env.get("SPANK_SLURM_MM_INTERVAL", "0") not in ("", "0")
-
-
-def _store(cfg: config.Config) -> ImageStore:
-    return ImageStore(cfg.checkpoint_root, level=cfg.compression_level,
-                      threads=cfg.compression_threads, keep=cfg.keep_images,
-                      lock_timeout=cfg.timeouts.lock)
 
 
 def completion_marker(cfg: config.Config, job_id: str):
@@ -44,14 +38,16 @@ def completion_marker(cfg: config.Config, job_id: str):
 def prolog(env: dict[str, str]) -> None:
     job, uid, gid = env["SLURM_JOB_ID"], int(env["SLURM_JOB_UID"]), int(env["SLURM_JOB_GID"])
     epoch = int(env.get("SLURM_JOB_RESTART_COUNT") or 0)
-    store = _store(config.load(require_safe_owner=True))
+    store = open_store(config.load(require_safe_owner=True))
     store.prepare_job(job, uid, gid)
     store.advance_epoch(job, epoch)
     if epoch == 0:
         return
     # Manifest-level choice only: the agent verifies checksums while it extracts, so the
     # prolog does not read the whole image a second time before the job can start.
-    image = next((i for i in store.images(job) if i.manifest.epoch < epoch), None)
+    # The same choice as the agent's (checkpointer.restorable), owner included.
+    image = next((i for i, refusal in restorable(store, job, before_epoch=epoch, owner=None)
+                  if not refusal and (i.manifest.uid, i.manifest.gid) == (uid, gid)), None)
     if image is None:
         log.warning("job %s run %d: no usable image; the script starts from the beginning", job, epoch)
     else:
@@ -65,7 +61,7 @@ def epilog(env: dict[str, str]) -> None:
     if job.isdigit():
         for staging in (cfg.staging_dir, cfg.gpu_staging_dir):
             shutil.rmtree(staging / job, ignore_errors=True)
-    store = _store(cfg)
+    store = open_store(cfg)
     marker = completion_marker(cfg, job)
     if marker.is_file() and not marker.is_symlink():
         store.remove_job(job)
