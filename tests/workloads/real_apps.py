@@ -56,8 +56,15 @@ samtools idxstats aln.bam > idxstats.txt
 echo "align done"
 """,
 }
-# The same alignment with bwa as an `srun` step whose output is a pipe into samtools.
+# Not in the suite: the same alignment with bwa as an `srun` step whose output is a pipe
+# into samtools (fails after a preemption: the stream loses what the step wrote between
+# the batch tree's dump and its own), and with the step writing its own file.
 SCRIPTS["align-srun"] = SCRIPTS["align"].replace("bwa mem -t 2", "srun -n1 bwa mem -t 2")
+# The step's task writes its output itself; samtools sorts the file after the step.
+SCRIPTS["align-srunfile"] = SCRIPTS["align"].replace(
+    "bwa mem -t 2 -K 10000000 ref.fa reads.fq 2> mem.log | samtools sort -m 4M -T sorttmp/part -o aln.bam -",
+    "srun -n1 bash -c 'bwa mem -t 2 -K 10000000 ref.fa reads.fq > aln.sam 2> mem.log'\n"
+    "samtools sort -m 4M -T sorttmp/part -o aln.bam aln.sam\nrm aln.sam")
 
 # What an interrupted run must reproduce, byte for byte.
 RESULT_FILES = {
