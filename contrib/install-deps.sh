@@ -26,6 +26,8 @@ APT_PKGS=(munge slurmctld slurmd slurm-client libslurm-dev slurm-wlm-basic-plugi
           python3-venv python3-dev gcc make pkg-config iproute2 procps util-linux xz-utils
           protobuf-c-compiler libprotobuf-c-dev libnl-3-dev libnet1-dev libcap-dev
           libbsd-dev uuid-dev protobuf-compiler libprotobuf-dev python3-protobuf)
+# Real applications the test suite runs as users' jobs (tests/test_real_apps.py).
+APT_PKGS+=(gromacs velvet bwa samtools)
 missing=()
 for p in "${APT_PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
@@ -33,9 +35,10 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
     log "installing from apt: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q >/dev/null
+    apt-get update -q >/dev/null || die "apt-get update failed"
     # --no-install-recommends keeps asciidoc/xmlto from pulling a TeX toolchain.
-    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null ||
+        die "apt-get install failed for: ${missing[*]}"
 fi
 # Debian's packages enable and start the daemons; the test cluster runs its own.
 for svc in slurmctld slurmd; do

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from workloads import real_apps
+
 REPO = Path(__file__).resolve().parents[1]
 CRIU = Path(os.environ.get("SLURM_MM_CRIU", "/opt/slurm_mm/criu/sbin/criu"))
 
@@ -29,7 +31,8 @@ testcluster = _load_testcluster()
 
 def pytest_sessionstart(session):
     """Fail loudly, never skip, when what the suite needs is missing."""
-    missing = [tool for tool in ("slurmctld", "slurmd", "munged", "sbatch") if not shutil.which(tool)]
+    tools = ("slurmctld", "slurmd", "munged", "sbatch", *real_apps.TOOLS)
+    missing = [tool for tool in tools if not shutil.which(tool)]
     if not CRIU.exists():
         missing.append(str(CRIU))
     if os.geteuid() != 0:
