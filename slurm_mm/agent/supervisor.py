@@ -24,6 +24,7 @@ from slurm_mm.engine import filestate
 from slurm_mm.engine.proctree import tree_pids
 from slurm_mm.errors import ImageError, RestoreRefusedByPolicy, SlurmMMError
 from slurm_mm.slurm.client import Job
+from slurm_mm.slurm.version import slurm_requeues_preempted_job_on_exit
 
 if TYPE_CHECKING:
     from slurm_mm.agent.node_agent import NodeAgent
@@ -324,6 +325,13 @@ class JobSupervisor:
         return image
 
     def finish_stop(self, image: Any, trigger: str) -> None:
+        if trigger == "preempt" and slurm_requeues_preempted_job_on_exit():
+            # Slurm requeues a job that ends in its grace time; our own requeue would
+            # leave its preemption mark set and requeue the next run when it completes.
+            self.tell(f"checkpointed to {image.path.name} for {trigger}; Slurm requeues it")
+            self.record.state = "requeued"
+            self.send({"op": "exit", "status": REQUEUED_EXIT})
+            return
         self.tell(f"checkpointed to {image.path.name} for {trigger}; requeueing")
         self._requeue()
 
