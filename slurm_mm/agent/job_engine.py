@@ -46,12 +46,29 @@ class JobEngine:
         self.criu_lock = CriuGate()  # stopping dumps first (agent/criu_gate.py)
         mode = cfg.job_mount_namespace
         self.private_proc = mode == "always" or (mode == "auto" and self.gpu is not None)
+        # The agent's job records (agent/job_records.py): when set, every tree gets a
+        # status file its mm-init writes the job's end to, for a restarted agent.
+        self.records: Any = None
+
+    def _status_fd(self, req) -> int | None:
+        if self.records is None:
+            return None
+        try:
+            return self.records.status_fd(req.job.job_id)
+        except (OSError, ValueError) as exc:
+            log.warning("job %s: no status file (%s): an agent restart would lose it", req.job.job_id, exc)
+            return None
 
     def launch(self, req) -> Any:
-        return launch(req.argv, uid=req.uid, gid=req.gid, groups=req.groups, env=req.env,
-                      cwd=req.cwd, stdin=req.stdio[0], stdout=req.stdio[1], stderr=req.stdio[2],
-                      join_cgroups=[str(p) for p in req.cgroup_procs], libexec=self.cfg.libexec_dir,
-                      private_proc=self.private_proc)
+        status_fd = self._status_fd(req)
+        try:
+            return launch(req.argv, uid=req.uid, gid=req.gid, groups=req.groups, env=req.env,
+                          cwd=req.cwd, stdin=req.stdio[0], stdout=req.stdio[1], stderr=req.stdio[2],
+                          join_cgroups=[str(p) for p in req.cgroup_procs], libexec=self.cfg.libexec_dir,
+                          private_proc=self.private_proc, status_fd=status_fd)
+        finally:
+            if status_fd is not None:
+                os.close(status_fd)
 
     def restore(self, images: Path, req, gpu: dict[str, Any] | None, *, node: str,
                 pin_root: Path | None) -> Any:
@@ -65,6 +82,7 @@ class JobEngine:
                 options["gpu_pairs"] = gpu_inventory.gpu_pairs(gpu, here)
         files = filestate.prepare(images, node=node, uid=req.uid, gids=req.groups, pin_root=pin_root,
                                   work=images / ".handed")
+        status_fd = self._status_fd(req)
         try:
             with self.criu_lock.hold():
                 tree = restore_tree(images, stdin=req.stdio[0], stdout=req.stdio[1], stderr=req.stdio[2],
@@ -72,9 +90,11 @@ class JobEngine:
                                     owner_gids=req.groups, gpu=self.gpu if gpu else None,
                                     gpu_resume_options=options, criu=self.criu,
                                     timeout=self.cfg.timeouts.restore, extra_inherit=files.inherit,
-                                    libexec=self.cfg.libexec_dir)
+                                    libexec=self.cfg.libexec_dir, status_fd=status_fd)
         finally:
             files.close()
+            if status_fd is not None:
+                os.close(status_fd)
         tree.files_report = files.report
         return tree
 

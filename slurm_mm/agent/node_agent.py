@@ -23,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from slurm_mm.agent import admission, auth, protocol, step_launch
+from slurm_mm.agent import adopt, admission, auth, job_records, protocol, step_launch
 from slurm_mm.agent.cgroups import step_cgroup_procs
 from slurm_mm.agent.staging import (fits, gpu_dump_dir, prepare_staging_root, root_only_dir, tree_gpu_bytes,
                                     tree_resident_bytes)
@@ -73,6 +73,8 @@ class NodeAgent:
         self._preempt_modes: dict[str, str] = {}
         self.admission = admission.Admission()
         self._manual_at: dict[str, float] = {}  # job -> last manual checkpoint (monotonic)
+        self.records = job_records.JobRecords(config.run_dir, node)  # for a restarted agent
+        engine.records = self.records
 
     # ------------------------------------------------------------ helpers for supervisors
 
@@ -114,6 +116,7 @@ class NodeAgent:
         with self.jobs_lock:
             self.jobs.pop(job_id, None)
             self._manual_at.pop(job_id, None)
+        job_records.forget(self, job_id)
 
     # ------------------------------------------------------------ server
 
@@ -182,6 +185,9 @@ class NodeAgent:
             if op == "start":
                 self._start(conn, pid, uid, message, fds, slot)
                 fds = []  # owned by the supervisor now
+            elif op == "reattach":  # a batch task whose agent restarted (agent/adopt.py)
+                adopt.handle_reattach(self, conn, pid, uid, message, fds, slot.release)
+                fds = []
             elif op == "srun":  # the srun stand-in of an enrolled job (agent/step_launch.py)
                 step_launch.handle_srun(self, conn, pid, uid, message, fds)
             elif op == "checkpoint":

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from slurm_mm.agent import job_comment, metrics, protocol
+from slurm_mm.agent import job_comment, job_records, metrics, protocol
 from slurm_mm.agent.steps import StepGuard
 from slurm_mm.config import RESTORE_POLICIES
 from slurm_mm.engine import filestate
@@ -152,6 +152,7 @@ class JobSupervisor:
     def _running(self, mode: str) -> None:
         self.record.mode = mode
         self.record.state = "running"
+        job_records.save(self)
         metrics.registry.job_started(self.job_id, mode)
         self.steps.on_start()
         threading.Thread(target=self._wait_exit, name=f"wait-{self.job_id}", daemon=True).start()
@@ -318,6 +319,7 @@ class JobSupervisor:
                                       "size": sum(f.stored_size for f in m.files),
                                       "same_node_only": bool(m.extra.get("files", {}).get("same_node_only"))}
             self.steps.clear()
+            job_records.save(self)
             if stopping:
                 self.record.state = "checkpointed"
         if stopping and not defer_requeue:
@@ -379,6 +381,7 @@ class JobSupervisor:
             threading.Thread(target=self._requeue, daemon=True).start()
             return
         self.stopped.clear()
+        job_records.save(self)
         threading.Thread(target=self._wait_exit, name=f"wait-{self.job_id}", daemon=True).start()
         self.tell(f"could not store the image ({cause}); the job resumed on this node")
 

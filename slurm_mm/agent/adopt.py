@@ -1,0 +1,181 @@
+"""A restarted node agent takes over the jobs its predecessor was running.
+
+The job trees outlive the agent (systemd's KillMode=process; the trees are in sessions
+and cgroups of their own), and each batch task (`slurm-mm-run`) reconnects with a
+`reattach` request carrying what a `start` carries (argv, environment, cwd, stdio).
+The agent checks it exactly as a start (the peer is the job's batch step here, Slurm
+confirms owner and run), finds the job's record (job_records.py) and takes the tree
+over: its end comes from the status file mm-init writes, signals go to its init
+through a pidfd, checkpoints and triggers resume. A checkpoint the restart cut short
+committed nothing (the store's commit is atomic), so the previous image stays latest;
+a process left stopped by it is continued.
+
+Runs as root. Trusts only its own records, re-checked against the kernel (start times).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from slurm_mm.agent import auth, job_records, metrics, protocol
+from slurm_mm.agent.supervisor import JobSupervisor
+from slurm_mm.engine.proctree import tree_pids
+from slurm_mm.errors import PermissionDenied, SlurmMMError
+
+if TYPE_CHECKING:
+    from slurm_mm.agent.node_agent import NodeAgent
+
+log = logging.getLogger(__name__)
+LOST_STATUS = 1  # the tree ended and left no status: never read as success
+
+
+@dataclass
+class AdoptedTree:
+    """A job tree this agent did not start: not its child, so it waits on pidfds."""
+
+    init_pid: int
+    waiter_pid: int
+    records: Any
+    job_id: str
+    waiter_fd: int | None  # pidfd of the process whose end is the job's end; None: ended
+    init_fd: int | None
+    files_report: list[str] = field(default_factory=list)
+    gpu_suspended: list[int] = field(default_factory=list)
+    _status: int | None = None
+
+    @classmethod
+    def of(cls, record: job_records.TreeRecord, records: Any) -> AdoptedTree:
+        def pidfd(pid: int, started: int) -> int | None:
+            if not job_records.same_process(pid, started):
+                return None
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:
+                return None
+            if not job_records.same_process(pid, started):  # reused between check and open
+                os.close(fd)
+                return None
+            return fd
+
+        return cls(record.init_pid, record.waiter_pid, records, record.job_id,
+                   pidfd(record.waiter_pid, record.waiter_start), pidfd(record.init_pid, record.init_start))
+
+    def _ended(self, timeout: float | None) -> bool:
+        if self.waiter_fd is None:
+            return True
+        ready, _, _ = select.select([self.waiter_fd], [], [], timeout)
+        return bool(ready)
+
+    def _read_status(self) -> int:
+        if self._status is None:
+            for _ in range(20):  # mm-init writes before it exits; its last write may lag a little
+                status = self.records.exit_status(self.job_id)
+                if status is not None:
+                    break
+                time.sleep(0.05)
+            else:
+                log.warning("job %s: its tree ended without writing a status", self.job_id)
+                status = LOST_STATUS
+            self._status = status
+            for fd in (self.waiter_fd, self.init_fd):
+                if fd is not None:
+                    os.close(fd)
+            self.waiter_fd = self.init_fd = None
+        return self._status
+
+    def poll(self) -> int | None:
+        return self._read_status() if self._status is not None or self._ended(0) else None
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self._status is None and not self._ended(timeout):
+            raise TimeoutError(f"adopted job (pid {self.init_pid}) still running after {timeout} s")
+        return self._read_status()
+
+    def signal(self, sig: int) -> None:
+        if self.init_fd is not None and self._status is None:
+            try:
+                signal.pidfd_send_signal(self.init_fd, sig)
+            except (ProcessLookupError, OSError):
+                pass
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+
+
+def continue_stopped(init_pid: int) -> list[int]:
+    """Continue processes of the tree left stopped (not traced: a CRIU still at work on
+    it finishes on its own). Returns the PIDs continued."""
+    continued = []
+    for pid in tree_pids(init_pid):
+        try:
+            with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        if fields.get("State", "").strip().startswith("T") and fields.get("TracerPid", "0").strip() == "0":
+            try:
+                os.kill(pid, signal.SIGCONT)
+                continued.append(pid)
+            except ProcessLookupError:
+                pass
+    return continued
+
+
+def handle_reattach(agent: NodeAgent, conn: socket.socket, pid: int, uid: int, message: dict,
+                    fds: list[int], release_slot) -> None:
+    """A batch task whose agent restarted: take its job over and relay its signals again."""
+    job_id = str(message.get("job_id", ""))
+    try:
+        auth.check_batch_step(pid, job_id, agent.node)
+        with agent.jobs_lock:
+            if job_id in agent.jobs and agent.jobs[job_id].record.state in ("starting", "running"):
+                raise PermissionDenied(f"job {job_id} is already supervised on {agent.node}")
+        record = agent.records.load(job_id) if agent.records is not None else None
+        if record is None:
+            raise PermissionDenied(f"job {job_id} has no record on {agent.node}: nothing to reattach to")
+        job = auth.authorize_batch_step(pid, uid, job_id, agent.node, agent.slurm)
+        if record.uid != uid or record.epoch != job.restart_count:
+            raise PermissionDenied(f"job {job_id}: the record is of another run or owner")
+        request = agent._launch_request(job, uid, pid, message, fds)
+    except SlurmMMError as exc:
+        log.warning("refused reattach of job %r from pid %d uid %d: %s", job_id[:32], pid, uid, exc)
+        protocol.send(conn, {"op": "refused", "message": str(exc)})
+        for fd in fds:
+            os.close(fd)
+        return
+    supervisor = JobSupervisor(agent, request, conn)
+    supervisor.tree = AdoptedTree.of(record, agent.records)
+    supervisor.record.last_image = dict(record.last_image)
+    with agent.jobs_lock:
+        agent.jobs[job_id] = supervisor
+    release_slot()
+    conn.settimeout(None)
+    continued = continue_stopped(record.init_pid)
+    if continued:
+        log.warning("job %s: continued %s, left stopped by the interrupted agent", job_id, continued)
+    supervisor.record.mode = record.mode
+    supervisor.record.state = "running"
+    metrics.registry.job_started(job_id, "adopted")
+    log.info("event=adopt job=%s init=%d epoch=%d", job_id, record.init_pid, record.epoch)
+    threading.Thread(target=supervisor._wait_exit, name=f"wait-{job_id}", daemon=True).start()
+    if request.interval > 0:
+        threading.Thread(target=supervisor._periodic, name=f"periodic-{job_id}", daemon=True).start()
+    supervisor.send({"op": "reattached", "mode": record.mode})
+    while True:  # relayed signals until the batch task goes away (as after a start)
+        try:
+            relayed, extra = protocol.recv(conn, max_size=protocol.MAX_SMALL_MESSAGE)
+        except (EOFError, OSError, protocol.ProtocolError):
+            return
+        for fd in extra:
+            os.close(fd)
+        if relayed.get("op") == "signal" and isinstance(relayed.get("signal"), int):
+            supervisor.on_signal(relayed["signal"])
+        time.sleep(0.05)
