@@ -15,6 +15,7 @@ errors: it logs them and exits 0.
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
 import shutil
 import sys
@@ -41,27 +42,28 @@ def completion_marker(cfg: config.Config, job_id: str):
     return cfg.run_dir / "completed" / job_id
 
 
-def prolog(env: dict[str, str]) -> None:
+def prolog(env: dict[str, str], cfg: config.Config) -> None:
     job, uid, gid = env["SLURM_JOB_ID"], int(env["SLURM_JOB_UID"]), int(env["SLURM_JOB_GID"])
     epoch = int(env.get("SLURM_JOB_RESTART_COUNT") or 0)
-    store = _store(config.load(require_safe_owner=True))
+    store = _store(cfg)
     store.prepare_job(job, uid, gid)
     store.advance_epoch(job, epoch)
     if epoch == 0:
+        log.info("event=prolog job=%s run=0 image=none", job)
         return
     # Manifest-level choice only: the agent verifies checksums while it extracts, so the
     # prolog does not read the whole image a second time before the job can start.
     image = next((i for i in store.images(job) if i.manifest.epoch < epoch), None)
     if image is None:
-        log.warning("job %s run %d: no usable image; the script starts from the beginning", job, epoch)
+        log.warning("event=prolog job=%s run=%d image=none: no usable image; the script starts from the "
+                    "beginning", job, epoch)
     else:
-        log.warning("job %s run %d: will restore %s (trigger %s, epoch %d)", job, epoch,
-                    image.path.name, image.manifest.trigger, image.manifest.epoch)
+        log.info("event=prolog job=%s run=%d image=%s trigger=%s epoch=%d", job, epoch,
+                 image.path.name, image.manifest.trigger, image.manifest.epoch)
 
 
-def epilog(env: dict[str, str]) -> None:
+def epilog(env: dict[str, str], cfg: config.Config) -> None:
     job = env["SLURM_JOB_ID"]
-    cfg = config.load(require_safe_owner=True)
     if job.isdigit():
         for staging in (cfg.staging_dir, cfg.gpu_staging_dir):
             shutil.rmtree(staging / job, ignore_errors=True)
@@ -70,20 +72,36 @@ def epilog(env: dict[str, str]) -> None:
     if marker.is_file() and not marker.is_symlink():
         store.remove_job(job)
         marker.unlink()
-        log.warning("job %s completed: its images were removed", job)
+        log.info("event=epilog job=%s outcome=completed images=removed", job)
     else:
         removed = store.gc(job)
-        log.warning("job %s ended (exit %s): images kept, %d old ones removed", job,
-                    env.get("SLURM_JOB_EXIT_CODE", "?"), len(removed))
+        log.info("event=epilog job=%s outcome=ended exit=%s images=kept removed_old=%d", job,
+                 env.get("SLURM_JOB_EXIT_CODE", "?"), len(removed))
+
+
+def _to_journal(name: str) -> None:
+    """slurmd keeps no Prolog/Epilog output: the lines also go to syslog (the journal)."""
+    if not os.path.exists("/dev/log"):
+        return
+    try:
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+    except OSError:
+        return
+    handler.setFormatter(logging.Formatter(f"slurm_mm-{name}: %(message)s"))
+    logging.getLogger().addHandler(handler)
 
 
 def run(hook) -> int:
+    """Run a hook for an enrolled job, at the configured log_level; never fails the job."""
     logging.basicConfig(level=logging.INFO, format=f"slurm_mm {hook.__name__}: %(message)s")
+    _to_journal(hook.__name__)
     env = dict(os.environ)
     if not _enrolled(env) or not env.get("SLURM_JOB_ID", "").isdigit():
         return 0  # a job without --checkpoint-interval is untouched by slurm_mm
     try:
-        hook(env)
+        cfg = config.load(require_safe_owner=True)
+        logging.getLogger().setLevel(config.log_level(cfg))
+        hook(env, cfg)
     except (SlurmMMError, KeyError, ValueError, OSError) as exc:
         log.error("job %s: %s", env.get("SLURM_JOB_ID"), exc)
     return 0

@@ -164,7 +164,7 @@ def handle_reattach(agent: NodeAgent, conn: socket.socket, pid: int, uid: int, m
     supervisor.record.mode = record.mode
     supervisor.record.state = "running"
     metrics.registry.job_started(job_id, "adopted")
-    log.info("event=adopt job=%s init=%d epoch=%d", job_id, record.init_pid, record.epoch)
+    log.info("job %s: took over its tree (init pid %d, run %d)", job_id, record.init_pid, record.epoch)
     threading.Thread(target=supervisor._wait_exit, name=f"wait-{job_id}", daemon=True).start()
     if request.interval > 0:
         threading.Thread(target=supervisor._periodic, name=f"periodic-{job_id}", daemon=True).start()
