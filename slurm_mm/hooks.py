@@ -21,8 +21,8 @@ import shutil
 import sys
 
 from slurm_mm import config
+from slurm_mm.checkpointer import open_store, restorable
 from slurm_mm.errors import SlurmMMError
-from slurm_mm.store import ImageStore
 
 log = logging.getLogger("slurm_mm.hooks")
 
@@ -31,52 +31,47 @@ def _enrolled(env: dict[str, str]) -> bool:
     return env.get("SPANK_SLURM_MM_INTERVAL", "0") not in ("", "0")
 
 
-def _store(cfg: config.Config) -> ImageStore:
-    return ImageStore(cfg.checkpoint_root, level=cfg.compression_level,
-                      threads=cfg.compression_threads, keep=cfg.keep_images,
-                      lock_timeout=cfg.timeouts.lock)
-
-
 def completion_marker(cfg: config.Config, job_id: str):
     """Node-local, root-owned: written by the agent when job_id's tree exited 0."""
     return cfg.run_dir / "completed" / job_id
 
 
-def prolog(env: dict[str, str], cfg: config.Config) -> None:
+def prolog(env: dict[str, str]) -> None:
     job, uid, gid = env["SLURM_JOB_ID"], int(env["SLURM_JOB_UID"]), int(env["SLURM_JOB_GID"])
     epoch = int(env.get("SLURM_JOB_RESTART_COUNT") or 0)
-    store = _store(cfg)
+    store = open_store(config.load(require_safe_owner=True))
     store.prepare_job(job, uid, gid)
     store.advance_epoch(job, epoch)
     if epoch == 0:
-        log.info("event=prolog job=%s run=0 image=none", job)
         return
     # Manifest-level choice only: the agent verifies checksums while it extracts, so the
     # prolog does not read the whole image a second time before the job can start.
-    image = next((i for i in store.images(job) if i.manifest.epoch < epoch), None)
+    # The same choice as the agent's (checkpointer.restorable), owner included.
+    image = next((i for i, refusal in restorable(store, job, before_epoch=epoch, owner=None)
+                  if not refusal and (i.manifest.uid, i.manifest.gid) == (uid, gid)), None)
     if image is None:
-        log.warning("event=prolog job=%s run=%d image=none: no usable image; the script starts from the "
-                    "beginning", job, epoch)
+        log.warning("job %s run %d: no usable image; the script starts from the beginning", job, epoch)
     else:
-        log.info("event=prolog job=%s run=%d image=%s trigger=%s epoch=%d", job, epoch,
-                 image.path.name, image.manifest.trigger, image.manifest.epoch)
+        log.warning("job %s run %d: will restore %s (trigger %s, epoch %d)", job, epoch,
+                    image.path.name, image.manifest.trigger, image.manifest.epoch)
 
 
-def epilog(env: dict[str, str], cfg: config.Config) -> None:
+def epilog(env: dict[str, str]) -> None:
     job = env["SLURM_JOB_ID"]
+    cfg = config.load(require_safe_owner=True)
     if job.isdigit():
         for staging in (cfg.staging_dir, cfg.gpu_staging_dir):
             shutil.rmtree(staging / job, ignore_errors=True)
-    store = _store(cfg)
+    store = open_store(cfg)
     marker = completion_marker(cfg, job)
     if marker.is_file() and not marker.is_symlink():
         store.remove_job(job)
         marker.unlink()
-        log.info("event=epilog job=%s outcome=completed images=removed", job)
+        log.warning("job %s completed: its images were removed", job)
     else:
         removed = store.gc(job)
-        log.info("event=epilog job=%s outcome=ended exit=%s images=kept removed_old=%d", job,
-                 env.get("SLURM_JOB_EXIT_CODE", "?"), len(removed))
+        log.warning("job %s ended (exit %s): images kept, %d old ones removed", job,
+                    env.get("SLURM_JOB_EXIT_CODE", "?"), len(removed))
 
 
 def _to_journal(name: str) -> None:
@@ -92,16 +87,15 @@ def _to_journal(name: str) -> None:
 
 
 def run(hook) -> int:
-    """Run a hook for an enrolled job, at the configured log_level; never fails the job."""
+    """Run a hook for an enrolled job at the site's log_level; never fails the job."""
     logging.basicConfig(level=logging.INFO, format=f"slurm_mm {hook.__name__}: %(message)s")
     _to_journal(hook.__name__)
     env = dict(os.environ)
     if not _enrolled(env) or not env.get("SLURM_JOB_ID", "").isdigit():
         return 0  # a job without --checkpoint-interval is untouched by slurm_mm
     try:
-        cfg = config.load(require_safe_owner=True)
-        logging.getLogger().setLevel(config.log_level(cfg))
-        hook(env, cfg)
+        logging.getLogger().setLevel(config.log_level(config.load(require_safe_owner=True)))
+        hook(env)
     except (SlurmMMError, KeyError, ValueError, OSError) as exc:
         log.error("job %s: %s", env.get("SLURM_JOB_ID"), exc)
     return 0

@@ -21,7 +21,7 @@ def run_with(tmp_path, monkeypatch, level: str) -> int:
     monkeypatch.setenv("SPANK_SLURM_MM_INTERVAL", "60")
     seen = {}
 
-    def prolog(env, config):
+    def prolog(env):
         seen["level"] = logging.getLogger().level
         seen["job"] = env["SLURM_JOB_ID"]
 

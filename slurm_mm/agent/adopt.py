@@ -23,18 +23,17 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from slurm_mm.agent import auth, job_records, metrics, protocol
+from slurm_mm.agent.job_record import ACTIVE, JobState
 from slurm_mm.agent.supervisor import JobSupervisor
 from slurm_mm.engine.proctree import tree_pids
 from slurm_mm.errors import PermissionDenied, SlurmMMError
 
-if TYPE_CHECKING:
-    from slurm_mm.agent.node_agent import NodeAgent
-
 log = logging.getLogger(__name__)
 LOST_STATUS = 1  # the tree ended and left no status: never read as success
+RELAY_SPACING = 0.05  # seconds between two relayed signals of one job (as after a start)
 
 
 @dataclass
@@ -129,16 +128,16 @@ def continue_stopped(init_pid: int) -> list[int]:
     return continued
 
 
-def handle_reattach(agent: NodeAgent, conn: socket.socket, pid: int, uid: int, message: dict,
+def handle_reattach(agent: Any, conn: socket.socket, pid: int, uid: int, message: dict,
                     fds: list[int], release_slot) -> None:
     """A batch task whose agent restarted: take its job over and relay its signals again."""
     job_id = str(message.get("job_id", ""))
     try:
         auth.check_batch_step(pid, job_id, agent.node)
-        with agent.jobs_lock:
-            if job_id in agent.jobs and agent.jobs[job_id].record.state in ("starting", "running"):
-                raise PermissionDenied(f"job {job_id} is already supervised on {agent.node}")
-        record = agent.records.load(job_id) if agent.records is not None else None
+        earlier = agent.jobs.get(job_id)
+        if earlier is not None and earlier.record.state in ACTIVE:
+            raise PermissionDenied(f"job {job_id} is already supervised on {agent.node}")
+        record = agent.records.load(job_id)
         if record is None:
             raise PermissionDenied(f"job {job_id} has no record on {agent.node}: nothing to reattach to")
         job = auth.authorize_batch_step(pid, uid, job_id, agent.node, agent.slurm)
@@ -151,31 +150,23 @@ def handle_reattach(agent: NodeAgent, conn: socket.socket, pid: int, uid: int, m
         for fd in fds:
             os.close(fd)
         return
-    supervisor = JobSupervisor(agent, request, conn)
+    supervisor = JobSupervisor(agent.services, request, conn)
     supervisor.tree = AdoptedTree.of(record, agent.records)
     supervisor.record.last_image = dict(record.last_image)
-    with agent.jobs_lock:
-        agent.jobs[job_id] = supervisor
+    if agent.jobs.add_unless(job_id, supervisor, lambda s: s.record.state in ACTIVE) is not None:
+        protocol.send(conn, {"op": "refused", "message": f"job {job_id} is already supervised"})
+        return
     release_slot()
     conn.settimeout(None)
     continued = continue_stopped(record.init_pid)
     if continued:
         log.warning("job %s: continued %s, left stopped by the interrupted agent", job_id, continued)
     supervisor.record.mode = record.mode
-    supervisor.record.state = "running"
+    supervisor.record.state = JobState.RUNNING
     metrics.registry.job_started(job_id, "adopted")
     log.info("job %s: took over its tree (init pid %d, run %d)", job_id, record.init_pid, record.epoch)
     threading.Thread(target=supervisor._wait_exit, name=f"wait-{job_id}", daemon=True).start()
     if request.interval > 0:
         threading.Thread(target=supervisor._periodic, name=f"periodic-{job_id}", daemon=True).start()
     supervisor.send({"op": "reattached", "mode": record.mode})
-    while True:  # relayed signals until the batch task goes away (as after a start)
-        try:
-            relayed, extra = protocol.recv(conn, max_size=protocol.MAX_SMALL_MESSAGE)
-        except (EOFError, OSError, protocol.ProtocolError):
-            return
-        for fd in extra:
-            os.close(fd)
-        if relayed.get("op") == "signal" and isinstance(relayed.get("signal"), int):
-            supervisor.on_signal(relayed["signal"])
-        time.sleep(0.05)
+    protocol.relay_signals(conn, supervisor.on_signal, RELAY_SPACING)

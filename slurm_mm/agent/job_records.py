@@ -21,10 +21,7 @@ import os
 import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from slurm_mm.agent.supervisor import JobSupervisor
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +139,8 @@ class JobRecords:
                 pass
 
 
-def tree_record(sup: JobSupervisor) -> TreeRecord | None:
-    """The record of a supervisor's running tree (None: it has no tree to record)."""
+def tree_record(sup: Any) -> TreeRecord | None:
+    """The record of a job supervisor's running tree (None: it has no tree to record)."""
     tree = sup.tree
     if tree is None:
         return None
@@ -156,10 +153,10 @@ def tree_record(sup: JobSupervisor) -> TreeRecord | None:
                       waiter_start=waiter_start, last_image=dict(sup.record.last_image))
 
 
-def save(sup: JobSupervisor) -> None:
+def save(sup: Any) -> None:
     """Record the supervisor's job (best effort: a job runs on if its record cannot be
     written; it just cannot outlive an agent restart)."""
-    records = getattr(sup.agent, "records", None)
+    records = getattr(sup.checkpointer, "records", None)
     if records is None:
         return
     try:
@@ -170,7 +167,7 @@ def save(sup: JobSupervisor) -> None:
         log.warning("job %s: cannot record its tree (%s): an agent restart would lose it", sup.job_id, exc)
 
 
-def forget(agent: Any, job_id: str) -> None:
-    records = getattr(agent, "records", None)
+def forget(checkpointer: Any, job_id: str) -> None:
+    records = getattr(checkpointer, "records", None)
     if records is not None:
         records.remove(job_id)

@@ -10,7 +10,7 @@ import re
 import subprocess
 
 from slurm_mm.errors import SlurmError
-from slurm_mm.slurm.client import COMMAND_TIMEOUT
+from slurm_mm.slurm.model import COMMAND_TIMEOUT
 
 VERSION_COMMANDS = (("slurmd", "-V"), ("sinfo", "-V"), ("scontrol", "-V"))
 # From 24.05 on, slurmctld marks a job it signalled at the start of a preemption grace
