@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Protocol
 from slurm_mm.agent.criu_gate import CriuGate
 from slurm_mm.agent.freeze_guard import FreezeGuard, FreezerCgroup
 from slurm_mm.agent.job_record import LaunchRequest
+from slurm_mm.agent.job_records import JobRecords
 from slurm_mm.agent.staging import (fits, gpu_dump_dir, prepare_staging_root, root_only_dir, tree_gpu_bytes,
                                     tree_resident_bytes)
 from slurm_mm.config import Config
@@ -123,7 +124,7 @@ class JobCheckpointer:
         self.private_proc = mode == "always" or (mode == "auto" and self.gpu is not None)
         # The node agent's job records (agent/job_records.py): when set, every tree gets a
         # status file its mm-init writes the job's end to, read by a restarted agent.
-        self.records: Any = None
+        self.records: JobRecords | None = None
 
     def _status_fd(self, job_id: str | None) -> int | None:
         if self.records is None or job_id is None:

@@ -61,6 +61,7 @@ class FakeCheckpointer:
         self.fail: dict[str, BaseException] = {}
         self.bad_images: set[int] = set()
         self.trees: list[FakeTree] = []
+        self.records = None  # no job records: nothing outlives an agent restart here
         self.store = SimpleNamespace(prepare_job=lambda job, uid, gid: (tmp / "store" / job).mkdir(
                                          parents=True, exist_ok=True), advance_epoch=lambda *a: None,
                                      images=lambda job: list(self.images), root=tmp / "store")

@@ -23,13 +23,15 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Callable, Protocol
 
 from slurm_mm.agent import auth, job_records, metrics, protocol
-from slurm_mm.agent.job_record import ACTIVE, JobState
+from slurm_mm.agent.job_record import ACTIVE, JobState, LaunchRequest
+from slurm_mm.agent.services import JobRegistry, NodeServices
 from slurm_mm.agent.supervisor import JobSupervisor
 from slurm_mm.engine.proctree import tree_pids
 from slurm_mm.errors import PermissionDenied, SlurmMMError
+from slurm_mm.slurm.model import Job, SlurmClient
 
 log = logging.getLogger(__name__)
 LOST_STATUS = 1  # the tree ended and left no status: never read as success
@@ -42,7 +44,7 @@ class AdoptedTree:
 
     init_pid: int
     waiter_pid: int
-    records: Any
+    records: job_records.JobRecords
     job_id: str
     waiter_fd: int | None  # pidfd of the process whose end is the job's end; None: ended
     init_fd: int | None
@@ -51,7 +53,7 @@ class AdoptedTree:
     _status: int | None = None
 
     @classmethod
-    def of(cls, record: job_records.TreeRecord, records: Any) -> AdoptedTree:
+    def of(cls, record: job_records.TreeRecord, records: job_records.JobRecords) -> AdoptedTree:
         def pidfd(pid: int, started: int) -> int | None:
             if not job_records.same_process(pid, started):
                 return None
@@ -128,8 +130,21 @@ def continue_stopped(init_pid: int) -> list[int]:
     return continued
 
 
-def handle_reattach(agent: Any, conn: socket.socket, pid: int, uid: int, message: dict,
-                    fds: list[int], release_slot) -> None:
+class ReattachHost(Protocol):
+    """What taking a job over uses of the node agent."""
+
+    node: str
+    records: job_records.JobRecords
+    slurm: SlurmClient
+    services: NodeServices
+    jobs: JobRegistry[JobSupervisor]
+
+    def _launch_request(self, job: Job, uid: int, pid: int, message: dict,
+                        fds: list[int]) -> LaunchRequest: ...
+
+
+def handle_reattach(agent: ReattachHost, conn: socket.socket, pid: int, uid: int, message: dict,
+                    fds: list[int], release_slot: Callable[[], None]) -> None:
     """A batch task whose agent restarted: take its job over and relay its signals again."""
     job_id = str(message.get("job_id", ""))
     try:

@@ -21,7 +21,7 @@ import os
 import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,30 @@ class JobRecords:
                 pass
 
 
-def tree_record(sup: Any) -> TreeRecord | None:
+class _Tree(Protocol):
+    init_pid: int
+
+
+class _Owner(Protocol):
+    uid: int
+
+
+class _State(Protocol):
+    mode: str
+    last_image: dict[str, Any]
+
+
+class RecordedJob(Protocol):
+    """What a record is made of: a job supervisor's job, run, state and tree."""
+
+    job_id: str
+    epoch: int
+    req: _Owner
+    record: _State
+    tree: _Tree | None
+
+
+def tree_record(sup: RecordedJob) -> TreeRecord | None:
     """The record of a job supervisor's running tree (None: it has no tree to record)."""
     tree = sup.tree
     if tree is None:
@@ -153,10 +176,9 @@ def tree_record(sup: Any) -> TreeRecord | None:
                       waiter_start=waiter_start, last_image=dict(sup.record.last_image))
 
 
-def save(sup: Any) -> None:
+def save(records: JobRecords | None, sup: RecordedJob) -> None:
     """Record the supervisor's job (best effort: a job runs on if its record cannot be
     written; it just cannot outlive an agent restart)."""
-    records = getattr(sup.checkpointer, "records", None)
     if records is None:
         return
     try:
@@ -167,7 +189,6 @@ def save(sup: Any) -> None:
         log.warning("job %s: cannot record its tree (%s): an agent restart would lose it", sup.job_id, exc)
 
 
-def forget(checkpointer: Any, job_id: str) -> None:
-    records = getattr(checkpointer, "records", None)
+def forget(records: JobRecords | None, job_id: str) -> None:
     if records is not None:
         records.remove(job_id)

@@ -13,13 +13,15 @@ import logging
 import os
 import threading
 from collections import defaultdict
-from typing import Any
+
+from slurm_mm.agent.metrics import Metrics
+from slurm_mm.store import ImageStore
 
 log = logging.getLogger(__name__)
 INTERVAL = 300.0  # seconds between two scans of the store
 
 
-def usage_by_owner(store: Any) -> tuple[dict[int, int], dict[int, int]]:
+def usage_by_owner(store: ImageStore) -> tuple[dict[int, int], dict[int, int]]:
     """(stored bytes, image count) per owner uid, over every job in the store."""
     used: dict[int, int] = defaultdict(int)
     count: dict[int, int] = defaultdict(int)
@@ -41,14 +43,14 @@ def usage_by_owner(store: Any) -> tuple[dict[int, int], dict[int, int]]:
     return dict(used), dict(count)
 
 
-def publish(store: Any, registry: Any) -> None:
+def publish(store: ImageStore, registry: Metrics) -> None:
     used, count = usage_by_owner(store)
     registry.replace("slurm_mm_store_usage_bytes", {str(uid): float(v) for uid, v in used.items()}, "uid")
     registry.replace("slurm_mm_store_images", {str(uid): float(v) for uid, v in count.items()}, "uid")
     registry.write()
 
 
-def start(store: Any, registry: Any, stopping: threading.Event, interval: float = INTERVAL) -> threading.Thread:
+def start(store: ImageStore, registry: Metrics, stopping: threading.Event, interval: float = INTERVAL) -> threading.Thread:
     """Scan now and then every `interval` seconds until `stopping` is set."""
 
     def loop() -> None:

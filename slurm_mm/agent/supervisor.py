@@ -117,7 +117,7 @@ class JobSupervisor:
     def _running(self, mode: str) -> None:
         self.record.mode = mode
         self.record.state = JobState.RUNNING
-        job_records.save(self)
+        job_records.save(self.checkpointer.records, self)
         metrics.registry.job_started(self.job_id, mode)
         self.steps.on_start()
         threading.Thread(target=self._wait_exit, name=f"wait-{self.job_id}", daemon=True).start()
@@ -212,7 +212,7 @@ class JobSupervisor:
             self._mark_completed()
         self.send({"op": "exit", "status": status})
         self.services.jobs.forget(self.job_id, self)
-        job_records.forget(self.checkpointer, self.job_id)
+        job_records.forget(self.checkpointer.records, self.job_id)
 
     def _mark_completed(self) -> None:
         """Tell the epilog the job completed, so its images can go (hooks.py)."""
@@ -291,7 +291,7 @@ class JobSupervisor:
                                       "size": sum(f.stored_size for f in m.files),
                                       "same_node_only": bool(m.extra.get("files", {}).get("same_node_only"))}
             self.steps.clear()
-            job_records.save(self)
+            job_records.save(self.checkpointer.records, self)
             if stopping:
                 self.record.state = JobState.CHECKPOINTED
         if stopping and not defer_requeue:
@@ -350,7 +350,7 @@ class JobSupervisor:
             threading.Thread(target=self._requeue, daemon=True).start()
             return
         self.stopped.clear()
-        job_records.save(self)
+        job_records.save(self.checkpointer.records, self)
         threading.Thread(target=self._wait_exit, name=f"wait-{self.job_id}", daemon=True).start()
         self.tell(f"could not store the image ({cause}); the job resumed on this node")
 
