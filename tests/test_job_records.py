@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -94,3 +96,87 @@ def test_a_stopped_process_is_continued_on_adoption():
     finally:
         proc.kill()
         proc.wait()
+
+
+# ---------------------------------------------------------------- reattach requests
+
+@pytest.fixture
+def node_agent(tmp_path, monkeypatch):
+    import pwd as pwd_mod  # noqa: PLC0415
+
+    from agent_fakes import UID, FakeCheckpointer, FakeSlurm, make_job  # noqa: PLC0415
+
+    from slurm_mm import config  # noqa: PLC0415
+    from slurm_mm.agent.node_agent import NodeAgent  # noqa: PLC0415
+
+    cfg = config.from_mapping({"run_dir": str(tmp_path / "run"), "staging_dir": str(tmp_path / "staging")})
+    agent = NodeAgent("n1", cfg, FakeSlurm(make_job(1)), FakeCheckpointer(tmp_path))
+    # The peer is the job's batch step and Slurm confirms the job: decided elsewhere (auth.py).
+    monkeypatch.setattr(adopt.auth, "check_batch_step", lambda pid, job_id, node: None)
+    monkeypatch.setattr(adopt.auth, "authorize_batch_step", lambda pid, uid, job_id, node, slurm: slurm.current)
+    monkeypatch.setattr(pwd_mod, "getpwuid", lambda uid: pwd_mod.struct_passwd(
+        ("mm", "x", uid, uid, "", "/tmp", "/bin/sh")))
+    agent.uid = UID
+    return agent
+
+
+def reattach(agent, job_id: str = "77") -> dict:
+    from slurm_mm.agent import protocol  # noqa: PLC0415
+
+    conn, peer = socket.socketpair()
+    fds = [os.open("/dev/null", os.O_RDWR) for _ in range(3)]
+    message = {"op": "reattach", "job_id": job_id, "argv": ["/bin/true"], "env": {}, "cwd": "/tmp"}
+    done = threading.Thread(target=adopt.handle_reattach,
+                            args=(agent, conn, os.getpid(), agent.uid, message, fds, lambda: None))
+    done.start()
+    peer.settimeout(10)
+    reply = protocol.recv(peer)[0]
+    peer.close()
+    done.join(10)
+    conn.close()
+    return reply
+
+
+def test_a_reattach_without_a_record_or_of_another_run_is_refused(node_agent):
+    reply = reattach(node_agent)
+    assert reply["op"] == "refused" and "no record on n1" in reply["message"]
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        rec = record_of("77", proc.pid)
+        rec.uid, rec.epoch = node_agent.uid, 0  # this run is the job's second (restart count 1)
+        node_agent.records.save(rec)
+        reply = reattach(node_agent)
+        assert reply["op"] == "refused" and "another run" in reply["message"]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_reattached_job_is_taken_over_and_ends_with_its_recorded_status(node_agent):
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        rec = record_of("77", proc.pid)
+        rec.uid, rec.epoch = node_agent.uid, 1
+        node_agent.records.save(rec)
+        fd = node_agent.records.status_fd("77")
+        os.write(fd, b"5\n")
+        os.close(fd)
+        conn, peer = socket.socketpair()
+        fds = [os.open("/dev/null", os.O_RDWR) for _ in range(3)]
+        message = {"op": "reattach", "job_id": "77", "argv": ["/bin/true"], "env": {}, "cwd": "/tmp"}
+        threading.Thread(target=adopt.handle_reattach, daemon=True,
+                         args=(node_agent, conn, os.getpid(), node_agent.uid, message, fds, lambda: None)).start()
+        from slurm_mm.agent import protocol  # noqa: PLC0415
+
+        peer.settimeout(10)
+        assert protocol.recv(peer)[0] == {"op": "reattached", "mode": "restored"}
+        sup = node_agent.jobs.get("77")
+        assert sup is not None and sup.record.last_image == {"name": "ckpt-000003"}
+        proc.kill()  # the job's tree ends; mm-init had written its status
+        proc.wait()
+        assert protocol.recv(peer)[0] == {"op": "exit", "status": 5}
+        peer.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -66,6 +66,7 @@ class JobRecords:
         self.dir = Path(run_dir) / "jobs" / node
 
     def _ensure_dir(self) -> Path:
+        self.dir.parent.parent.mkdir(mode=0o755, parents=True, exist_ok=True)  # run_dir
         for path in (self.dir.parent, self.dir):
             try:
                 path.mkdir(mode=0o700)
