@@ -64,7 +64,8 @@ class RestoredTree:
     def poll(self) -> int | None:
         """The job's exit code if it has ended (reaping it), else None."""
         if self.keeper is not None:
-            return self.keeper.poll()
+            rc = self.keeper.poll()
+            return None if rc is None else (128 - rc if rc < 0 else rc)
         if self._status is None:
             pid, status = os.waitpid(self.init_pid, os.WNOHANG)
             if pid == 0:
@@ -79,7 +80,8 @@ class RestoredTree:
         """
         if self.keeper is not None:
             try:
-                return self.keeper.wait(timeout)
+                rc = self.keeper.wait(timeout)
+                return 128 - rc if rc < 0 else rc
             except subprocess.TimeoutExpired:
                 raise TimeoutError(f"restored job (pid {self.init_pid}) still running after {timeout} s") from None
         if self._status is None and timeout is None:
