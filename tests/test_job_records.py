@@ -180,3 +180,30 @@ def test_a_reattached_job_is_taken_over_and_ends_with_its_recorded_status(node_a
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("trigger, slurm_requeues, requeued_by_us", [
+    ("drain", False, True), ("preempt", False, True), ("preempt", True, False)],
+    ids=["drain", "preempt-before-24.05", "preempt-24.05+"])
+def test_a_stopping_checkpoint_cut_short_by_the_restart_requeues_the_job(node_agent, monkeypatch, trigger,
+                                                                          slurm_requeues, requeued_by_us):
+    from slurm_mm.agent import protocol  # noqa: PLC0415
+
+    monkeypatch.setattr(adopt, "slurm_requeues_preempted_job_on_exit", lambda: slurm_requeues)
+    proc = subprocess.Popen(["true"])
+    rec = record_of("77", proc.pid)
+    proc.wait()  # the dump killed the tree; nothing was committed
+    rec.uid, rec.epoch, rec.stopping = node_agent.uid, 1, trigger
+    node_agent.records.save(rec)
+    fd = node_agent.records.status_fd("77")
+    os.write(fd, b"137\n")
+    os.close(fd)
+    conn, peer = socket.socketpair()
+    fds = [os.open("/dev/null", os.O_RDWR) for _ in range(3)]
+    message = {"op": "reattach", "job_id": "77", "argv": ["/bin/true"], "env": {}, "cwd": "/tmp"}
+    threading.Thread(target=adopt.handle_reattach, daemon=True,
+                     args=(node_agent, conn, os.getpid(), node_agent.uid, message, fds, lambda: None)).start()
+    peer.settimeout(10)
+    assert protocol.recv(peer)[0] == {"op": "exit", "status": 143}
+    assert node_agent.slurm.requeues == ([("77", False)] if requeued_by_us else [])
+    peer.close()

@@ -28,13 +28,16 @@ from typing import Callable, Protocol
 from slurm_mm.agent import auth, job_records, metrics, protocol
 from slurm_mm.agent.job_record import ACTIVE, JobState, LaunchRequest
 from slurm_mm.agent.services import JobRegistry, NodeServices
-from slurm_mm.agent.supervisor import JobSupervisor
+from slurm_mm.agent.supervisor import REQUEUED_EXIT, JobSupervisor
 from slurm_mm.engine.proctree import tree_pids
 from slurm_mm.errors import PermissionDenied, SlurmMMError
 from slurm_mm.slurm.model import Job, SlurmClient
+from slurm_mm.slurm.version import slurm_requeues_preempted_job_on_exit
+from slurm_mm.store import Trigger
 
 log = logging.getLogger(__name__)
 LOST_STATUS = 1  # the tree ended and left no status: never read as success
+KILLED_BY_DUMP = 128 + signal.SIGKILL  # how a tree ends when a stopping dump took it
 RELAY_SPACING = 0.05  # seconds between two relayed signals of one job (as after a start)
 
 
@@ -143,6 +146,20 @@ class ReattachHost(Protocol):
                         fds: list[int]) -> LaunchRequest: ...
 
 
+def _requeue_cut_short(supervisor: JobSupervisor, trigger: str) -> None:
+    """A preempt/drain dump ended the tree but the restart came before its commit: the
+    job resumes from its last stored image on its next run."""
+    last = supervisor.record.last_image.get("name") or "none (the script reruns from the start)"
+    supervisor.tell(f"the node agent restarted during the {trigger} checkpoint, before it was stored; "
+                    f"requeueing: the next run resumes from the last stored image ({last})")
+    supervisor.record.state = JobState.CHECKPOINTED
+    if trigger == Trigger.PREEMPT and slurm_requeues_preempted_job_on_exit():
+        supervisor.record.state = JobState.REQUEUED
+        supervisor.send({"op": "exit", "status": REQUEUED_EXIT})
+        return
+    supervisor._requeue()
+
+
 def handle_reattach(agent: ReattachHost, conn: socket.socket, pid: int, uid: int, message: dict,
                     fds: list[int], release_slot: Callable[[], None]) -> None:
     """A batch task whose agent restarted: take its job over and relay its signals again."""
@@ -177,6 +194,10 @@ def handle_reattach(agent: ReattachHost, conn: socket.socket, pid: int, uid: int
     if continued:
         log.warning("job %s: continued %s, left stopped by the interrupted agent", job_id, continued)
     supervisor.record.mode = record.mode
+    if record.stopping and supervisor.tree.poll() == KILLED_BY_DUMP:
+        _requeue_cut_short(supervisor, record.stopping)
+        protocol.relay_signals(conn, lambda signum: None, RELAY_SPACING)
+        return
     supervisor.record.state = JobState.RUNNING
     metrics.registry.job_started(job_id, "adopted")
     log.info("job %s: took over its tree (init pid %d, run %d)", job_id, record.init_pid, record.epoch)

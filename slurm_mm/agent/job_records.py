@@ -39,6 +39,7 @@ class TreeRecord:
     waiter_pid: int  # the job's end is this process's end (mm-init, or mm-init --keep)
     waiter_start: int
     last_image: dict[str, Any] = field(default_factory=dict)
+    stopping: str = ""  # a stopping checkpoint (preempt, drain) under way: its trigger
 
 
 def start_time(pid: int) -> int | None:
@@ -163,7 +164,7 @@ class RecordedJob(Protocol):
     tree: _Tree | None
 
 
-def tree_record(sup: RecordedJob) -> TreeRecord | None:
+def tree_record(sup: RecordedJob, stopping: str = "") -> TreeRecord | None:
     """The record of a job supervisor's running tree (None: it has no tree to record)."""
     tree = sup.tree
     if tree is None:
@@ -174,16 +175,17 @@ def tree_record(sup: RecordedJob) -> TreeRecord | None:
         return None
     return TreeRecord(job_id=sup.job_id, uid=sup.req.uid, epoch=sup.epoch, mode=sup.record.mode or "launched",
                       init_pid=tree.init_pid, init_start=init_start, waiter_pid=waiter,
-                      waiter_start=waiter_start, last_image=dict(sup.record.last_image))
+                      waiter_start=waiter_start, last_image=dict(sup.record.last_image), stopping=stopping)
 
 
-def save(records: JobRecords | None, sup: RecordedJob) -> None:
+def save(records: JobRecords | None, sup: RecordedJob, stopping: str = "") -> None:
     """Record the supervisor's job (best effort: a job runs on if its record cannot be
-    written; it just cannot outlive an agent restart)."""
+    written; it just cannot outlive an agent restart). `stopping`: the trigger of a
+    stopping checkpoint that starts now (its dump ends the tree)."""
     if records is None:
         return
     try:
-        record = tree_record(sup)
+        record = tree_record(sup, stopping)
         if record is not None:
             records.save(record)
     except (OSError, ValueError) as exc:

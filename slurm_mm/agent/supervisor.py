@@ -268,6 +268,8 @@ class JobSupervisor:
                 self.steps.refuse(trigger, stopping, refusal)
                 return None
             self.record.progress = CheckpointProgress("dumping", trigger, time.time())
+            if stopping:  # a restarted agent must know the tree's end may be this dump's
+                job_records.save(self.checkpointer.records, self, stopping=str(trigger))
             started = time.monotonic()
             staging: Path | None = None
             try:
