@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Protocol
 from slurm_mm.agent.criu_gate import CriuGate
 from slurm_mm.agent.freeze_guard import FreezeGuard, FreezerCgroup
 from slurm_mm.agent.job_record import LaunchRequest
+from slurm_mm.agent.job_records import JobRecords
 from slurm_mm.agent.staging import (fits, gpu_dump_dir, prepare_staging_root, root_only_dir, tree_gpu_bytes,
                                     tree_resident_bytes)
 from slurm_mm.config import Config
@@ -138,6 +139,18 @@ class JobCheckpointer:
         self.criu_lock = CriuGate()  # stopping dumps first
         mode = cfg.job_mount_namespace
         self.private_proc = mode == "always" or (mode == "auto" and self.gpu is not None)
+        # The node agent's job records (agent/job_records.py): when set, every tree gets a
+        # status file its mm-init writes the job's end to, read by a restarted agent.
+        self.records: JobRecords | None = None
+
+    def _status_fd(self, job_id: str | None) -> int | None:
+        if self.records is None or job_id is None:
+            return None
+        try:
+            return self.records.status_fd(job_id)
+        except (OSError, ValueError) as exc:
+            log.warning("job %s: no status file (%s): an agent restart would lose it", job_id, exc)
+            return None
 
     # ------------------------------------------------------------ staging policy
 
@@ -184,11 +197,17 @@ class JobCheckpointer:
 
     # ------------------------------------------------------------ launch
 
-    def launch(self, req: LaunchRequest) -> LaunchedTree:
-        return launch(req.argv, uid=req.uid, gid=req.gid, groups=req.groups, env=req.env,
-                      cwd=req.cwd, stdin=req.stdio[0], stdout=req.stdio[1], stderr=req.stdio[2],
-                      join_cgroups=[str(p) for p in req.cgroup_procs], libexec=self.cfg.libexec_dir,
-                      private_proc=self.private_proc)
+    def launch(self, req: LaunchRequest, *, record_end: bool = False) -> LaunchedTree:
+        """`record_end`: the job's batch tree, whose end goes to its status file (job records)."""
+        status_fd = self._status_fd(req.job.job_id) if record_end else None
+        try:
+            return launch(req.argv, uid=req.uid, gid=req.gid, groups=req.groups, env=req.env,
+                          cwd=req.cwd, stdin=req.stdio[0], stdout=req.stdio[1], stderr=req.stdio[2],
+                          join_cgroups=[str(p) for p in req.cgroup_procs], libexec=self.cfg.libexec_dir,
+                          private_proc=self.private_proc, status_fd=status_fd)
+        finally:
+            if status_fd is not None:
+                os.close(status_fd)
 
     # ------------------------------------------------------------ checkpoint
 
@@ -256,7 +275,7 @@ class JobCheckpointer:
             on_phase("restoring")
             where = target(staging) if callable(target) else target
             tree = self.restore(staging, where, image.manifest.gpu,
-                                pin_root=self.pin_root(job_id) if files else None)
+                                pin_root=self.pin_root(job_id) if files else None, job_id=job_id)
             if after is not None:
                 after(tree, staging)
             return tree
@@ -264,9 +283,9 @@ class JobCheckpointer:
             shutil.rmtree(staging, ignore_errors=True)
 
     def restore(self, images: Path, target: RestoreTarget, gpu: dict[str, Any] | None, *,
-                pin_root: Path | None) -> RestoredTree:
+                pin_root: Path | None, job_id: str | None = None) -> RestoredTree:
         """Restore an extracted image. `gpu`: the GPU inventory recorded with it (None: no
-        GPU state). The job's files are brought back to the image's record first
+        GPU state). `job_id`: with job records, the tree's end goes to its status file. The job's files are brought back to the image's record first
         (FileStateRefused names any that cannot be)."""
         options: dict[str, Any] = {}
         if gpu:
@@ -278,6 +297,7 @@ class JobCheckpointer:
         owner = target.owner
         prepared = filestate.prepare(images, node=self.node, uid=owner.uid, gids=list(owner.groups),
                                      pin_root=pin_root, work=images / ".handed")
+        status_fd = self._status_fd(job_id)
         try:
             with self.criu_lock.hold():
                 tree = restore_tree(images, stdin=target.stdio[0], stdout=target.stdio[1],
@@ -285,9 +305,11 @@ class JobCheckpointer:
                                     owner_uid=owner.uid, owner_gids=list(owner.groups),
                                     gpu=self.gpu if gpu else None, gpu_resume_options=options, criu=self.criu,
                                     timeout=self.cfg.timeouts.restore, extra_inherit=prepared.inherit,
-                                    libexec=self.cfg.libexec_dir)
+                                    libexec=self.cfg.libexec_dir, status_fd=status_fd)
         finally:
             prepared.close()
+            if status_fd is not None:
+                os.close(status_fd)
         tree.files_report = prepared.report
         return tree
 

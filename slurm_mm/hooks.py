@@ -15,6 +15,7 @@ errors: it logs them and exits 0.
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
 import shutil
 import sys
@@ -73,12 +74,27 @@ def epilog(env: dict[str, str]) -> None:
                     env.get("SLURM_JOB_EXIT_CODE", "?"), len(removed))
 
 
+def _to_journal(name: str) -> None:
+    """slurmd keeps no Prolog/Epilog output: the lines also go to syslog (the journal)."""
+    if not os.path.exists("/dev/log"):
+        return
+    try:
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+    except OSError:
+        return
+    handler.setFormatter(logging.Formatter(f"slurm_mm-{name}: %(message)s"))
+    logging.getLogger().addHandler(handler)
+
+
 def run(hook) -> int:
+    """Run a hook for an enrolled job at the site's log_level; never fails the job."""
     logging.basicConfig(level=logging.INFO, format=f"slurm_mm {hook.__name__}: %(message)s")
+    _to_journal(hook.__name__)
     env = dict(os.environ)
     if not _enrolled(env) or not env.get("SLURM_JOB_ID", "").isdigit():
         return 0  # a job without --checkpoint-interval is untouched by slurm_mm
     try:
+        logging.getLogger().setLevel(config.log_level(config.load(require_safe_owner=True)))
         hook(env)
     except (SlurmMMError, KeyError, ValueError, OSError) as exc:
         log.error("job %s: %s", env.get("SLURM_JOB_ID"), exc)

@@ -61,6 +61,7 @@ class FakeCheckpointer:
         self.fail: dict[str, BaseException] = {}
         self.bad_images: set[int] = set()
         self.trees: list[FakeTree] = []
+        self.records = None  # no job records: nothing outlives an agent restart here
         self.store = SimpleNamespace(prepare_job=lambda job, uid, gid: (tmp / "store" / job).mkdir(
                                          parents=True, exist_ok=True), advance_epoch=lambda *a: None,
                                      images=lambda job: list(self.images), root=tmp / "store")
@@ -70,7 +71,7 @@ class FakeCheckpointer:
         self.trees.append(tree)
         return tree
 
-    def launch(self, req):
+    def launch(self, req, *, record_end=False):
         self.calls.append(("launch",))
         return self._tree("launched")
 
@@ -90,7 +91,7 @@ class FakeCheckpointer:
             raise ImageCorrupt(f"{image.path.name}: chunk 3 does not match its hash")
         return self._tree(f"restored-{image.seq}")
 
-    def restore(self, images, target, gpu, *, pin_root):
+    def restore(self, images, target, gpu, *, pin_root, job_id=None):
         self.calls.append(("restore", Path(images).name))
         if "restore" in self.fail:
             raise self.fail["restore"]

@@ -85,3 +85,25 @@ def test_admin_comment_names_image_trigger_and_time():
     text = job_comment.text(image("drain"))
     assert re.fullmatch(r"slurm_mm last_image=ckpt-000003 trigger=drain taken=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ "
                         r"stored_bytes=424", text), text
+
+
+def test_store_usage_is_a_gauge_per_owner(tmp_path):
+    from slurm_mm.agent import store_usage  # noqa: PLC0415
+
+    def image(uid, stored):
+        return SimpleNamespace(manifest=SimpleNamespace(uid=uid, stored_size=stored))
+
+    for job in ("1", "2", "3"):
+        (tmp_path / job).mkdir()
+    (tmp_path / ".staging").mkdir()
+    by_job = {"1": [image(1001, 100), image(1001, 50)], "2": [image(1002, 7)], "3": []}
+    store = SimpleNamespace(root=tmp_path, images=lambda job: by_job[job])
+    m = Metrics(tmp_path / "prom", "n1")
+    (tmp_path / "prom").mkdir()
+    store_usage.publish(store, m)
+    text = (tmp_path / "prom" / "slurm_mm_n1.prom").read_text()
+    assert 'slurm_mm_store_usage_bytes{node="n1",uid="1001"} 150' in text
+    assert 'slurm_mm_store_images{node="n1",uid="1002"} 1' in text
+    by_job["1"] = []  # an owner whose images are gone disappears from the gauge
+    store_usage.publish(store, m)
+    assert 'uid="1001"' not in (tmp_path / "prom" / "slurm_mm_n1.prom").read_text()

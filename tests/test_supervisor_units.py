@@ -152,7 +152,8 @@ def test_restore_policy_rerun_starts_the_script_from_the_beginning(harness):
 
 # ---------------------------------------------------------------- signals
 
-def test_preemption_notice_takes_a_stopping_image_and_requeues_with_143(harness):
+def test_preemption_notice_takes_a_stopping_image_and_requeues_with_143(harness, monkeypatch):
+    monkeypatch.setattr(supervisor_mod, "slurm_requeues_preempted_job_on_exit", lambda: False)  # Slurm < 24.05
     h = harness()
     h.sup.start()
     h.slurm.current = make_job(preempt_time=2000, start_time=1000)
@@ -161,6 +162,20 @@ def test_preemption_notice_takes_a_stopping_image_and_requeues_with_143(harness)
     assert ("dump", False) in h.checkpointer.calls and ("commit", "preempt") in h.checkpointer.calls
     assert h.slurm.requeues == [("77", False)] and h.sup.record.state == JobState.REQUEUED
     assert h.checkpointer.trees[0].signals == [], "the job's own handler never saw the notice"
+
+
+def test_on_slurm_24_05_a_preempted_run_just_ends_and_slurm_requeues_it(harness, monkeypatch):
+    # Our own requeue would leave Slurm's grace-time mark on the job and the next run
+    # would be requeued once more when it completes.
+    monkeypatch.setattr(supervisor_mod, "slurm_requeues_preempted_job_on_exit", lambda: True)
+    h = harness()
+    h.sup.start()
+    h.slurm.current = make_job(preempt_time=2000, start_time=1000)
+    h.sup.on_signal(signal.SIGTERM)
+    assert h.message() == {"op": "exit", "status": REQUEUED_EXIT}
+    assert ("commit", "preempt") in h.checkpointer.calls
+    assert h.slurm.requeues == [] and h.sup.record.state == JobState.REQUEUED
+    assert "Slurm requeues it" in h.told()
 
 
 @pytest.mark.parametrize("preempt_time, partition", [(0, "low"), (500, "low"), (2000, "gang")],

@@ -10,7 +10,8 @@
 # (git archive of HEAD plus the working tree's changes) into the root's /root/slurm_mm,
 # a 0700 directory, as a newcomer's clone would be. Inside, the README's two commands
 # run: contrib/demo.sh, then contrib/run-tests.sh with the given pytest arguments
-# (default: the chosen cluster tests below). Output: $ROOT/root/trixie-run.log.
+# (default: the chosen cluster tests below). Output: $ROOT/root/trixie-run.log, the
+# clusters' logs in $ROOT/root/trixie-logs/.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
@@ -79,10 +80,16 @@ exec /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbi
     }
     trap stop EXIT
     . /etc/os-release; echo "== $PRETTY_NAME, kernel $(uname -r), $(date -u +%FT%TZ)"
+    keep_logs() {  # the clusters live in the private /tmp: keep their logs in the root
+        rm -rf "/root/trixie-logs/$1"; mkdir -p "/root/trixie-logs/$1"
+        cp -r "$2"/log/. "/root/trixie-logs/$1/" 2>/dev/null || true
+    }
     bash contrib/demo.sh; demo=$?
+    keep_logs demo /tmp/slurm_mm-demo
     echo "== demo exit $demo"
     echo "== slurm $(dpkg-query -W -f="\${Version}" slurmd), $(/opt/slurm_mm/criu/sbin/criu --version | head -1)"
     bash contrib/run-tests.sh "$@"; tests=$?
+    keep_logs tests /tmp/slurm_mm-test-cluster
     echo "== tests exit $tests"
     [ $demo = 0 ] && [ $tests = 0 ]' trixie "$@"
 INNER

@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.pid_file:
         args.pid_file.write_text(f"{os.getpid()}\n")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    from slurm_mm.agent import store_usage  # noqa: PLC0415
+
+    store_usage.start(checkpointer.store, metrics.registry, agent.stopping)
     agent.serve(args.socket or config.agent_socket(cfg, args.node))
     return 0
 

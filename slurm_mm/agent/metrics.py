@@ -42,6 +42,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "slurm_mm_restore_duration_seconds_sum": ("counter", "Total seconds from image chosen to job running again (extract + CRIU restore)."),
     "slurm_mm_restore_duration_seconds_count": ("counter", "Restores counted in the duration sum."),
     "slurm_mm_store_written_bytes_total": ("counter", "Stored image bytes committed from this node, by job owner uid."),
+    "slurm_mm_store_usage_bytes": ("gauge", "Stored bytes of complete images in the whole store, by job owner uid (same on every node)."),
+    "slurm_mm_store_images": ("gauge", "Complete images in the whole store, by job owner uid (same on every node)."),
 }
 
 
@@ -82,6 +84,12 @@ class Metrics:
     def set(self, name: str, value: float, **labels: str) -> None:
         with self.lock:
             self.values[name][tuple(sorted(labels.items()))] = value
+
+    def replace(self, name: str, values: dict[str, float], label: str) -> None:
+        """A gauge's whole set of series at once (label value -> value): series whose
+        label value is gone (an owner with no images left) disappear."""
+        with self.lock:
+            self.values[name] = {((label, key),): value for key, value in values.items()}
 
     def job_started(self, job_id: str, mode: str) -> None:
         self.add("slurm_mm_jobs_started_total", mode=mode)

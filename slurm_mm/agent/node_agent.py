@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from slurm_mm.agent import admission, auth, protocol, step_launch
+from slurm_mm.agent import admission, adopt, auth, job_records, protocol, step_launch
 from slurm_mm.agent.cgroups import step_cgroup_procs
 from slurm_mm.agent.job_record import ACTIVE, JobState, LaunchRequest
 from slurm_mm.agent.preemption import Preemption
@@ -75,6 +75,8 @@ class NodeAgent:
         self.stopping = threading.Event()
         self.admission = admission.Admission()
         self._manual_at: dict[str, float] = {}  # job -> last manual checkpoint (monotonic)
+        self.records = job_records.JobRecords(config.run_dir, node)  # what a restarted agent takes over
+        checkpointer.records = self.records
 
     # ------------------------------------------------------------ server
 
@@ -143,6 +145,9 @@ class NodeAgent:
             if op == "start":
                 self._start(conn, pid, uid, message, fds, slot)
                 fds = []  # owned by the supervisor now
+            elif op == "reattach":  # a batch task whose agent restarted (agent/adopt.py)
+                adopt.handle_reattach(self, conn, pid, uid, message, fds, slot.release)
+                fds = []
             elif op == "srun":  # the srun stand-in of an enrolled job (agent/step_launch.py)
                 step_launch.handle_srun(self.services, conn, pid, uid, message, fds)
             elif op == "checkpoint":

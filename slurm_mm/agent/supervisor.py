@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from slurm_mm.agent import job_comment, metrics, protocol
+from slurm_mm.agent import job_comment, job_records, metrics, protocol
 from slurm_mm.agent.job_record import CheckpointProgress, JobRecord, JobState, LaunchRequest
 from slurm_mm.agent.preemption import PreemptNotice
 from slurm_mm.agent.services import NodeServices
@@ -30,6 +30,7 @@ from slurm_mm.config import RESTORE_POLICIES
 from slurm_mm.engine.proctree import tree_pids
 from slurm_mm.errors import ImageError, RestoreFailed, RestoreRefusedByPolicy, SlurmMMError
 from slurm_mm.hooks import completion_marker
+from slurm_mm.slurm.version import slurm_requeues_preempted_job_on_exit
 from slurm_mm.store import Image, Trigger
 from slurm_mm.store.manifest import STOPPING_TRIGGERS
 
@@ -111,13 +112,14 @@ class JobSupervisor:
             if mode == "restored":
                 self.steps.check_restored(self.tree)
         if self.tree is None:
-            self.tree = self.checkpointer.launch(self.req)
+            self.tree = self.checkpointer.launch(self.req, record_end=True)
         self._running(mode)
         return mode
 
     def _running(self, mode: str) -> None:
         self.record.mode = mode
         self.record.state = JobState.RUNNING
+        job_records.save(self.checkpointer.records, self)
         metrics.registry.job_started(self.job_id, mode)
         self.steps.on_start()
         threading.Thread(target=self._wait_exit, name=f"wait-{self.job_id}", daemon=True).start()
@@ -141,7 +143,7 @@ class JobSupervisor:
                 raise RestoreRefusedByPolicy(f"job {self.job_id}: could not hold it ({exc})") from None
             return "held"
         self.tell("no image could be restored: starting the job script from the beginning")
-        self.tree = self.checkpointer.launch(self.req)
+        self.tree = self.checkpointer.launch(self.req, record_end=True)
         self._running("launched")
         return "launched"
 
@@ -218,6 +220,7 @@ class JobSupervisor:
             self._mark_completed()
         self.send({"op": "exit", "status": status})
         self.services.jobs.forget(self.job_id, self)
+        job_records.forget(self.checkpointer.records, self.job_id)
 
     def _mark_completed(self) -> None:
         """Tell the epilog the job completed, so its images can go (hooks.py)."""
@@ -275,6 +278,8 @@ class JobSupervisor:
                 self.steps.refuse(trigger, stopping, refusal)
                 return None
             self.record.progress = CheckpointProgress("dumping", trigger, time.time())
+            if stopping:  # a restarted agent must know the tree's end may be this dump's
+                job_records.save(self.checkpointer.records, self, stopping=str(trigger))
             started = time.monotonic()
             staging: Path | None = None
             try:
@@ -298,6 +303,7 @@ class JobSupervisor:
                                       "size": sum(f.stored_size for f in m.files),
                                       "same_node_only": bool(m.extra.get("files", {}).get("same_node_only"))}
             self.steps.clear()
+            job_records.save(self.checkpointer.records, self)
             if stopping:
                 self.record.state = JobState.CHECKPOINTED
         if stopping and not defer_requeue:
@@ -305,6 +311,13 @@ class JobSupervisor:
         return image
 
     def finish_stop(self, image: Image, trigger: str) -> None:
+        if trigger == Trigger.PREEMPT and slurm_requeues_preempted_job_on_exit():
+            # Slurm requeues a job that ends in its grace time; our own requeue would
+            # leave its preemption mark set and requeue the next run when it completes.
+            self.tell(f"checkpointed to {image.path.name} for {trigger}; Slurm requeues it")
+            self.record.state = JobState.REQUEUED
+            self.send({"op": "exit", "status": REQUEUED_EXIT})
+            return
         self.tell(f"checkpointed to {image.path.name} for {trigger}; requeueing")
         self._requeue()
 
@@ -341,7 +354,7 @@ class JobSupervisor:
             if not self.stopped.wait(OLD_TREE_GONE_SECONDS):
                 raise RestoreFailed(f"the dumped tree is still there after {OLD_TREE_GONE_SECONDS:.0f} s")
             self.tree = self.checkpointer.restore(staging, RestoreTarget.of(self.req), gpu,
-                                                  pin_root=self.pin_root())
+                                                  pin_root=self.pin_root(), job_id=self.job_id)
         except SlurmMMError as exc:
             self.tell(f"could not store the image ({cause}) nor resume the job here ({exc}); "
                       "requeueing it to resume from its last stored image")
@@ -349,6 +362,7 @@ class JobSupervisor:
             threading.Thread(target=self._requeue, daemon=True).start()
             return
         self.stopped.clear()
+        job_records.save(self.checkpointer.records, self)
         threading.Thread(target=self._wait_exit, name=f"wait-{self.job_id}", daemon=True).start()
         self.tell(f"could not store the image ({cause}); the job resumed on this node")
 

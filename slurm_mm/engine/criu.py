@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import os
 import re
+import select
+import signal
 import subprocess
 import tempfile
 import time
@@ -251,7 +253,9 @@ class Criu:
         mount_ns: bool = False,
         extra_args: Sequence[str] = (),
         timeout: float | None = None,
-    ) -> int:
+        keeper: Sequence[str] = (),
+        keeper_fds: Sequence[int] = (),
+    ) -> int | tuple[int, subprocess.Popen]:
         """Restore the tree in `images_dir`; returns the host PID of its root.
 
         The root becomes a child of THIS process (--restore-sibling): reap it with
@@ -260,6 +264,9 @@ class Criu:
         `join_cgroups`: cgroup directories criu (hence the restored tree) joins before
         it runs. `action_script`: a shell command for criu's --action-script.
         `mount_ns`: the image holds a mount namespace of the tree's own.
+        `keeper`: a command line (mm-init --keep ... --pid-fd) that runs criu as its child
+        and stays the restored root's parent; `keeper_fds` are passed to it. Then the
+        result is (root PID, the keeper's Popen): wait for the keeper, not the root.
         """
         images_dir = Path(images_dir)
         fds = dict(inherit_fds or {})
@@ -278,6 +285,10 @@ class Criu:
                 if self.mntns_compat_mode:
                     args.extend(MNTNS_COMPAT_FLAGS)
             args.extend(extra_args)
+            if keeper:
+                kept = self._run_kept(keeper, args, timeout, tuple(fds) + tuple(keeper_fds), join_cgroups,
+                                      images_dir, log_path)
+                return self._root_pid(pidfile, images_dir, log_path), kept
             try:
                 res = self._run(args, timeout=timeout, pass_fds=tuple(fds),
                                 preexec_fn=cgroups.joiner(join_cgroups) if join_cgroups else None)
@@ -294,10 +305,68 @@ class Criu:
                     f"criu restore from {images_dir} failed (exit {res.returncode}): {_headline(excerpt)}",
                     excerpt,
                 )
+            return self._root_pid(pidfile, images_dir, log_path)
+
+    @staticmethod
+    def _root_pid(pidfile: Path, images_dir: Path, log_path: Path) -> int:
+        try:
+            return int(pidfile.read_text().strip())
+        except (OSError, ValueError):
+            raise RestoreFailed(f"criu restore from {images_dir} wrote no root pid", log_excerpt(log_path)) from None
+
+    def _run_kept(self, keeper: Sequence[str], args: Sequence[str], timeout: float | None,
+                  pass_fds: tuple[int, ...], join_cgroups: Sequence[str | os.PathLike], images_dir: Path,
+                  log_path: Path) -> subprocess.Popen:
+        """criu under a keeper (see restore()): the keeper's Popen once criu has ended well.
+        The keeper reports criu's exit code on a pipe (its --pid-fd) and keeps running."""
+        rfd, wfd = os.pipe2(os.O_CLOEXEC)
+        out = tempfile.TemporaryFile()
+        try:
             try:
-                return int(pidfile.read_text().strip())
-            except (OSError, ValueError):
-                raise RestoreFailed(f"criu restore from {images_dir} wrote no root pid", log_excerpt(log_path)) from None
+                proc = subprocess.Popen(
+                    [*keeper, str(wfd), "--", str(self.binary), *args], env=self._env(preload=False),
+                    cwd="/", stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                    pass_fds=(*pass_fds, wfd), start_new_session=True,  # not the agent's signals
+                    preexec_fn=cgroups.joiner(join_cgroups) if join_cgroups else None)
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise RestoreFailed(f"cannot run {self.binary} for restore: {exc}") from None
+            os.close(wfd)
+            wfd = -1
+            limit = self.timeout if timeout is None else timeout
+            ready, _, _ = select.select([rfd], [], [], limit)
+            text = os.read(rfd, 64).decode(errors="replace").strip() if ready else ""
+            if not ready:
+                _kill_children(proc.pid)  # criu first: the keeper is its parent
+                proc.kill()
+                proc.wait()
+                raise RestoreFailed(f"criu restore from {images_dir} timed out after {limit:.0f} s",
+                                    log_excerpt(log_path))
+            if text != "0":
+                proc.wait()
+                out.seek(0)
+                excerpt = log_excerpt(log_path) or out.read().decode(errors="replace").strip()[-2000:]
+                raise RestoreFailed(
+                    f"criu restore from {images_dir} failed (exit {text or proc.returncode}): {_headline(excerpt)}",
+                    excerpt)
+            return proc
+        finally:
+            os.close(rfd)
+            if wfd >= 0:
+                os.close(wfd)
+            out.close()
+
+
+def _kill_children(pid: int) -> None:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
+            children = [int(c) for c in f.read().split()]
+    except (OSError, ValueError):
+        return
+    for child in children:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @dataclass

@@ -136,6 +136,7 @@ def launch(
     private_proc: bool = False,
     libexec: str | os.PathLike | None = None,
     start_timeout: float = 10.0,
+    status_fd: int | None = None,
 ) -> LaunchedTree:
     """Start `argv` as user `uid`/`gid` in a new PID namespace under mm-init.
 
@@ -147,6 +148,8 @@ def launch(
     use O_APPEND files for output; docs/design.md, measured facts). `join_cgroups`: cgroups the whole tree
     starts in. `private_proc`: the tree also gets its own mount namespace (mounts made
     private, /proc of its PID namespace; the stdio fds reopened there); needed for CUDA.
+    `status_fd`: an fd open here that mm-init writes the job's exit code to when it
+    ends (read by an agent that is no longer its parent after a restart).
     Returns once the namespace init exists; the command's own failure to start (not
     found: exit 127) shows in the exit code.
     """
@@ -168,6 +171,9 @@ def launch(
     env_fd = environment_fd(env if env is not None else _default_env(uid))
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     try:
+        kept = (wfd, env_fd) if status_fd is None else (wfd, env_fd, status_fd)
+        if status_fd is not None:
+            cmd += ["--status-fd", str(status_fd)]
         cmd += ["--pid-fd", str(wfd), "--env-fd", str(env_fd), "--", *argv]
         devnull = subprocess.DEVNULL
         try:
@@ -178,7 +184,7 @@ def launch(
                 stderr=devnull if stderr is None else stderr,
                 env=dict(MM_INIT_ENV),
                 cwd="/",
-                pass_fds=(wfd, env_fd),
+                pass_fds=kept,
                 close_fds=True,
                 start_new_session=True,  # our terminal's signals are not the job's
                 preexec_fn=cgroups_mod.joiner(join_cgroups) if join_cgroups else None,

@@ -24,6 +24,7 @@ import json
 import os
 import shlex
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +45,8 @@ STDIO_ROLES = {0: "stdin", 1: "stdout", 2: "stderr"}
 
 @dataclass
 class RestoredTree:
-    """A restored job tree; its init is a child of this process."""
+    """A restored job tree; its init is a child of this process, or of `keeper` (an
+    `mm-init --keep` child of this process that outlives an agent restart)."""
 
     init_pid: int
     ns_pids: dict[int, int]  # PID inside the job's namespace -> host PID
@@ -52,9 +54,18 @@ class RestoredTree:
     timings: dict[str, float] = field(default_factory=dict)
     files_report: list[str] = field(default_factory=list)  # what was done to its files first
     _status: int | None = None
+    keeper: subprocess.Popen | None = None
+
+    @property
+    def waiter_pid(self) -> int:
+        """The process whose end is the job's end (its parent here)."""
+        return self.keeper.pid if self.keeper is not None else self.init_pid
 
     def poll(self) -> int | None:
         """The job's exit code if it has ended (reaping it), else None."""
+        if self.keeper is not None:
+            rc = self.keeper.poll()
+            return None if rc is None else (128 - rc if rc < 0 else rc)
         if self._status is None:
             pid, status = os.waitpid(self.init_pid, os.WNOHANG)
             if pid == 0:
@@ -67,6 +78,12 @@ class RestoredTree:
 
         Raises TimeoutError after `timeout` seconds (None: wait as long as it runs).
         """
+        if self.keeper is not None:
+            try:
+                rc = self.keeper.wait(timeout)
+                return 128 - rc if rc < 0 else rc
+            except subprocess.TimeoutExpired:
+                raise TimeoutError(f"restored job (pid {self.init_pid}) still running after {timeout} s") from None
         if self._status is None and timeout is None:
             _, self._status = os.waitpid(self.init_pid, 0)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -80,7 +97,7 @@ class RestoredTree:
 
     def signal(self, sig: int) -> None:
         """Send `sig` to the namespace init, which relays it to the app's process group."""
-        if self._status is None:
+        if self._status is None and (self.keeper is None or self.keeper.returncode is None):
             try:
                 os.kill(self.init_pid, sig)
             except ProcessLookupError:
@@ -184,11 +201,14 @@ def _owner_script(work: Path, uid: int, gids: Sequence[int], given: Sequence[int
     return str(script), verdict
 
 
-def _reap(pid: int) -> None:
+def _reap(pid: int, keeper: subprocess.Popen | None = None) -> None:
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    if keeper is not None:
+        keeper.wait()
+        return
     try:
         os.waitpid(pid, 0)
     except ChildProcessError:
@@ -212,6 +232,7 @@ def restore_tree(
     timeout: float | None = None,
     extra_inherit: Mapping[int, str] | None = None,
     libexec: str | os.PathLike | None = None,
+    status_fd: int | None = None,
 ) -> RestoredTree:
     """Restore the tree in `images_dir` as a child of this process.
 
@@ -223,7 +244,10 @@ def restore_tree(
     `gpu_resume_options` go to its resume() (e.g. gpu_pairs). `log_path`: CRIU's log
     (default images_dir/restore.log). `extra_inherit`: more fds standing in for files of
     the image (fd -> CRIU key; filestate.prepare's copies). `libexec`: the directory the
-    tree's mm-init was launched from (the only root executables its init may run). Raises RestoreFailed (CRIU's log excerpt in
+    tree's mm-init was launched from (the only root executables its init may run).
+    `status_fd`: the tree is restored under `mm-init --keep` (from `libexec`), which
+    writes the job's exit code to this fd when it ends (read by an agent that is no
+    longer its parent after a restart). Raises RestoreFailed (CRIU's log excerpt in
     `.log_excerpt`), ImageRefused or ImageCorrupt; on any failure no restored process
     is left running.
     """
@@ -243,12 +267,12 @@ def restore_tree(
     try:
         inherit = _inherit_map(meta, fds, devnull) if meta else {}
         inherit.update(extra_inherit or {})
-        root = _criu_restore(criu, images_dir, meta, inherit, join_cgroups, owner_uid, owner_gids,
-                             log_path, extra_criu_args, timeout, libexec)
+        root, keeper = _criu_restore(criu, images_dir, meta, inherit, join_cgroups, owner_uid, owner_gids,
+                                     log_path, extra_criu_args, timeout, libexec, status_fd)
     finally:
         for fd in opened:
             os.close(fd)
-    tree = RestoredTree(init_pid=root, ns_pids=proctree.ns_pid_map(root), gpu_pids=[])
+    tree = RestoredTree(init_pid=root, ns_pids=proctree.ns_pid_map(root), gpu_pids=[], keeper=keeper)
     tree.timings["restore"] = time.monotonic() - started
 
     gpu_ns = [int(p) for p in meta.get("gpu_ns_pids", []) if isinstance(p, int)]
@@ -261,7 +285,7 @@ def restore_tree(
                 raise GpuError(f"processes {missing} of the image were not restored")
             tree.gpu_pids = list(gpu.resume(host, **dict(gpu_resume_options or {})))
         except GpuError as exc:
-            _reap(root)
+            _reap(root, keeper)
             raise RestoreFailed(f"restored tree killed: its GPU state could not be restored: {exc}") from exc
         tree.timings["gpu_resume"] = time.monotonic() - t
     tree.timings["total"] = time.monotonic() - started
@@ -272,28 +296,35 @@ def _criu_restore(criu: Criu, images_dir: Path, meta: dict, inherit: dict[int, s
                   join_cgroups: Sequence[str | os.PathLike], owner_uid: int | None,
                   owner_gids: Sequence[int] | None, log_path: str | os.PathLike | None,
                   extra_criu_args: Sequence[str], timeout: float | None,
-                  libexec: str | os.PathLike | None = None) -> int:
-    """`criu restore` with the owner check; the restored root's host PID."""
+                  libexec: str | os.PathLike | None = None,
+                  status_fd: int | None = None) -> tuple[int, subprocess.Popen | None]:
+    """`criu restore` with the owner check; the restored root's host PID and its keeper."""
     with tempfile.TemporaryDirectory(prefix="slurm_mm-restore-") as tmp:
         work = Path(tmp)
         action, verdict_path = (None, None)
         if owner_uid is not None:
             action, verdict_path = _owner_script(work, owner_uid, _owner_gids(owner_uid, owner_gids),
                                                  list(inherit), libexec)
+        keeper_argv: list[str] = []
+        if status_fd is not None:
+            keeper_argv = [str(native.find(native.MM_INIT, libexec)), "--keep", "--status-fd", str(status_fd),
+                           "--pid-fd"]
         try:
-            root = criu.restore(images_dir, inherit_fds=inherit, join_cgroups=join_cgroups,
-                                log_path=log_path, action_script=action,
-                                mount_ns=bool(meta.get("mount_ns")),
-                                extra_args=extra_criu_args, timeout=timeout)
+            got = criu.restore(images_dir, inherit_fds=inherit, join_cgroups=join_cgroups,
+                               log_path=log_path, action_script=action,
+                               mount_ns=bool(meta.get("mount_ns")),
+                               extra_args=extra_criu_args, timeout=timeout,
+                               keeper=keeper_argv, keeper_fds=() if status_fd is None else (status_fd,))
         except RestoreFailed as exc:
             _check_verdict(verdict_path, cause=exc)
             raise
+        root, keeper = got if isinstance(got, tuple) else (got, None)
         try:
             _check_verdict(verdict_path)
         except ImageRefused:
-            _reap(root)
+            _reap(root, keeper)
             raise
-    return root
+    return root, keeper
 
 
 def _check_verdict(verdict_path: Path | None, cause: RestoreFailed | None = None) -> None:

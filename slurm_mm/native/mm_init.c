@@ -4,7 +4,8 @@
  * namespace, whatever PIDs are taken outside).
  *
  *   mm-init [--uid U --gid G [--groups G1,G2,...]] [--chdir DIR] [--pid-fd N]
- *           [--env-fd N] [--allow-root] [--private-proc] -- CMD [ARGS...]
+ *           [--env-fd N] [--status-fd N] [--allow-root] [--private-proc] -- CMD [ARGS...]
+ *   mm-init --keep [--pid-fd N] [--status-fd N] -- CMD [ARGS...]
  *
  * Three processes take part:
  *   outer   the process that was exec'd. It unshares a PID namespace, forks PID 1,
@@ -53,6 +54,16 @@
  * SIGTSTP/SIGTTIN/SIGTTOU are NOT forwarded: Slurm suspends jobs with the cgroup
  * freezer, and a stopped process makes the CUDA checkpoint API hang.
  *
+ * --status-fd N: the outer process writes the job's exit code ("%d\n") to fd N before
+ * it exits. The node agent is the outer process's parent, and a restarted agent is no
+ * longer: it reads the job's end from that file (a root-only file the agent opened).
+ *
+ * --keep: the parent of a tree that `criu restore --restore-sibling` brings back. It
+ * runs CMD (criu) as its child; the restored tree's root becomes its child too. When
+ * CMD has ended it writes CMD's exit code ("%d\n") to --pid-fd and closes it and its
+ * stdio; if CMD succeeded it then waits for the restored root and exits with its code
+ * (written to --status-fd first, as above). Nothing of the job runs in it.
+ *
  * Exit status: the app's; 125 when mm-init itself failed, 126 when CMD could not
  * be executed, 127 when CMD was not found.
  */
@@ -100,6 +111,8 @@ struct options {
 	const char *chdir;
 	int pid_fd;
 	int env_fd;
+	int status_fd;
+	int keep;
 	int allow_root;
 	int private_proc;
 	int ns_init; /* internal: this is PID 1, re-executed inside its mount namespace */
@@ -169,6 +182,8 @@ static void parse_args(struct options *o, int argc, char **argv)
 		{"chdir", required_argument, NULL, 'C'},
 		{"pid-fd", required_argument, NULL, 'p'},
 		{"env-fd", required_argument, NULL, 'e'},
+		{"status-fd", required_argument, NULL, 's'},
+		{"keep", no_argument, NULL, 'K'},
 		{"allow-root", no_argument, NULL, 'R'},
 		{"private-proc", no_argument, NULL, 'P'},
 		{"ns-init", no_argument, NULL, 'I'},
@@ -180,6 +195,7 @@ static void parse_args(struct options *o, int argc, char **argv)
 	memset(o, 0, sizeof(*o));
 	o->pid_fd = -1;
 	o->env_fd = -1;
+	o->status_fd = -1;
 	opterr = 0;
 	/* '+': stop at the first non-option, CMD's own options are not ours. */
 	while ((c = getopt_long(argc, argv, "+", longopts, NULL)) != -1) {
@@ -214,6 +230,14 @@ static void parse_args(struct options *o, int argc, char **argv)
 				die(EXIT_SELF, "--env-fd: invalid fd '%s' (must be > 2)", optarg);
 			o->env_fd = (int)v;
 			break;
+		case 's':
+			if (parse_ulong(optarg, INT_MAX, &v) || v <= 2)
+				die(EXIT_SELF, "--status-fd: invalid fd '%s' (must be > 2)", optarg);
+			o->status_fd = (int)v;
+			break;
+		case 'K':
+			o->keep = 1;
+			break;
 		case 'R':
 			o->allow_root = 1;
 			break;
@@ -234,17 +258,24 @@ static void parse_args(struct options *o, int argc, char **argv)
 		die(EXIT_SELF, "--uid and --gid go together");
 	if (o->have_groups && !o->have_uid)
 		die(EXIT_SELF, "--groups needs --uid and --gid");
-	if ((o->have_uid ? o->uid : getuid()) == 0 && !o->allow_root)
+	if (o->keep && (o->have_uid || o->have_groups || o->chdir || o->env_fd >= 0 || o->private_proc))
+		die(EXIT_SELF, "--keep takes only --pid-fd and --status-fd");
+	if ((o->have_uid ? o->uid : getuid()) == 0 && !o->allow_root && !o->keep)
 		die(EXIT_SELF, "refusing to run the command as root (no --allow-root)");
 	if (o->ns_init) {
 		if (getpid() != 1)
 			die(EXIT_SELF, "--ns-init is mm-init's own, for PID 1 of its namespace");
 		o->pid_fd = -1; /* the outer process's; closed before the re-exec */
+		o->status_fd = -1;
 	}
 	if (o->pid_fd >= 0 && fcntl(o->pid_fd, F_GETFD) < 0)
 		die(EXIT_SELF, "--pid-fd %d: %s", o->pid_fd, strerror(errno));
 	if (o->env_fd >= 0 && (fcntl(o->env_fd, F_GETFD) < 0 || o->env_fd == o->pid_fd))
 		die(EXIT_SELF, "--env-fd %d: %s", o->env_fd, o->env_fd == o->pid_fd ? "same as --pid-fd" : strerror(errno));
+	if (o->status_fd >= 0 && (fcntl(o->status_fd, F_GETFD) < 0 || o->status_fd == o->pid_fd ||
+				  o->status_fd == o->env_fd))
+		die(EXIT_SELF, "--status-fd %d: %s", o->status_fd,
+		    fcntl(o->status_fd, F_GETFD) < 0 ? strerror(errno) : "same as another fd");
 	o->argv = argv + optind;
 }
 
@@ -614,6 +645,75 @@ static void run_init(const struct options *o, const sigset_t *waitset)
 	}
 }
 
+/* The job's end, for an agent that is no longer this process's parent. Best effort. */
+static void write_status(int fd, int code)
+{
+	char buf[16];
+	int n;
+
+	if (fd < 0)
+		return;
+	n = snprintf(buf, sizeof(buf), "%d\n", code);
+	if (n > 0 && write(fd, buf, (size_t)n) == n)
+		fsync(fd);
+	close(fd);
+}
+
+/* --keep: the parent of a restored tree (see the top of this file). Never returns. */
+static void keep(const struct options *o, const sigset_t *waitset)
+{
+	char buf[16];
+	pid_t cmd, p;
+	int status, code, n;
+
+	cmd = fork();
+	if (cmd < 0)
+		die(EXIT_SELF, "fork: %s", strerror(errno));
+	if (cmd == 0) {
+		sigset_t none;
+
+		if (o->status_fd >= 0)
+			close(o->status_fd);
+		if (o->pid_fd >= 0)
+			close(o->pid_fd);
+		if (sigemptyset(&none) || sigprocmask(SIG_SETMASK, &none, NULL))
+			die(EXIT_SELF, "sigprocmask: %s", strerror(errno));
+		execvp(o->argv[0], o->argv);
+		die(errno == ENOENT ? EXIT_NOT_FOUND : EXIT_CANNOT_EXEC, "%s: %s", o->argv[0], strerror(errno));
+	}
+	while ((p = waitpid(cmd, &status, 0)) < 0 && errno == EINTR)
+		;
+	code = p == cmd ? status_to_exit(status) : EXIT_SELF;
+	if (o->pid_fd >= 0) {
+		n = snprintf(buf, sizeof(buf), "%d\n", code);
+		if (n < 0 || write(o->pid_fd, buf, (size_t)n) != n)
+			code = EXIT_SELF;
+		close(o->pid_fd);
+	}
+	/* Keep nothing the caller handed criu (the job's new stdio among them). */
+	if (o->status_fd > 3)
+		syscall(SYS_close_range, 3U, (unsigned)o->status_fd - 1, 0U);
+	syscall(SYS_close_range, (unsigned)(o->status_fd >= 3 ? o->status_fd + 1 : 3), ~0U, 0U);
+	if (stdio_to_devnull() || code != 0) {
+		/* Nothing was restored (or nobody will hear of it): reap what criu left. */
+		while (waitpid(-1, &status, 0) > 0 || errno == EINTR)
+			;
+		_exit(code ? code : EXIT_SELF);
+	}
+	(void)waitset;
+	for (;;) {
+		p = waitpid(-1, &status, 0);
+		if (p > 0) {
+			write_status(o->status_fd, status_to_exit(status));
+			_exit(status_to_exit(status));
+		}
+		if (errno != EINTR) {
+			write_status(o->status_fd, EXIT_SELF);
+			_exit(EXIT_SELF);
+		}
+	}
+}
+
 int main(int argc, char **argv)
 {
 	struct options o;
@@ -630,6 +730,8 @@ int main(int argc, char **argv)
 		die(EXIT_SELF, "sigprocmask: %s", strerror(errno));
 	if (o.ns_init)
 		run_init(&o, &waitset); /* the mask and pending signals survived the exec */
+	if (o.keep)
+		keep(&o, &waitset);
 	if (unshare(CLONE_NEWPID))
 		die(EXIT_SELF, "unshare(CLONE_NEWPID): %s", strerror(errno));
 	if (fflush(stderr) == EOF)
@@ -641,6 +743,9 @@ int main(int argc, char **argv)
 	if (init == 0) {
 		if (o.pid_fd >= 0 && close(o.pid_fd))
 			die(EXIT_SELF, "close pid fd: %s", strerror(errno));
+		/* The tree is dumped; the status file is the outer process's alone. */
+		if (o.status_fd >= 0 && close(o.status_fd))
+			die(EXIT_SELF, "close status fd: %s", strerror(errno));
 		if (o.private_proc) {
 			private_proc(&o);
 			reexec_here(argc, argv);
@@ -671,8 +776,10 @@ int main(int argc, char **argv)
 		else if (sig < 0 && errno != EINTR)
 			_exit(EXIT_SELF);
 		p = waitpid(init, &status, WNOHANG);
-		if (p == init)
+		if (p == init) {
+			write_status(o.status_fd, status_to_exit(status));
 			_exit(status_to_exit(status));
+		}
 		if (p < 0 && errno != EINTR)
 			_exit(EXIT_SELF);
 	}

@@ -15,38 +15,18 @@ Slurm, never CRIU.
 
 from __future__ import annotations
 
-import re
-import subprocess
 from typing import Any
 
 import pyslurm  # ImportError: connect() uses the commands
 
 from slurm_mm.errors import SlurmError
 from slurm_mm.slurm.commands import CommandClient
-from slurm_mm.slurm.model import COMMAND_TIMEOUT, Job, Node
+from slurm_mm.slurm.model import Job, Node
+from slurm_mm.slurm.version import major_minor as _major_minor
+from slurm_mm.slurm.version import running_slurm_version
 
 # pyslurm's error type for failed RPCs (pyslurm.core.error.RPCError, exported at the top).
 _RPC_ERROR = getattr(pyslurm, "RPCError", ())
-VERSION_COMMANDS = (("slurmd", "-V"), ("sinfo", "-V"), ("scontrol", "-V"))
-
-
-def _major_minor(text: str) -> tuple[int, int] | None:
-    """(25, 5) from "slurm 25.05.1", "slurm-wlm 22.05.8" or pyslurm's "25.5.0"."""
-    m = re.search(r"(\d+)\.(\d+)(?:\.\d+)?", text or "")
-    return (int(m.group(1)), int(m.group(2))) if m else None
-
-
-def running_slurm_version() -> str:
-    """The version of the Slurm installed here, from the first command that tells it."""
-    for argv in VERSION_COMMANDS:
-        try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
-        except (OSError, subprocess.SubprocessError):
-            continue
-        for line in proc.stdout.splitlines():
-            if line.startswith("slurm") and _major_minor(line):
-                return line.strip()
-    raise SlurmError("cannot tell the running Slurm's version (slurmd -V, sinfo -V, scontrol -V)")
 
 
 def _time(value: Any) -> int:

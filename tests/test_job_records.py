@@ -1,0 +1,209 @@
+"""Job records of a node agent and taking over a tree it did not start (no Slurm, no CRIU)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from slurm_mm.agent import adopt, job_records
+from slurm_mm.agent.job_records import JobRecords, TreeRecord, start_time
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="records are root-owned")
+
+
+def record_of(job_id: str, pid: int, waiter: int | None = None) -> TreeRecord:
+    waiter = waiter or pid
+    return TreeRecord(job_id=job_id, uid=1000, epoch=2, mode="restored", init_pid=pid,
+                      init_start=start_time(pid), waiter_pid=waiter, waiter_start=start_time(waiter),
+                      last_image={"name": "ckpt-000003"})
+
+
+def test_a_record_survives_as_written_and_is_root_only(tmp_path):
+    records = JobRecords(tmp_path, "n1")
+    rec = record_of("42", os.getpid())
+    records.save(rec)
+    assert records.load("42") == rec
+    assert oct(os.stat(tmp_path / "jobs" / "n1").st_mode & 0o777) == "0o700"
+    assert [p.name for p in (tmp_path / "jobs" / "n1").iterdir()] == ["42.json"]  # no temporary left
+    records.remove("42")
+    assert records.load("42") is None
+
+
+def test_bad_job_ids_and_broken_records_are_refused(tmp_path):
+    records = JobRecords(tmp_path, "n1")
+    assert records.load("../x") is None
+    with pytest.raises(ValueError, match="invalid job id"):
+        records.status_fd("1/2")
+    records.save(record_of("7", os.getpid()))
+    (tmp_path / "jobs" / "n1" / "7.json").write_text("{not json")
+    assert records.load("7") is None
+
+
+def test_a_reused_pid_is_not_the_job(tmp_path):
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        rec = record_of("5", proc.pid)
+        assert job_records.same_process(proc.pid, rec.init_start)
+        assert not job_records.same_process(proc.pid, rec.init_start + 1)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_an_adopted_tree_ends_with_the_status_mm_init_wrote(tmp_path):
+    records = JobRecords(tmp_path, "n1")
+    fd = records.status_fd("9")
+    # Stands in for mm-init's outer process: not this test's child once adopted, it
+    # writes the job's exit code to the status fd when the job ends.
+    code = "import os,sys,time; time.sleep(0.5); os.write(int(sys.argv[1]), b'7\\n'); sys.exit(7)"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(fd)], pass_fds=(fd,))
+    os.close(fd)
+    tree = adopt.AdoptedTree.of(record_of("9", proc.pid), records)
+    assert tree.poll() is None
+    assert tree.wait(10) == 7
+    proc.wait()
+
+
+def test_a_tree_that_ended_while_no_agent_ran_reports_its_status(tmp_path):
+    records = JobRecords(tmp_path, "n1")
+    proc = subprocess.Popen(["true"])
+    rec = record_of("11", proc.pid)
+    proc.wait()
+    fd = records.status_fd("11")
+    os.write(fd, b"0\n")
+    os.close(fd)
+    tree = adopt.AdoptedTree.of(rec, records)
+    assert tree.poll() == 0
+
+
+def test_a_stopped_process_is_continued_on_adoption():
+    proc = subprocess.Popen(["sh", "-c", "kill -STOP $$; exec sleep 30"])
+    try:
+        for _ in range(250):
+            with open(f"/proc/{proc.pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                    break
+            time.sleep(0.02)
+        assert adopt.continue_stopped(proc.pid) == [proc.pid]
+        assert adopt.continue_stopped(proc.pid) == []  # running now
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# ---------------------------------------------------------------- reattach requests
+
+@pytest.fixture
+def node_agent(tmp_path, monkeypatch):
+    import pwd as pwd_mod  # noqa: PLC0415
+
+    from agent_fakes import UID, FakeCheckpointer, FakeSlurm, make_job  # noqa: PLC0415
+
+    from slurm_mm import config  # noqa: PLC0415
+    from slurm_mm.agent.node_agent import NodeAgent  # noqa: PLC0415
+
+    cfg = config.from_mapping({"run_dir": str(tmp_path / "run"), "staging_dir": str(tmp_path / "staging")})
+    agent = NodeAgent("n1", cfg, FakeSlurm(make_job(1)), FakeCheckpointer(tmp_path))
+    # The peer is the job's batch step and Slurm confirms the job: decided elsewhere (auth.py).
+    monkeypatch.setattr(adopt.auth, "check_batch_step", lambda pid, job_id, node: None)
+    monkeypatch.setattr(adopt.auth, "authorize_batch_step", lambda pid, uid, job_id, node, slurm: slurm.current)
+    monkeypatch.setattr(pwd_mod, "getpwuid", lambda uid: pwd_mod.struct_passwd(
+        ("mm", "x", uid, uid, "", "/tmp", "/bin/sh")))
+    agent.uid = UID
+    return agent
+
+
+def reattach(agent, job_id: str = "77") -> dict:
+    from slurm_mm.agent import protocol  # noqa: PLC0415
+
+    conn, peer = socket.socketpair()
+    fds = [os.open("/dev/null", os.O_RDWR) for _ in range(3)]
+    message = {"op": "reattach", "job_id": job_id, "argv": ["/bin/true"], "env": {}, "cwd": "/tmp"}
+    done = threading.Thread(target=adopt.handle_reattach,
+                            args=(agent, conn, os.getpid(), agent.uid, message, fds, lambda: None))
+    done.start()
+    peer.settimeout(10)
+    reply = protocol.recv(peer)[0]
+    peer.close()
+    done.join(10)
+    conn.close()
+    return reply
+
+
+def test_a_reattach_without_a_record_or_of_another_run_is_refused(node_agent):
+    reply = reattach(node_agent)
+    assert reply["op"] == "refused" and "no record on n1" in reply["message"]
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        rec = record_of("77", proc.pid)
+        rec.uid, rec.epoch = node_agent.uid, 0  # this run is the job's second (restart count 1)
+        node_agent.records.save(rec)
+        reply = reattach(node_agent)
+        assert reply["op"] == "refused" and "another run" in reply["message"]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_reattached_job_is_taken_over_and_ends_with_its_recorded_status(node_agent):
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        rec = record_of("77", proc.pid)
+        rec.uid, rec.epoch = node_agent.uid, 1
+        node_agent.records.save(rec)
+        fd = node_agent.records.status_fd("77")
+        os.write(fd, b"5\n")
+        os.close(fd)
+        conn, peer = socket.socketpair()
+        fds = [os.open("/dev/null", os.O_RDWR) for _ in range(3)]
+        message = {"op": "reattach", "job_id": "77", "argv": ["/bin/true"], "env": {}, "cwd": "/tmp"}
+        threading.Thread(target=adopt.handle_reattach, daemon=True,
+                         args=(node_agent, conn, os.getpid(), node_agent.uid, message, fds, lambda: None)).start()
+        from slurm_mm.agent import protocol  # noqa: PLC0415
+
+        peer.settimeout(10)
+        assert protocol.recv(peer)[0] == {"op": "reattached", "mode": "restored"}
+        sup = node_agent.jobs.get("77")
+        assert sup is not None and sup.record.last_image == {"name": "ckpt-000003"}
+        proc.kill()  # the job's tree ends; mm-init had written its status
+        proc.wait()
+        assert protocol.recv(peer)[0] == {"op": "exit", "status": 5}
+        peer.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("trigger, slurm_requeues, requeued_by_us", [
+    ("drain", False, True), ("preempt", False, True), ("preempt", True, False)],
+    ids=["drain", "preempt-before-24.05", "preempt-24.05+"])
+def test_a_stopping_checkpoint_cut_short_by_the_restart_requeues_the_job(node_agent, monkeypatch, trigger,
+                                                                          slurm_requeues, requeued_by_us):
+    from slurm_mm.agent import protocol  # noqa: PLC0415
+
+    monkeypatch.setattr(adopt, "slurm_requeues_preempted_job_on_exit", lambda: slurm_requeues)
+    proc = subprocess.Popen(["true"])
+    rec = record_of("77", proc.pid)
+    proc.wait()  # the dump killed the tree; nothing was committed
+    rec.uid, rec.epoch, rec.stopping = node_agent.uid, 1, trigger
+    node_agent.records.save(rec)
+    fd = node_agent.records.status_fd("77")
+    os.write(fd, b"137\n")
+    os.close(fd)
+    conn, peer = socket.socketpair()
+    fds = [os.open("/dev/null", os.O_RDWR) for _ in range(3)]
+    message = {"op": "reattach", "job_id": "77", "argv": ["/bin/true"], "env": {}, "cwd": "/tmp"}
+    threading.Thread(target=adopt.handle_reattach, daemon=True,
+                     args=(node_agent, conn, os.getpid(), node_agent.uid, message, fds, lambda: None)).start()
+    peer.settimeout(10)
+    assert protocol.recv(peer)[0] == {"op": "exit", "status": 143}
+    assert node_agent.slurm.requeues == ([("77", False)] if requeued_by_us else [])
+    peer.close()
