@@ -23,8 +23,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from slurm_mm.agent import admission, auth, protocol, step_launch
+from slurm_mm.agent import admission, auth, enrollment, protocol, step_launch
 from slurm_mm.agent.cgroups import step_cgroup_procs
+from slurm_mm.agent.quota import StoreQuota
 from slurm_mm.agent.staging import (fits, gpu_dump_dir, prepare_staging_root, root_only_dir, tree_gpu_bytes,
                                     tree_resident_bytes)
 from slurm_mm.agent.supervisor import JobSupervisor, LaunchRequest
@@ -73,6 +74,7 @@ class NodeAgent:
         self._preempt_modes: dict[str, str] = {}
         self.admission = admission.Admission()
         self._manual_at: dict[str, float] = {}  # job -> last manual checkpoint (monotonic)
+        self.quota = StoreQuota(store, config.store_quota_per_user, config.keep_images)
 
     # ------------------------------------------------------------ helpers for supervisors
 
@@ -93,7 +95,9 @@ class NodeAgent:
         return self.staging(job_id, name, create=False)
 
     def dump_staging(self, job_id: str, name: str, tree_pids: list[int]) -> tuple[Path, str]:
-        """Node-local staging when the tree's memory fits there, else the shared store's."""
+        """Node-local staging when the tree's memory fits there, else the shared store's.
+        QuotaExceeded (no dump) when the job's owner is at their store quota."""
+        self.quota.check_job(self, job_id)
         gpu_bytes = tree_gpu_bytes(tree_pids)
         needed = tree_resident_bytes(tree_pids) + gpu_bytes
         local = self.config.staging_dir
@@ -226,11 +230,13 @@ class NodeAgent:
             return
         try:
             auth.check_batch_step(pid, job_id, self.node)
+            enrollment.check_enrolled(self.config, job_id, self.node)
             with self.jobs_lock:
                 earlier = self.jobs.get(job_id)
             if earlier is not None and earlier.record.state in ("starting", "running"):
                 raise PermissionDenied(f"job {job_id} was already started on {self.node}")
             job = auth.authorize_batch_step(pid, uid, job_id, self.node, self.slurm)
+            enrollment.claim_start(self.config, job_id, self.node, job.restart_count)
             request = self._launch_request(job, uid, pid, message, fds)
         except SlurmMMError as exc:
             log.warning("refused start of job %s from pid %d uid %d: %s", _printable(job_id), pid, uid,
