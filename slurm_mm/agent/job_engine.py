@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slurm_mm.agent import dump_deadline
 from slurm_mm.agent.criu_gate import CriuGate
 from slurm_mm.agent.freeze_guard import FreezeGuard, FreezerCgroup
 from slurm_mm.config import Config
@@ -96,7 +97,8 @@ class JobEngine:
              files: filestate.CaptureSpec | None = None) -> Dumped:
         with self.criu_lock.hold(urgent=not leave_running):
             result = checkpoint_tree(tree.init_pid, images, leave_running=leave_running, gpu=self.gpu,
-                                     criu=self.criu, timeout=self.cfg.timeouts.checkpoint, files=files)
+                                     criu=self.criu, files=files,
+                                     timeout=dump_deadline.timeout(tree, self.cfg.timeouts.checkpoint))
         inventory = None
         if result.gpu_pids:
             found = gpu_inventory.read_inventory()

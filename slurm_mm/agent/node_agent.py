@@ -23,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from slurm_mm.agent import admission, auth, enrollment, protocol, step_launch
+from slurm_mm.agent import admission, auth, dump_deadline, enrollment, protocol, step_launch
 from slurm_mm.agent.cgroups import step_cgroup_procs
 from slurm_mm.agent.quota import StoreQuota
 from slurm_mm.agent.staging import (fits, gpu_dump_dir, prepare_staging_root, root_only_dir, tree_gpu_bytes,
@@ -337,6 +337,7 @@ class NodeAgent:
     def on_job_signal(self, supervisor: JobSupervisor, signum: int) -> None:
         if signum in (signal.SIGUSR1, signal.SIGTERM) and self._being_preempted(supervisor.job_id):
             self._hurry(supervisor.job_id)
+            dump_deadline.note_preemption(self.slurm, supervisor)
             threading.Thread(target=supervisor.checkpoint, args=("preempt",), daemon=True).start()
             return
         if signum == signal.SIGTSTP:  # SUSPEND: move GPU state out before the freeze
@@ -398,6 +399,8 @@ class NodeAgent:
                 trigger = "preempt" if job_id in preempted else "drain" if draining else None
                 if trigger:
                     self._hurry(job_id)
+                    if trigger == "preempt":
+                        dump_deadline.note_preemption(self.slurm, supervisor)
                     threading.Thread(target=supervisor.checkpoint, args=(trigger,), daemon=True).start()
 
     # ------------------------------------------------------------ status

@@ -59,6 +59,7 @@ class SlurmClient(Protocol):
     def requeue(self, job_id: str, hold: bool = False) -> None: ...
     def drain(self, node: str, reason: str) -> None: ...
     def preempt_mode(self, partition: str) -> str: ...
+    def grace_time(self, partition: str) -> int: ...
     def run_in_job(self, job_id: str, node: str, argv: list[str], env: dict[str, str]) -> int: ...
 
 
@@ -214,6 +215,14 @@ class CommandClient:
             if key == "PreemptMode":
                 return value.upper()
         raise SlurmError(f"partition '{partition}' has no PreemptMode")
+
+    def grace_time(self, partition: str) -> int:
+        """The partition's GraceTime in seconds (0 when none or unreadable)."""
+        for token in self._run("scontrol", "show", "partition", "-o", partition).split():
+            key, _, value = token.partition("=")
+            if key == "GraceTime":
+                return int(value) if value.isdigit() else 0
+        return 0
 
     def drain(self, node: str, reason: str) -> None:
         self._run("scontrol", "update", f"NodeName={node}", "State=DRAIN", f"Reason={reason}")

@@ -12,7 +12,7 @@ import pytest
 from slurm_mm.agent import admission, protocol
 from slurm_mm.agent.staging import prepare_staging_root
 from slurm_mm.engine.launcher import environment_fd
-from slurm_mm.errors import PermissionDenied, UsageError
+from slurm_mm.errors import PermissionDenied, SlurmMMError, UsageError
 
 
 def test_connections_are_bounded_per_user_and_in_all_but_not_for_root():
@@ -123,3 +123,70 @@ def test_a_stopping_dump_waiting_for_criu_goes_before_earlier_ordinary_ones():
     for t in threads:
         t.join(5)
     assert order == ["preempt", "periodic0", "periodic1", "periodic2"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="markers are root's")
+def test_enrollment_markers_enrol_a_run_once_and_go_with_the_epilog(tmp_path):
+    from slurm_mm.agent import enrollment
+    from slurm_mm.config import Config
+    from slurm_mm.errors import NotEnrolled
+
+    cfg = Config(run_dir=tmp_path / "run")
+    with pytest.raises(NotEnrolled, match="job 7 is not enrolled on n1"):
+        enrollment.check_enrolled(cfg, "7", "n1")
+    enrollment.mark_enrolled(cfg, "7", "n1", 0, "60")
+    enrollment.check_enrolled(cfg, "7", "n1")
+    with pytest.raises(NotEnrolled):
+        enrollment.check_enrolled(cfg, "7", "n2")  # another node's record does not count
+    assert enrollment.recorded_run(cfg, "7", "n1") == 0
+    enrollment.claim_start(cfg, "7", "n1", 0)
+    with pytest.raises(PermissionDenied, match="already started"):
+        enrollment.claim_start(cfg, "7", "n1", 0)
+    enrollment.claim_start(cfg, "7", "n1", 1)  # the requeued run
+    assert os.stat(tmp_path / "run" / "enrolled").st_mode & 0o777 == 0o700
+    enrollment.forget(cfg, "7", "n1")
+    assert enrollment.recorded_run(cfg, "7", "n1") is None
+    with pytest.raises(SlurmMMError):  # a path-like job id
+        enrollment.check_enrolled(cfg, "../7", "n1")
+
+
+def test_a_preempted_jobs_dump_gets_the_time_left_in_its_grace():
+    from types import SimpleNamespace
+
+    from slurm_mm.agent import dump_deadline
+
+    class Tree:
+        pass
+
+    tree, other = Tree(), Tree()
+    slurm = SimpleNamespace(job=lambda _j: SimpleNamespace(partition="low", preempt_time=1000),
+                            grace_time=lambda _p: 20)
+    dump_deadline.note_preemption(slurm, SimpleNamespace(tree=tree, job_id="5"))
+    assert dump_deadline.timeout(tree, 600.0, now=1005.0) == 14.0
+    assert dump_deadline.timeout(tree, 600.0, now=1030.0) == dump_deadline.FLOOR
+    assert dump_deadline.timeout(tree, 10.0, now=1000.0) == 10.0, "never longer than configured"
+    assert dump_deadline.timeout(other, 600.0, now=1005.0) == 600.0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the store is root's")
+def test_store_quota_counts_a_users_images_beyond_what_retention_removes(tmp_path):
+    from slurm_mm.agent.quota import StoreQuota
+    from slurm_mm.errors import QuotaExceeded
+    from slurm_mm.store import ImageStore
+
+    store = ImageStore(tmp_path / "store", keep=2)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "pages-1.img").write_bytes(os.urandom(4096))
+    for job, uid in (("1", 1000), ("1", 1000), ("2", 1000), ("3", 1001)):
+        store.prepare_job(job, uid, uid)
+        store.commit(job, src, epoch=0, uid=uid, gid=uid, node="n1", trigger="periodic", criu_version="4.2.1",
+                     extra={})
+    size = store.images("2")[0].manifest.stored_size
+    quota = StoreQuota(store, 3 * size, keep=2)
+    assert quota.usage(1000) == 3 * size and quota.usage(1001) == size
+    assert quota.usage(1000, leaving="1") == 2 * size, "job 1's oldest image goes with its next commit"
+    quota.check("1", 1000)
+    with pytest.raises(QuotaExceeded, match="store_quota_per_user"):
+        quota.check("2", 1000)
+    StoreQuota(store, 0, keep=2).check("2", 1000)  # 0 = no quota
