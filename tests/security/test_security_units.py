@@ -190,3 +190,32 @@ def test_store_quota_counts_a_users_images_beyond_what_retention_removes(tmp_pat
     with pytest.raises(QuotaExceeded, match="store_quota_per_user"):
         quota.check("2", 1000)
     StoreQuota(store, 0, keep=2).check("2", 1000)  # 0 = no quota
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping a bounding-set bit needs root")
+def test_owner_check_refuses_a_task_whose_bounding_set_is_wider_than_the_checkers():
+    import ctypes
+    import subprocess
+
+    from slurm_mm.engine import owner_check
+
+    task = subprocess.Popen(["sleep", "30"], user=65534, group=65534, extra_groups=[])
+    try:
+        time.sleep(0.2)
+        assert owner_check.problems(task.pid, 65534, {65534})[0] == []
+        r, w = os.pipe()
+        child = os.fork()
+        if child == 0:  # a checker without CAP_NET_RAW (13) in its bounding set
+            os.close(r)
+            ctypes.CDLL(None, use_errno=True).prctl(24, 13, 0, 0, 0)  # PR_CAPBSET_DROP
+            found = owner_check.problems(task.pid, 65534, {65534})[0]
+            os.write(w, "\n".join(found).encode())
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as pipe:
+            text = pipe.read()
+        os.waitpid(child, 0)
+        assert "bounding set 0x2000 wider" in text, text
+    finally:
+        task.kill()
+        task.wait()
