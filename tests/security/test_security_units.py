@@ -219,3 +219,10 @@ def test_owner_check_refuses_a_task_whose_bounding_set_is_wider_than_the_checker
     finally:
         task.kill()
         task.wait()
+
+
+def test_a_peers_string_cannot_forge_a_log_line():
+    from slurm_mm.agent.node_agent import _printable
+
+    text = _printable("7\n2026-11-28 agent INFO job 9 checkpointed" + "x" * 200)
+    assert "\n" not in text and text.startswith("'7\\n") and len(text) < 80
