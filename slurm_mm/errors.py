@@ -3,6 +3,10 @@
 Every failure a user or admin can meet is one of these types, carrying the value that
 was wrong. The CLI prints `str(error)` as one line and exits with `error.exit_code`;
 nothing here may format a traceback.
+
+Exit codes: 1 any other, 2 bad config or arguments, 3 unsafe path, 4 image problem,
+5 checkpoint failed, 6 restore failed, 7 GPU, 8 not enrolled, 9 permission denied,
+10 Slurm, 11 launch failed, 12 the agent is unreachable or spoke nonsense.
 """
 
 from __future__ import annotations
@@ -116,7 +120,19 @@ class CudaCallFailed(GpuError):
 class AgentUnavailable(SlurmMMError):
     """No node agent answers on that socket (wrong node, or the agent is down)."""
 
-    exit_code = 10
+    exit_code = 12
+
+
+class ProtocolError(SlurmMMError):
+    """A peer of the agent's socket sent something that is not a well-formed message."""
+
+    exit_code = 12
+
+
+class LaunchFailed(SlurmMMError):
+    """The job's tree could not be started (mm-init refused or died before its init ran)."""
+
+    exit_code = 11
 
 
 class NotEnrolled(SlurmMMError):

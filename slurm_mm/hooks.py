@@ -5,7 +5,7 @@ checkpoint directory (root-owned, readable by the owner), advance the epoch fenc
 this run's restart count (so an older copy of the job can never commit again), and on a
 requeued run name the image that will be restored.
 Epilog: remove what the agent made for the job on this node (staging, markers); if the
-job ended for good, also its images. Slurm shows every ending job as COMPLETING with
+job ended for good, also its images. Slurm shows every ending job as COMPLETING, with
 exit code 0 for a requeue too, but a requeue raises the restart count before the
 Epilog runs (measured: SLURM_JOB_RESTART_COUNT is the next run's), so a count above the
 one the Prolog saw means "requeued: keep the images"; the same count means the job is
@@ -26,20 +26,14 @@ import sys
 
 from slurm_mm import config
 from slurm_mm.agent import enrollment
+from slurm_mm.checkpointer import open_store, restorable
 from slurm_mm.errors import SlurmMMError
-from slurm_mm.store import ImageStore
 
 log = logging.getLogger("slurm_mm.hooks")
 
 
 def _enrolled(env: dict[str, str]) -> bool:
     return env.get("SPANK_SLURM_MM_INTERVAL", "0") not in ("", "0")
-
-
-def _store(cfg: config.Config) -> ImageStore:
-    return ImageStore(cfg.checkpoint_root, level=cfg.compression_level,
-                      threads=cfg.compression_threads, keep=cfg.keep_images,
-                      lock_timeout=cfg.timeouts.lock)
 
 
 def completion_marker(cfg: config.Config, job_id: str):
@@ -52,14 +46,16 @@ def prolog(env: dict[str, str]) -> None:
     epoch = int(env.get("SLURM_JOB_RESTART_COUNT") or 0)
     cfg = config.load(require_safe_owner=True)
     enrollment.mark_enrolled(cfg, job, env["SLURMD_NODENAME"], epoch, env.get("SPANK_SLURM_MM_INTERVAL", ""))
-    store = _store(cfg)
+    store = open_store(cfg)
     store.prepare_job(job, uid, gid)
     store.advance_epoch(job, epoch)
     if epoch == 0:
         return
     # Manifest-level choice only: the agent verifies checksums while it extracts, so the
     # prolog does not read the whole image a second time before the job can start.
-    image = next((i for i in store.images(job) if i.manifest.epoch < epoch), None)
+    # The same choice as the agent's (checkpointer.restorable), owner included.
+    image = next((i for i, refusal in restorable(store, job, before_epoch=epoch, owner=None)
+                  if not refusal and (i.manifest.uid, i.manifest.gid) == (uid, gid)), None)
     if image is None:
         log.warning("job %s run %d: no usable image; the script starts from the beginning", job, epoch)
     else:
@@ -77,7 +73,7 @@ def epilog(env: dict[str, str]) -> None:
         shutil.rmtree(cfg.checkpoint_root / ".staging" / node / job, ignore_errors=True)
         run = enrollment.recorded_run(cfg, job, node)
         enrollment.forget(cfg, job, node)
-    store = _store(cfg)
+    store = open_store(cfg)
     marker = completion_marker(cfg, job)
     completed = marker.is_file() and not marker.is_symlink()
     ending = int(env.get("SLURM_JOB_RESTART_COUNT") or 0)

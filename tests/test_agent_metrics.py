@@ -58,7 +58,7 @@ def test_checkpoint_and_restore_events_become_series(tmp_path, caplog):
     events = [r.getMessage() for r in caplog.records if r.getMessage().startswith("event=")]
     assert any(e.startswith("event=checkpoint job=7 trigger=periodic outcome=success") for e in events)
     assert any("outcome=failure reason=CheckpointFailed" in e and "trigger=preempt" in e for e in events)
-    assert all(" job=7 " in e for e in events)
+    assert len(events) >= 2 and all(" job=7 " in e for e in events)
 
 
 def test_every_series_written_is_documented():

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.cluster
 
 def test_cluster_starts_with_three_idle_nodes(cluster):
     assert tc.node_states(cluster) == {"n1": "idle", "n2": "idle", "n3": "idle"}
-    assert all(pid for name, pid in tc.status(cluster).items() if not name.startswith("agent"))
+    daemons = {name: pid for name, pid in tc.status(cluster).items() if not name.startswith("agent")}
+    assert {"slurmctld", "munged", "slurmd-n1", "slurmd-n2", "slurmd-n3"} <= set(daemons) and all(daemons.values()), daemons
 
 
 def test_sbatch_help_lists_checkpoint_interval(cluster):

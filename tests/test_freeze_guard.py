@@ -55,8 +55,10 @@ def test_freeze_is_held_off_during_the_step_then_applied(frozen_child):
         assert _cpu_ticks(proc.pid) > before  # it really runs inside the guard
     assert guard.held_off
     assert states_during.count(True) <= 2  # thawed within a poll or two
-    time.sleep(0.3)
-    assert cgroup.frozen()  # frozen afterwards, as Slurm asked
+    deadline = time.monotonic() + 2
+    while not cgroup.frozen():  # frozen afterwards, as Slurm asked
+        assert time.monotonic() < deadline, "the held-off freeze was never applied"
+        time.sleep(0.02)
     ticks = _cpu_ticks(proc.pid)
     time.sleep(0.3)
     assert _cpu_ticks(proc.pid) == ticks

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 import sys
+import inspect
 import types
 
 import pytest
 
 from slurm_mm.errors import SlurmError
-from slurm_mm.slurm.client import CommandClient, connect
+from slurm_mm.slurm.client import CommandClient, SlurmClient, connect
 
 
 class FakeRPCError(Exception):
@@ -130,3 +131,33 @@ def test_slurm_version_comes_from_its_own_commands(with_pyslurm):
 
     assert running_slurm_version() == "slurm 25.05.1"
     assert _major_minor("slurm-wlm 22.05.8") == (22, 5) == _major_minor("22.5.0")
+
+
+def _signature_of(cls: type, name: str) -> inspect.Signature:
+    return inspect.signature(getattr(cls, name))
+
+
+def test_both_backends_satisfy_the_slurm_client_protocol(with_pyslurm):
+    """Every call of the protocol exists on both backends with the protocol's parameters:
+    a backend missing one would end the agent's watcher with an AttributeError."""
+    with_pyslurm("25.5.0")
+    from slurm_mm.slurm.pyslurm_client import PyslurmClient  # noqa: PLC0415
+
+    calls = [n for n, v in vars(SlurmClient).items() if callable(v) and not n.startswith("_")]
+    assert {"job", "jobs", "node", "requeue", "drain", "preempt_mode", "run_in_job",
+            "set_admin_comment"} <= set(calls)
+    for backend in (CommandClient, PyslurmClient):
+        for name in calls:
+            assert hasattr(backend, name), f"{backend.__name__} lacks {name}"
+            wanted = list(_signature_of(SlurmClient, name).parameters)
+            assert list(_signature_of(backend, name).parameters) == wanted, (backend.__name__, name)
+    assert isinstance(CommandClient(), SlurmClient) and isinstance(connect(), SlurmClient)
+
+
+def test_pyslurm_backend_hands_what_pyslurm_lacks_to_the_commands(with_pyslurm, tmp_path, monkeypatch):
+    with_pyslurm("25.5.0")
+    client = connect()
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.write_text("#!/bin/sh\necho 'PartitionName=low PreemptMode=requeue State=UP'\n")
+    scontrol.chmod(0o755)
+    assert client.preempt_mode("low") == "REQUEUE"

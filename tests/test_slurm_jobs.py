@@ -159,7 +159,7 @@ def test_job_without_option_is_untouched(cluster, job_dir):
 
 
 def test_job_in_its_own_mount_namespace_requeues_and_resumes(cluster, job_dir):
-    """The layout GPU nodes use (own mount namespace and /proc, FACTS/gpu-validation)."""
+    """The layout GPU nodes use (own mount namespace and /proc, docs/gpu-validation.md)."""
     tc.set_agent_config(cluster, "job_mount_namespace", "always")
     try:
         job = submit_chain(cluster, job_dir, 60, 0.25, interval="10m")

@@ -33,9 +33,15 @@ def test_suspended_job_resumes_with_state_intact(suspend_cluster, job_dir):
     urgent = tc.job_id(tc.sbatch(c, "#!/bin/sh\nsleep 12\n", "-p", "high", "-w", node, "--exclusive",
                                  "-o", "/dev/null", cwd=job_dir))
     tc.wait_job(c, job, {"SUSPENDED"}, timeout=30)
-    time.sleep(3)  # slurmd freezes the cgroup ~2 s after SIGTSTP (FACTS.md)
+    # slurmd freezes the cgroup a moment (~2 s) after its SIGTSTP: wait until the log stands.
+    def settled() -> bool:
+        now = len(logged_steps(job_dir))
+        time.sleep(1)
+        return len(logged_steps(job_dir)) == now
+
+    tc.wait_for(settled, 15, "the suspended job to stop logging")
     frozen_at = len(logged_steps(job_dir))
-    time.sleep(4)
+    time.sleep(4)  # an observation window, not a synchronisation: nothing may happen in it
     assert len(logged_steps(job_dir)) == frozen_at  # really stopped while suspended
     tc.wait_job(c, urgent, {"COMPLETED"}, timeout=60)
     info = tc.wait_job(c, job, {"COMPLETED", "FAILED"}, timeout=90)

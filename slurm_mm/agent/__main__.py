@@ -35,17 +35,12 @@ def main(argv: list[str] | None = None) -> int:
         from slurm_mm.agent import metrics  # noqa: PLC0415
 
         metrics.configure(cfg.metrics_dir, args.node)
-        from slurm_mm.agent.job_engine import JobEngine  # noqa: PLC0415
         from slurm_mm.agent.node_agent import NodeAgent  # noqa: PLC0415
+        from slurm_mm.checkpointer import JobCheckpointer, open_store  # noqa: PLC0415
         from slurm_mm.slurm.client import connect  # noqa: PLC0415
-        from slurm_mm.store import ImageStore  # noqa: PLC0415
 
-        store = ImageStore(cfg.checkpoint_root, level=cfg.compression_level,
-                           threads=cfg.compression_threads, keep=cfg.keep_images,
-                           lock_timeout=cfg.timeouts.lock,
-                           background_cpus=cfg.commit_background_cpus or None)
-        agent = NodeAgent(args.node, cfg, connect(), store, JobEngine(cfg),
-                          poll_interval=args.poll_interval)
+        checkpointer = JobCheckpointer(cfg, open_store(cfg), args.node)
+        agent = NodeAgent(args.node, cfg, connect(), checkpointer, poll_interval=args.poll_interval)
     except SlurmMMError as exc:
         print(f"slurm-mm-agent: error: {exc}", file=sys.stderr)
         return exc.exit_code

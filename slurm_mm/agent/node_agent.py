@@ -13,7 +13,6 @@ import logging
 import os
 import pwd
 import resource
-import signal
 import socket
 import struct
 import sys
@@ -21,17 +20,19 @@ import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
-from slurm_mm.agent import admission, auth, dump_deadline, enrollment, protocol, step_launch
+from slurm_mm.agent import admission, auth, enrollment, protocol, step_launch
 from slurm_mm.agent.cgroups import step_cgroup_procs
-from slurm_mm.agent.quota import StoreQuota
-from slurm_mm.agent.staging import (fits, gpu_dump_dir, prepare_staging_root, root_only_dir, tree_gpu_bytes,
-                                    tree_resident_bytes)
-from slurm_mm.agent.supervisor import JobSupervisor, LaunchRequest
+from slurm_mm.agent.job_record import ACTIVE, JobState, LaunchRequest
+from slurm_mm.agent.preemption import Preemption
+from slurm_mm.agent.services import JobRegistry, NodeServices
+from slurm_mm.agent.supervisor import JobSupervisor
+from slurm_mm.checkpointer import JobCheckpointer
 from slurm_mm.config import Config
+from slurm_mm.engine.owner import owner_groups
 from slurm_mm.errors import NotEnrolled, PermissionDenied, SlurmMMError
-from slurm_mm.slurm.client import SlurmClient
+from slurm_mm.slurm.model import SlurmClient
+from slurm_mm.store import Trigger
 
 log = logging.getLogger(__name__)
 DRAIN_PREFIX = "slurm_mm:"
@@ -60,64 +61,19 @@ def _wait_gone(pid: int, timeout: float) -> None:
 
 
 class NodeAgent:
-    def __init__(self, node: str, config: Config, slurm: SlurmClient, store: Any, engine: Any,
+    def __init__(self, node: str, config: Config, slurm: SlurmClient, checkpointer: JobCheckpointer,
                  poll_interval: float = 2.0) -> None:
         self.node = node
         self.config = config
         self.slurm = slurm
-        self.store = store
-        self.engine = engine
+        self.checkpointer = checkpointer
         self.poll_interval = poll_interval
-        self.jobs: dict[str, JobSupervisor] = {}
-        self.jobs_lock = threading.Lock()
+        self.preemption = Preemption(slurm)
+        self.jobs: JobRegistry[JobSupervisor] = JobRegistry()
+        self.services = NodeServices(node, config, slurm, checkpointer, self.preemption, self.jobs)
         self.stopping = threading.Event()
-        self._preempt_modes: dict[str, str] = {}
         self.admission = admission.Admission()
         self._manual_at: dict[str, float] = {}  # job -> last manual checkpoint (monotonic)
-        self.quota = StoreQuota(store, config.store_quota_per_user, config.keep_images)
-
-    # ------------------------------------------------------------ helpers for supervisors
-
-    def staging(self, job_id: str, name: str, create: bool = True) -> Path:
-        """A fresh root-only directory on node-local staging space (or its free name)."""
-        return root_only_dir(self.config.staging_dir / job_id / name, create=create)
-
-    def restore_staging(self, job_id: str, image: Any) -> Path:
-        """Where to extract an image for restore (its free name): tmpfs for a GPU job's
-        image when it fits there and in RAM beside the restored tree (as large again)."""
-        name = f"restore-{image.seq}"
-        size = image.manifest.total_size
-        if image.manifest.gpu:
-            fast = gpu_dump_dir(self.config.gpu_staging_dir, job_id, name, size, size,
-                                self.config.staging_min_free_ratio, create=False)
-            if fast is not None:
-                return fast
-        return self.staging(job_id, name, create=False)
-
-    def dump_staging(self, job_id: str, name: str, tree_pids: list[int]) -> tuple[Path, str]:
-        """Node-local staging when the tree's memory fits there, else the shared store's.
-        QuotaExceeded (no dump) when the job's owner is at their store quota."""
-        self.quota.check_job(self, job_id)
-        gpu_bytes = tree_gpu_bytes(tree_pids)
-        needed = tree_resident_bytes(tree_pids) + gpu_bytes
-        local = self.config.staging_dir
-        local.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if self.config.async_checkpoints and gpu_bytes:
-            fast = gpu_dump_dir(self.config.gpu_staging_dir, job_id, name, needed, gpu_bytes,
-                                self.config.staging_min_free_ratio)
-            if fast is not None:
-                return fast, "async"
-        if self.config.async_checkpoints and fits(local, needed, self.config.staging_min_free_ratio):
-            return self.staging(job_id, name), "async"
-        log.warning("job %s: %d MiB do not fit in %s: dumping to the shared filesystem",
-                    job_id, needed >> 20, local)
-        shared = self.config.checkpoint_root / ".staging" / self.node / job_id / name
-        return root_only_dir(shared), "direct"
-
-    def forget(self, job_id: str) -> None:
-        with self.jobs_lock:
-            self.jobs.pop(job_id, None)
-            self._manual_at.pop(job_id, None)
 
     # ------------------------------------------------------------ server
 
@@ -125,7 +81,7 @@ class NodeAgent:
         """Serve requests on `path` until stopped. Refuses to start (PermissionDenied)
         when the staging directory is not a root-only directory root alone can reach."""
         try:
-            prepare_staging_root(self.config.staging_dir)
+            self.checkpointer.check_staging()
         except SlurmMMError as exc:
             log.error("refusing to start: %s", exc)
             print(f"slurm-mm-agent: error: {exc}", file=sys.stderr, flush=True)
@@ -187,7 +143,7 @@ class NodeAgent:
                 self._start(conn, pid, uid, message, fds, slot)
                 fds = []  # owned by the supervisor now
             elif op == "srun":  # the srun stand-in of an enrolled job (agent/step_launch.py)
-                step_launch.handle_srun(self, conn, pid, uid, message, fds)
+                step_launch.handle_srun(self.services, conn, pid, uid, message, fds)
             elif op == "checkpoint":
                 conn.settimeout(admission.REQUEST_SECONDS)
                 reply, then = self._checkpoint_request(uid, message)
@@ -226,14 +182,13 @@ class NodeAgent:
         job_id = str(message.get("job_id", ""))
         step_job = step_launch.step_task_job(pid)
         if step_job is not None:  # a task of a step the agent launched for a job here
-            step_launch.handle_task_start(self, conn, pid, uid, step_job, message, fds, slot.release)
+            step_launch.handle_task_start(self.services, conn, pid, uid, step_job, message, fds, slot.release)
             return
         try:
             auth.check_batch_step(pid, job_id, self.node)
             enrollment.check_enrolled(self.config, job_id, self.node)
-            with self.jobs_lock:
-                earlier = self.jobs.get(job_id)
-            if earlier is not None and earlier.record.state in ("starting", "running"):
+            earlier = self.jobs.get(job_id)
+            if earlier is not None and earlier.record.state in ACTIVE:
                 raise PermissionDenied(f"job {job_id} was already started on {self.node}")
             job = auth.authorize_batch_step(pid, uid, job_id, self.node, self.slurm)
             enrollment.claim_start(self.config, job_id, self.node, job.restart_count)
@@ -245,35 +200,23 @@ class NodeAgent:
             for fd in fds:
                 os.close(fd)
             return
-        supervisor = JobSupervisor(self, request, conn)
-        with self.jobs_lock:
-            earlier = self.jobs.get(job_id)
-            if earlier is not None and earlier.record.state in ("starting", "running"):
-                protocol.send(conn, {"op": "refused", "message": f"job {job_id} was already started"})
-                for fd in fds:
-                    os.close(fd)
-                return
-            self.jobs[job_id] = supervisor
+        supervisor = JobSupervisor(self.services, request, conn)
+        if self.jobs.add_unless(job_id, supervisor, lambda s: s.record.state in ACTIVE) is not None:
+            protocol.send(conn, {"op": "refused", "message": f"job {job_id} was already started"})
+            for fd in fds:
+                os.close(fd)
+            return
         # An authorised batch task: one per job, it no longer counts against its user.
         slot.release()
         conn.settimeout(None)
         try:
             mode = supervisor.start()
         except SlurmMMError as exc:
-            self.forget(job_id)
+            self.jobs.forget(job_id, supervisor)
             protocol.send(conn, {"op": "refused", "message": str(exc)})
             return
         supervisor.send({"op": "started", "mode": mode})  # same lock as the exit message
-        while True:  # relayed signals until the batch task goes away
-            try:
-                relayed, extra = protocol.recv(conn, max_size=protocol.MAX_SMALL_MESSAGE)
-            except (EOFError, OSError, protocol.ProtocolError):
-                return
-            for fd in extra:
-                os.close(fd)
-            if relayed.get("op") == "signal" and isinstance(relayed.get("signal"), int):
-                supervisor.on_signal(relayed["signal"])
-            time.sleep(RELAY_SPACING)  # a signal may ask slurmctld something: no floods
+        protocol.relay_signals(conn, supervisor.on_signal, RELAY_SPACING)
 
     def _launch_request(self, job, uid: int, pid: int, message: dict, fds: list[int]) -> LaunchRequest:
         argv, env, cwd = message.get("argv"), message.get("env"), message.get("cwd")
@@ -293,7 +236,7 @@ class NodeAgent:
             interval = 0
         if 0 < interval < self.config.min_interval:
             interval = self.config.min_interval
-        return LaunchRequest(job=job, uid=uid, gid=gid, groups=os.getgrouplist(user.pw_name, gid),
+        return LaunchRequest(job=job, uid=uid, gid=gid, groups=owner_groups(uid, gid),
                              argv=argv, env=env, cwd=cwd, stdio=fds,
                              cgroup_procs=step_cgroup_procs(pid), interval=interval)
 
@@ -305,19 +248,19 @@ class NodeAgent:
         job_id = str(message.get("job_id", ""))
         if not job_id.isdigit():
             raise PermissionDenied(f"invalid job id {_printable(job_id)}")
-        with self.jobs_lock:
-            supervisor = self.jobs.get(job_id)
+        supervisor = self.jobs.get(job_id)
         if supervisor is None:
             raise NotEnrolled(f"job {job_id} is not running under slurm_mm on {self.node} "
                               "(not enrolled with --checkpoint-interval, or still starting)")
         auth.authorize_owner_or_root(uid, supervisor.req.job)
-        trigger = str(message.get("trigger") or "manual")
-        if trigger not in ("manual", "drain") or (trigger == "drain" and uid != 0):
-            raise PermissionDenied(f"trigger {_printable(trigger)} is not allowed")
-        requeue = bool(message.get("requeue")) or trigger == "drain"
+        asked = str(message.get("trigger") or Trigger.MANUAL)
+        if asked not in (Trigger.MANUAL, Trigger.DRAIN) or (asked == Trigger.DRAIN and uid != 0):
+            raise PermissionDenied(f"trigger {_printable(asked)} is not allowed")
+        trigger = Trigger(asked)
+        requeue = bool(message.get("requeue")) or trigger == Trigger.DRAIN
         if uid != 0 and not requeue:
             self._rate_limit_manual(job_id)
-        self._hurry(job_id)
+        self.checkpointer.hurry(job_id)
         image = supervisor.checkpoint(trigger, requeue=requeue, defer_requeue=True)
         if image is None:
             raise SlurmMMError(f"checkpoint of job {job_id} failed: {supervisor.record.last_error or 'job not running'}")
@@ -327,85 +270,46 @@ class NodeAgent:
     def _rate_limit_manual(self, job_id: str) -> None:
         """A user's manual checkpoints of a job: no more often than periodic ones may be."""
         now, spacing = time.monotonic(), self.config.min_interval
-        with self.jobs_lock:
+        with self.jobs.lock:
             last = self._manual_at.get(job_id)
             if last is not None and now - last < spacing:
                 raise PermissionDenied(f"job {job_id} was checkpointed on request {now - last:.0f} s ago: "
                                        f"one manual checkpoint per {spacing} s (min_interval)")
             self._manual_at[job_id] = now
 
-    def on_job_signal(self, supervisor: JobSupervisor, signum: int) -> None:
-        if signum in (signal.SIGUSR1, signal.SIGTERM) and self._being_preempted(supervisor.job_id):
-            self._hurry(supervisor.job_id)
-            dump_deadline.note_preemption(self.slurm, supervisor)
-            threading.Thread(target=supervisor.checkpoint, args=("preempt",), daemon=True).start()
-            return
-        if signum == signal.SIGTSTP:  # SUSPEND: move GPU state out before the freeze
-            supervisor.suspended.set()
-            self.engine.suspend_gpu(supervisor.tree, supervisor.req.cgroup_procs)
-            return
-        if signum == signal.SIGCONT:
-            self.engine.resume_gpu(supervisor.tree)
-            supervisor.suspended.clear()
-        supervisor.forward(signum)
-
-    def _hurry(self, job_id: str) -> None:
-        """A periodic commit of the job runs at idle priority; an urgent checkpoint waits for
-        it (triggers are serialised), so lift it to normal priority."""
-        hurry = getattr(self.store, "hurry", None)
-        if hurry is not None:
-            hurry(job_id)
-
-    def _being_preempted(self, job_id: str) -> bool:
-        try:
-            job = self.slurm.job(job_id)
-        except SlurmMMError:
-            return False
-        return self._requeue_preemption(job)
-
-    def _requeue_preemption(self, job) -> bool:
-        """Selected for a preemption that ends the run (REQUEUE/CANCEL), not a SUSPEND:
-        a suspended job keeps its processes (only its GPU state moves out, on SIGTSTP)."""
-        if job.state != "RUNNING" or not (job.preempt_time > 0 and job.preempt_time >= job.start_time):
-            return False
-        mode = self._preempt_modes.get(job.partition)
-        if mode is None:
-            try:
-                mode = self.slurm.preempt_mode(job.partition)
-            except SlurmMMError:
-                mode = "REQUEUE"
-            self._preempt_modes[job.partition] = mode
-        return "SUSPEND" not in mode and "GANG" not in mode
-
     def _watch(self) -> None:
         """Poll Slurm: preemption notices and slurm_mm drains for this node's jobs."""
         while not self.stopping.wait(self.poll_interval):
-            with self.jobs_lock:
-                running = {j: s for j, s in self.jobs.items() if s.record.state == "running"}
-            if not running:
-                continue
-            try:
-                node = self.slurm.node(self.node)
-                here = self.slurm.jobs(self.node)
-                preempted = {j.job_id for j in here if self._requeue_preemption(j)}
-                runnable = {j.job_id for j in here if j.state == "RUNNING"}
-            except SlurmMMError as exc:
-                log.warning("cannot poll Slurm: %s", exc)
-                continue
-            draining = node.draining and node.reason.startswith(DRAIN_PREFIX)
-            for job_id, supervisor in running.items():
-                if job_id not in runnable or supervisor.suspended.is_set():
-                    continue  # a suspended (frozen) tree cannot be dumped
-                trigger = "preempt" if job_id in preempted else "drain" if draining else None
-                if trigger:
-                    self._hurry(job_id)
-                    if trigger == "preempt":
-                        dump_deadline.note_preemption(self.slurm, supervisor)
-                    threading.Thread(target=supervisor.checkpoint, args=(trigger,), daemon=True).start()
+            self.poll_once()
+
+    def poll_once(self) -> dict[str, Trigger]:
+        """One look at Slurm: start the preempt/drain image of each running job that needs
+        one now; what was started, by job."""
+        running = {j: s for j, s in self.jobs.items() if s.record.state == JobState.RUNNING}
+        if not running:
+            return {}
+        try:
+            node = self.slurm.node(self.node)
+            here = self.slurm.jobs(self.node)
+            preempted = {j.job_id for j in here if self.preemption.ends_run(j)}
+            runnable = {j.job_id for j in here if j.state == "RUNNING"}
+        except SlurmMMError as exc:
+            log.warning("cannot poll Slurm: %s", exc)
+            return {}
+        draining = node.draining and node.reason.startswith(DRAIN_PREFIX)
+        started: dict[str, Trigger] = {}
+        for job_id, supervisor in running.items():
+            if job_id not in runnable or supervisor.suspended.is_set():
+                continue  # a suspended (frozen) tree cannot be dumped
+            trigger = Trigger.PREEMPT if job_id in preempted else Trigger.DRAIN if draining else None
+            if trigger:
+                self.checkpointer.hurry(job_id)
+                threading.Thread(target=supervisor.checkpoint, args=(trigger,), daemon=True).start()
+                started[job_id] = trigger
+        return started
 
     # ------------------------------------------------------------ status
 
     def status(self, uid: int) -> list[dict]:
-        with self.jobs_lock:
-            records = [s.record for s in self.jobs.values()]
+        records = [s.record for _, s in self.jobs.items()]
         return [dict(asdict(r), node=self.node) for r in records if uid in (0, r.uid)]

@@ -13,15 +13,15 @@ import os
 import socket
 import struct
 import time
-from typing import Any
+from typing import Any, Callable
+
+from slurm_mm.errors import ProtocolError
+
+__all__ = ["ProtocolError", "peer_credentials", "recv", "relay_signals", "send"]
 
 MAX_MESSAGE = 4 * 1024 * 1024  # a job's argv + environment fit easily
 MAX_SMALL_MESSAGE = 64 * 1024  # any request but a batch task's start
 MAX_FDS = 8
-
-
-class ProtocolError(Exception):
-    """The peer sent something that is not a well-formed message."""
 
 
 def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
@@ -100,3 +100,20 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 def socket_path(template: str, node: str) -> str:
     """Expand %n (node name) in a socket path, as plugstack.conf's agent_socket allows."""
     return template.replace("%n", node)
+
+
+def relay_signals(sock: socket.socket, on_signal: Callable[[int], None], spacing: float = 0.0) -> None:
+    """Hand each signal a task relays (`{"op": "signal", "signal": N}`) to `on_signal`,
+    until the task goes away. `spacing`: seconds between two (a signal may ask slurmctld
+    something: no floods)."""
+    while True:
+        try:
+            relayed, extra = recv(sock, max_size=MAX_SMALL_MESSAGE)
+        except (EOFError, OSError, ProtocolError):
+            return
+        for fd in extra:
+            os.close(fd)
+        if relayed.get("op") == "signal" and isinstance(relayed.get("signal"), int):
+            on_signal(relayed["signal"])
+        if spacing:
+            time.sleep(spacing)

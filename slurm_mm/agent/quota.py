@@ -43,12 +43,6 @@ class StoreQuota:
                                 f"{_mib(self.limit)} (store_quota_per_user): no new image of job {job_id}; "
                                 "it keeps its earlier ones")
 
-    def check_job(self, agent: Any, job_id: str) -> None:
-        """check() for a job the agent supervises (its owner as slurmctld recorded it)."""
-        supervisor = agent.jobs.get(job_id)
-        if supervisor is not None:
-            self.check(job_id, supervisor.req.uid)
-
     def usage(self, uid: int, leaving: str | None = None) -> int:
         """Stored bytes of uid's images; for job `leaving`, only its newest keep-1 (the rest
         go with the next commit's retention)."""
@@ -70,6 +64,12 @@ class StoreQuota:
                 images = images[:max(0, self.keep - 1)]
             total += sum(i.manifest.stored_size for i in images if i.manifest.uid == uid)
         return total
+
+
+def check(cfg: Any, store: Any, job_id: str, uid: int) -> None:
+    """Before a dump of job_id (owner uid): QuotaExceeded at or over the site's quota."""
+    if cfg.store_quota_per_user > 0:
+        StoreQuota(store, cfg.store_quota_per_user, cfg.keep_images).check(job_id, uid)
 
 
 def _may_hold(path: Path, uid: int) -> bool:

@@ -34,17 +34,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from slurm_mm.agent import protocol
 from slurm_mm.agent.cgroups import step_cgroup_procs
+from slurm_mm.agent.job_record import ACTIVE, LaunchRequest
+from slurm_mm.agent.services import NodeServices, SupervisedJob
+from slurm_mm.checkpointer import RestoreTarget
 from slurm_mm.config import agent_socket
 from slurm_mm.engine.proctree import tree_pids
 from slurm_mm.errors import PermissionDenied, SlurmMMError
-
-if TYPE_CHECKING:
-    from slurm_mm.agent.node_agent import NodeAgent
-    from slurm_mm.agent.supervisor import JobSupervisor
+from slurm_mm.store import Trigger
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class Step:
 class JobSteps:
     """The running steps of one job on this node."""
 
-    def __init__(self, sup: JobSupervisor) -> None:
+    def __init__(self, sup: SupervisedJob) -> None:
         self.sup = sup
         self.lock = threading.Lock()
         self.steps: dict[str, Step] = {}
@@ -95,14 +95,14 @@ class JobSteps:
     # -------------------------------------------------------- paths
 
     @property
-    def agent(self) -> NodeAgent:
-        return self.sup.agent
+    def services(self) -> NodeServices:
+        return self.sup.services
 
     def exit_dir(self) -> Path:
-        return self.agent.config.run_dir / "steps" / self.sup.job_id
+        return self.services.config.run_dir / "steps" / self.sup.job_id
 
     def bin_dir(self) -> Path:
-        return self.agent.config.run_dir / "bin"
+        return self.services.config.run_dir / "bin"
 
     # -------------------------------------------------------- launch
 
@@ -112,7 +112,7 @@ class JobSteps:
         _install_standin(bin_dir)
         env["PATH"] = f"{bin_dir}:{env.get('PATH', '/usr/bin:/bin')}"
         env["SLURM_MM_STEPS_BIN"] = str(bin_dir)
-        env["SLURM_MM_STEPS_SOCKET"] = str(agent_socket(self.agent.config, self.agent.node))
+        env["SLURM_MM_STEPS_SOCKET"] = str(agent_socket(self.services.config, self.services.node))
 
     def start_srun(self, argv: list[str], env: dict[str, str], cwd: str, fds: list[int], ns_pid: int,
                    token: str | None = None, restoring: dict[int, Path] | None = None) -> Path:
@@ -165,7 +165,7 @@ class JobSteps:
             self.fail_job(f"step `srun {' '.join(step.argv)[:80]}` ended (exit {code}) before its "
                           f"task(s) {missing} were restored")
             return
-        if self.stopping or self.sup.record.state not in ("running", "starting"):
+        if self.stopping or self.sup.record.state not in ACTIVE:
             return  # the job was checkpointed to stop: its tree is gone or going
         tmp = exit_file.with_name(f".{exit_file.name}.tmp")
         tmp.write_text(f"{code}\n")
@@ -178,7 +178,6 @@ class JobSteps:
                    admitted=lambda: None) -> None:
         """`admitted`: called once the task is known, so that its long-lived connection no
         longer counts against its user's share of agent connections (as a batch task's)."""
-        from slurm_mm.agent.supervisor import LaunchRequest  # noqa: PLC0415
 
         argv, env, cwd = message.get("argv"), message.get("env"), message.get("cwd")
         if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)
@@ -198,17 +197,17 @@ class JobSteps:
         task_req = LaunchRequest(job=req.job, uid=req.uid, gid=req.gid, groups=req.groups, argv=argv,
                                  env=env, cwd=cwd, stdio=fds, cgroup_procs=step_cgroup_procs(pid), interval=0)
         image = step.restoring.get(rank)
-        engine = self.agent.engine
+        checkpointer = self.services.checkpointer
         if image is not None:
             try:
-                tree = engine.restore(image, task_req, None, node=self.agent.node, pin_root=None)
+                tree = checkpointer.restore(image, RestoreTarget.of(task_req), None, pin_root=None)
             except SlurmMMError as exc:
                 self.fail_job(f"cannot restore task {rank} of step `srun {' '.join(step.argv)[:80]}`: {exc}")
                 raise
             step.restored.add(rank)
             self.sup.tell(f"restored task {rank} of step `srun {' '.join(step.argv)[:80]}`")
         else:
-            tree = engine.launch(task_req)
+            tree = checkpointer.launch(task_req)
         task = StepTask(rank, tree)
         with self.lock:
             step.ntasks = max(step.ntasks, ntasks)
@@ -235,22 +234,14 @@ class JobSteps:
         admitted()
         conn.settimeout(None)  # the request's deadline is over: the task relays for its lifetime
         send({"op": "started", "mode": "restored" if image is not None else "launched"})
-        while True:
-            try:
-                relayed, extra = protocol.recv(conn, max_size=protocol.MAX_SMALL_MESSAGE)
-            except (EOFError, OSError, protocol.ProtocolError):
-                return
-            for fd in extra:
-                os.close(fd)
-            if relayed.get("op") == "signal" and isinstance(relayed.get("signal"), int):
-                self._on_task_signal(tree, relayed["signal"])
+        protocol.relay_signals(conn, lambda signum: self._on_task_signal(tree, signum))
 
     def _on_task_signal(self, tree: Any, signum: int) -> None:
         """Slurm ends a job's steps (SIGTERM, SIGKILL after KillWait) as soon as it preempts
         the job: that SIGTERM starts the job's preemption checkpoint instead of ending the
         task, which the checkpoint then dumps within KillWait."""
-        if signum == signal.SIGTERM and self.agent._being_preempted(self.sup.job_id):
-            threading.Thread(target=self.sup.checkpoint, args=("preempt",), daemon=True).start()
+        if signum == signal.SIGTERM and self.services.preemption.job_ends_run(self.sup.job_id):
+            threading.Thread(target=self.sup.checkpoint, args=(Trigger.PREEMPT,), daemon=True).start()
             return
         tree.signal(signum)
 
@@ -290,9 +281,9 @@ class JobSteps:
         for step, tasks in steps:
             meta = {**step.meta(), "ranks": sorted(tasks)}  # a stopping dump ends the tasks
             for rank, task in sorted(tasks.items()):
-                scratch = self.agent.staging(self.sup.job_id, f"step-{step.token}-{rank}-{int(time.time() * 1000)}")
+                scratch = self.services.checkpointer.staging(self.sup.job_id, f"step-{step.token}-{rank}-{int(time.time() * 1000)}")
                 try:
-                    self.agent.engine.dump(task.tree, scratch, leave_running=leave_running)
+                    self.services.checkpointer.dump(task.tree.init_pid, scratch, leave_running=leave_running)
                     for path in scratch.iterdir():
                         os.rename(path, staging / f"{FILE_PREFIX}{step.token}@{rank}@{path.name}")
                 finally:
@@ -312,7 +303,7 @@ class JobSteps:
                 continue
             images: dict[int, Path] = {}
             for rank in meta.get("ranks", []):
-                kept = self.agent.staging(self.sup.job_id, f"restore-step-{token}-{int(rank)}")
+                kept = self.services.checkpointer.staging(self.sup.job_id, f"restore-step-{token}-{int(rank)}")
                 prefix = f"{FILE_PREFIX}{token}@{int(rank)}@"
                 for path in staging.iterdir():
                     if path.name.startswith(prefix):
@@ -339,11 +330,11 @@ class JobSteps:
 
 # ---------------------------------------------------------------- agent entry points
 
-def handle_srun(agent: NodeAgent, conn: socket.socket, pid: int, uid: int, message: dict,
+def handle_srun(services: NodeServices, conn: socket.socket, pid: int, uid: int, message: dict,
                 fds: list[int]) -> None:
     """A stand-in asks for a step: only from inside the tree of a job supervised here."""
     job_id = str(message.get("job_id", ""))
-    sup = agent.jobs.get(job_id)
+    sup = services.jobs.get(job_id)
     if sup is None or sup.req.uid != uid or sup.tree is None or pid not in tree_pids(sup.tree.init_pid):
         protocol.send(conn, {"op": "unprotected"})
         return
@@ -373,9 +364,9 @@ def step_task_job(pid: int) -> str | None:
     return None
 
 
-def handle_task_start(agent: NodeAgent, conn: socket.socket, pid: int, uid: int, job_id: str,
+def handle_task_start(services: NodeServices, conn: socket.socket, pid: int, uid: int, job_id: str,
                       message: dict, fds: list[int], admitted=lambda: None) -> None:
-    sup = agent.jobs.get(job_id)
+    sup = services.jobs.get(job_id)
     try:
         if sup is None or sup.req.uid != uid or str(message.get("job_id")) != job_id:
             raise PermissionDenied(f"job {job_id} has no slurm_mm-supervised batch tree of uid {uid} here")

@@ -25,14 +25,14 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable
 
+from slurm_mm.agent.job_record import JobState
+from slurm_mm.agent.services import SupervisedJob
 from slurm_mm.agent.step_launch import JobSteps
 from slurm_mm.engine.proctree import tree_pids
 from slurm_mm.errors import SlurmMMError
-
-if TYPE_CHECKING:
-    from slurm_mm.agent.supervisor import JobSupervisor
+from slurm_mm.store import Trigger
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def steps_reason(clients: list[StepClient]) -> str:
 class StepGuard:
     """Per job: decides whether a checkpoint would capture all of its work, and tells once."""
 
-    def __init__(self, supervisor: JobSupervisor) -> None:
+    def __init__(self, supervisor: SupervisedJob) -> None:
         self.sup = supervisor
         self.job_reason = multi_node_reason(supervisor.req.job.nodes)
         self._told: set[str] = set()
@@ -205,17 +205,17 @@ class StepGuard:
         last = sup.record.last_image.get("name") or _stored_latest(sup)
         where = f"its last whole image {last}" if last else "the beginning (no whole image exists)"
         sup.tell(f"{trigger}: {reason}; requeueing the job to rerun from {where}")
-        sup.record.state = "requeued"  # the tree's end is the requeue's, not the job's
+        sup.record.state = JobState.REQUEUED  # the tree's end is the requeue's, not the job's
         threading.Thread(target=self._requeue, name=f"requeue-{sup.job_id}", daemon=True).start()
 
     def ended_by_preemption(self, status: int) -> bool:
         """Called with the job's lock held when the tree ends. Slurm ends srun steps when it
         preempts a job, before anything can be dumped: the script then fails, and only a
         requeue (a rerun) keeps that from ending the job FAILED. True: requeued."""
-        if status == 0 or not self.sup.agent._being_preempted(self.sup.job_id):
+        if status == 0 or not self.sup.services.preemption.job_ends_run(self.sup.job_id):
             self.jobsteps.cleanup()
             return False
-        self.refuse("preempt", True, f"the job script ended with exit code {status} while the job "
+        self.refuse(Trigger.PREEMPT, True, f"the job script ended with exit code {status} while the job "
                     "was being preempted (Slurm ends srun steps when preemption starts, and "
                     "slurm_mm cannot checkpoint srun steps yet)")
         return True
@@ -249,17 +249,17 @@ class StepGuard:
     def _requeue(self) -> None:
         sup = self.sup
         try:
-            sup.agent.slurm.requeue(sup.job_id)
+            sup.services.slurm.requeue(sup.job_id)
         except SlurmMMError as exc:
             sup.tell(f"requeue failed ({exc}); Slurm's own preemption or the admin must requeue it")
             with sup.lock:
-                if sup.record.state == "requeued":
-                    sup.record.state = "running"
+                if sup.record.state == JobState.REQUEUED:
+                    sup.record.state = JobState.RUNNING
 
 
-def _stored_latest(sup: JobSupervisor) -> str | None:
+def _stored_latest(sup: SupervisedJob) -> str | None:
     try:
-        images = sup.agent.store.images(sup.job_id)
+        images = sup.services.checkpointer.store.images(sup.job_id)
     except (SlurmMMError, OSError):
         return None
     return images[0].path.name if images else None

@@ -1,8 +1,11 @@
 """One enrolled job on this node: start or restore it, checkpoint it, report its exit.
 
 All checkpoint triggers of a job (periodic, preemption, drain, manual) go through
-`checkpoint()`, which holds the job's lock: they are serialised (invariant 5). A
-checkpoint that fails leaves the job running (the engine rolls back; invariant 2).
+`checkpoint()`, which holds the job's lock: they are serialised, so two images of one
+job are never taken at once. A checkpoint that fails leaves the job running (the engine
+rolls back). The signals Slurm sends the batch task come here too (`on_signal`): the
+supervisor decides whether one starts a preemption image, a SUSPEND or is the job's.
+Everything it uses from the node comes in a NodeServices, by constructor.
 """
 
 from __future__ import annotations
@@ -10,77 +13,38 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from slurm_mm.agent import job_comment, metrics, protocol
+from slurm_mm.agent import dump_deadline, job_comment, metrics, protocol, quota
+from slurm_mm.agent.job_record import CheckpointProgress, JobRecord, JobState, LaunchRequest
+from slurm_mm.agent.services import NodeServices
 from slurm_mm.agent.steps import StepGuard
+from slurm_mm.checkpointer import ProcessTree, RestoreTarget
 from slurm_mm.config import RESTORE_POLICIES
-from slurm_mm.engine import filestate
 from slurm_mm.engine.proctree import tree_pids
-from slurm_mm.errors import ImageError, RestoreRefusedByPolicy, SlurmMMError
-from slurm_mm.slurm.client import Job
-
-if TYPE_CHECKING:
-    from slurm_mm.agent.node_agent import NodeAgent
+from slurm_mm.errors import ImageError, RestoreFailed, RestoreRefusedByPolicy, SlurmMMError
+from slurm_mm.hooks import completion_marker
+from slurm_mm.store import Image, Trigger
+from slurm_mm.store.manifest import STOPPING_TRIGGERS
 
 log = logging.getLogger(__name__)
 
 # What the batch task exits with once its job is requeued (128 + SIGTERM, as if Slurm's
 # own kill had ended it).
 REQUEUED_EXIT = 143
-# Triggers after which the job stops (and is requeued) rather than running on.
-STOPPING = {"preempt", "drain"}
-
-
-@dataclass
-class LaunchRequest:
-    """What the batch task asked for; only argv/env/cwd come from the user."""
-
-    job: Job
-    uid: int
-    gid: int
-    groups: list[int]
-    argv: list[str]
-    env: dict[str, str]
-    cwd: str
-    stdio: list[int]
-    cgroup_procs: list[Path]
-    interval: int
-
-
-@dataclass
-class Progress:
-    phase: str = "idle"
-    trigger: str = ""
-    started: float = 0.0
-    bytes_done: int = 0
-    bytes_total: int = 0
-    mode: str = ""  # async (node-local staging) or direct (shared filesystem)
-
-
-@dataclass
-class JobRecord:
-    """What `slurm-mm status` shows about a job on this node."""
-
-    job_id: str
-    uid: int
-    interval: int
-    mode: str = ""
-    state: str = "starting"
-    last_image: dict[str, Any] = field(default_factory=dict)
-    progress: Progress = field(default_factory=Progress)
-    last_error: str = ""
-    refused: str = ""  # why checkpoints of this job are refused (steps.py)
+# How long a failed commit's restore-in-place waits for the dumped tree to be gone.
+OLD_TREE_GONE_SECONDS = 30.0
 
 
 class JobSupervisor:
-    def __init__(self, agent: NodeAgent, request: LaunchRequest, conn: socket.socket) -> None:
-        self.agent = agent
+    def __init__(self, services: NodeServices, request: LaunchRequest, conn: socket.socket) -> None:
+        self.services = services
+        self.checkpointer = services.checkpointer
         self.req = request
         self.conn = conn
         self.job_id = request.job.job_id
@@ -88,7 +52,8 @@ class JobSupervisor:
         self.lock = threading.Lock()
         self.stopped = threading.Event()
         self.suspended = threading.Event()  # Slurm SUSPEND: frozen, nothing to dump
-        self.tree: Any = None
+        self.tree: ProcessTree | None = None
+        self.gpu_suspended: list[int] = []  # PIDs whose GPU state a SUSPEND moved out
         self.record = JobRecord(self.job_id, request.uid, request.interval)
         self.send_lock = threading.Lock()
         self.steps = StepGuard(self)
@@ -114,7 +79,7 @@ class JobSupervisor:
 
     def start(self) -> str:
         """Restore the newest usable image of an earlier run, else follow the restore policy."""
-        store = self.agent.store
+        store = self.checkpointer.store
         store.prepare_job(self.job_id, self.req.uid, self.req.gid)
         store.advance_epoch(self.job_id, self.epoch)
         mode = "launched"
@@ -144,13 +109,13 @@ class JobSupervisor:
             if mode == "restored":
                 self.steps.check_restored(self.tree)
         if self.tree is None:
-            self.tree = self.agent.engine.launch(self.req)
+            self.tree = self.checkpointer.launch(self.req)
         self._running(mode)
         return mode
 
     def _running(self, mode: str) -> None:
         self.record.mode = mode
-        self.record.state = "running"
+        self.record.state = JobState.RUNNING
         metrics.registry.job_started(self.job_id, mode)
         self.steps.on_start()
         threading.Thread(target=self._wait_exit, name=f"wait-{self.job_id}", daemon=True).start()
@@ -167,21 +132,21 @@ class JobSupervisor:
         if policy == "hold" and not self._held_before():
             self.tell(f"restore policy 'hold': no image of {', '.join(tried)} can be restored; the job is "
                       "requeued and held: `scontrol release` it to run the script from the beginning")
-            self.record.state = "requeued"
+            self.record.state = JobState.REQUEUED
             try:
-                self.agent.slurm.requeue(self.job_id, hold=True)
+                self.services.slurm.requeue(self.job_id, hold=True)
             except SlurmMMError as exc:
                 raise RestoreRefusedByPolicy(f"job {self.job_id}: could not hold it ({exc})") from None
             return "held"
         self.tell("no image could be restored: starting the job script from the beginning")
-        self.tree = self.agent.engine.launch(self.req)
+        self.tree = self.checkpointer.launch(self.req)
         self._running("launched")
         return "launched"
 
     def restore_policy(self) -> str:
         """The job's own SLURM_MM_RESTORE_POLICY (its choice, for its own job) or the site's."""
         wanted = self.req.env.get("SLURM_MM_RESTORE_POLICY", "")
-        return wanted if wanted in RESTORE_POLICIES else self.agent.config.restore_policy
+        return wanted if wanted in RESTORE_POLICIES else self.services.config.restore_policy
 
     def _held_before(self) -> bool:
         """A job released after a hold reruns (the marker is the hold's own, per job)."""
@@ -198,35 +163,28 @@ class JobSupervisor:
             return False
 
     def pin_root(self) -> Path:
-        """Where dumps pin the job's shared files (the store's job directory: same filesystem)."""
-        return Path(self.agent.store.root) / self.job_id / ".pins"
+        return self.checkpointer.pin_root(self.job_id)
 
     def _candidate_images(self):
-        for image in self.agent.store.images(self.job_id):
-            m = image.manifest
-            if m.epoch >= self.epoch:
-                log.warning("job %s: skipping %s: epoch %d is not older than %d",
-                            self.job_id, image.path.name, m.epoch, self.epoch)
-                continue
-            if m.uid != self.req.uid or m.gid != self.req.gid:
-                self.tell(f"refusing {image.path.name}: recorded owner {m.uid}:{m.gid} is not the job's "
-                          f"{self.req.uid}:{self.req.gid}")
+        for image, refusal in self.checkpointer.restorable(self.job_id, before_epoch=self.epoch,
+                                                           owner=self.req.owner):
+            if refusal:
+                self.tell(f"not restoring {image.path.name}: {refusal}")
                 continue
             yield image
 
-    def _restore(self, image):
-        staging = self.agent.restore_staging(self.job_id, image)
+    def _restore(self, image: Image) -> ProcessTree:
+        self.record.progress = CheckpointProgress("extracting", "restore", time.time())
         try:
-            self.record.progress = Progress("extracting", "restore", time.time())
-            self.agent.store.extract(image, staging, progress=self._progress)
-            self.record.progress.phase = "restoring"
-            tree = self.agent.engine.restore(staging, self.req, image.manifest.gpu, node=self.agent.node,
-                                             pin_root=self.pin_root())
-            self.steps.restored(tree, staging, image.manifest.extra)
-            return tree
+            return self.checkpointer.restore_image(
+                self.job_id, image, RestoreTarget.of(self.req), progress=self._progress,
+                on_phase=self._phase,
+                after=lambda tree, staging: self.steps.restored(tree, staging, image.manifest.extra))
         finally:
-            self.record.progress = Progress()
-            shutil.rmtree(staging, ignore_errors=True)
+            self.record.progress = CheckpointProgress()
+
+    def _phase(self, phase: str) -> None:
+        self.record.progress.phase = phase
 
     # ------------------------------------------------------------ running
 
@@ -241,23 +199,21 @@ class JobSupervisor:
         with self.lock:  # a stopping checkpoint decides what the job's end means
             if self.tree is not tree:
                 return  # restored in place after a failed commit: a new waiter took over
-            if self.record.state in ("checkpointed", "requeued"):
+            if self.record.state in (JobState.CHECKPOINTED, JobState.REQUEUED):
                 log.info("job %s: tree stopped after checkpoint (status %s)", self.job_id, status)
                 return
             if self.steps.ended_by_preemption(status):
                 return
-            self.record.state = "exited"
+            self.record.state = JobState.EXITED
         log.info("job %s: exited with %s", self.job_id, status)
         if status == 0:
             self._mark_completed()
         self.send({"op": "exit", "status": status})
-        self.agent.forget(self.job_id)
+        self.services.jobs.forget(self.job_id, self)
 
     def _mark_completed(self) -> None:
         """Tell the epilog the job completed, so its images can go (hooks.py)."""
-        from slurm_mm.hooks import completion_marker  # noqa: PLC0415
-
-        marker = completion_marker(self.agent.config, self.job_id)
+        marker = completion_marker(self.services.config, self.job_id)
         try:
             marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             marker.write_text(f"{self.epoch}\n")
@@ -266,11 +222,26 @@ class JobSupervisor:
 
     def _periodic(self) -> None:
         while not self.stopped.wait(self.req.interval):
-            self.checkpoint("periodic")
+            self.checkpoint(Trigger.PERIODIC)
 
     def on_signal(self, signum: int) -> None:
-        """A signal Slurm sent the batch task, relayed by slurm-mm-run."""
-        self.agent.on_job_signal(self, signum)
+        """A signal Slurm sent the batch task, relayed by slurm-mm-run: a preemption notice
+        starts the preemption image (the job's own handler never sees it: the image must
+        hold the job as it was), SIGTSTP/SIGCONT of a SUSPEND move GPU state out and back,
+        anything else is the job's."""
+        if signum in (signal.SIGUSR1, signal.SIGTERM) and self.services.preemption.job_ends_run(self.job_id):
+            self.checkpointer.hurry(self.job_id)
+            threading.Thread(target=self.checkpoint, args=(Trigger.PREEMPT,), daemon=True).start()
+            return
+        if signum == signal.SIGTSTP:  # SUSPEND: move GPU state out before the freeze
+            self.suspended.set()
+            if self.tree is not None:
+                self.gpu_suspended = self.checkpointer.suspend_gpu(self.tree.init_pid, self.req.cgroup_procs)
+            return
+        if signum == signal.SIGCONT:
+            self.gpu_suspended = self.checkpointer.resume_gpu(self.gpu_suspended)
+            self.suspended.clear()
+        self.forward(signum)
 
     def forward(self, signum: int) -> None:
         if self.tree is not None and not self.stopped.is_set():
@@ -278,12 +249,12 @@ class JobSupervisor:
 
     # ------------------------------------------------------------ checkpoints
 
-    def checkpoint(self, trigger: str, requeue: bool = False, defer_requeue: bool = False) -> Any | None:
+    def checkpoint(self, trigger: Trigger, requeue: bool = False, defer_requeue: bool = False) -> Image | None:
         """Take an image now; for preempt/drain (or `requeue`) the job stops and is requeued
         (by the caller, through finish_stop(), when `defer_requeue`)."""
-        stopping = requeue or trigger in STOPPING
+        stopping = requeue or trigger in STOPPING_TRIGGERS
         with self.lock:
-            if self.record.state != "running" or self.stopped.is_set():
+            if self.record.state != JobState.RUNNING or self.stopped.is_set() or self.tree is None:
                 return None
             if self.suspended.is_set():
                 self.record.last_error = "the job is suspended"
@@ -293,11 +264,12 @@ class JobSupervisor:
             if refusal:
                 self.steps.refuse(trigger, stopping, refusal)
                 return None
-            self.record.progress = Progress("dumping", trigger, time.time())
+            self.record.progress = CheckpointProgress("dumping", trigger, time.time())
             started = time.monotonic()
             staging: Path | None = None
             try:
-                staging, mode = self.agent.dump_staging(
+                quota.check(self.services.config, self.checkpointer.store, self.job_id, self.req.uid)
+                staging, mode = self.checkpointer.dump_staging(
                     self.job_id, f"dump-{int(time.time() * 1000)}", tree_pids(self.tree.init_pid))
                 self.record.progress.mode = mode
                 image = self._dump_and_commit(staging, trigger, stopping)
@@ -307,23 +279,23 @@ class JobSupervisor:
                 self.tell(f"{trigger} checkpoint failed: {exc}" + self._fallback_note(stopping))
                 return None
             finally:
-                self.record.progress = Progress()
+                self.record.progress = CheckpointProgress()
                 if staging is not None:
                     shutil.rmtree(staging, ignore_errors=True)
             m = image.manifest
             metrics.registry.checkpoint_done(self.job_id, trigger, started, image)
-            job_comment.publish(self.agent.slurm, self.job_id, image)
+            job_comment.publish(self.services.slurm, self.job_id, image)
             self.record.last_image = {"name": image.path.name, "created": m.created, "trigger": m.trigger,
                                       "size": sum(f.stored_size for f in m.files),
                                       "same_node_only": bool(m.extra.get("files", {}).get("same_node_only"))}
             self.steps.clear()
             if stopping:
-                self.record.state = "checkpointed"
+                self.record.state = JobState.CHECKPOINTED
         if stopping and not defer_requeue:
             self.finish_stop(image, trigger)
         return image
 
-    def finish_stop(self, image: Any, trigger: str) -> None:
+    def finish_stop(self, image: Image, trigger: str) -> None:
         self.tell(f"checkpointed to {image.path.name} for {trigger}; requeueing")
         self._requeue()
 
@@ -335,39 +307,37 @@ class JobSupervisor:
             return f"; the job will resume from the last periodic image {last}"
         return "; no earlier image exists: a requeued run starts from the beginning"
 
-    def _dump_and_commit(self, staging: Path, trigger: str, stopping: bool):
-        engine, store = self.agent.engine, self.agent.store
-        files = engine.file_spec(self.req, node=self.agent.node, pin_root=self.pin_root(), pin_name=staging.name)
-        dumped = engine.dump(self.tree, staging, leave_running=not stopping or self.steps.holds_steps(),
-                             files=files)
+    def _dump_and_commit(self, staging: Path, trigger: Trigger, stopping: bool) -> Image:
+        assert self.tree is not None
+        files = self.checkpointer.file_spec(self.job_id, self.req.owner, env=self.req.env,
+                                            script=self.req.argv[0], pin_name=staging.name)
+        deadline = dump_deadline.grace_end(self.services.slurm, self.job_id) if trigger == Trigger.PREEMPT else None
+        dumped = self.checkpointer.dump(self.tree.init_pid, staging, deadline=deadline,
+                                        leave_running=not stopping or self.steps.holds_steps(), files=files)
         for note in dumped.extra.get("files", {}).get("notes", []):
             self.tell(note)
         dumped.extra["steps"] = self.steps.dump_steps(staging, stopping)
         try:
             self.record.progress.phase = "writing"
-            image = store.commit(
-                self.job_id, staging, epoch=self.epoch, uid=self.req.uid, gid=self.req.gid,
-                node=self.agent.node, trigger=trigger, gpu=dumped.gpu_inventory,
-                criu_version=engine.criu_version, extra=dumped.extra, progress=self._progress)
+            return self.checkpointer.commit(self.job_id, dumped, epoch=self.epoch, owner=self.req.owner,
+                                            trigger=trigger, progress=self._progress)
         except SlurmMMError as exc:
             if stopping:  # the dump ended the tree: bring it back from the local image
                 self._restore_in_place(staging, dumped.gpu_inventory, exc)
             raise
-        store.gc(self.job_id)
-        filestate.prune_pins(self.pin_root(), {img.manifest.extra.get("files", {}).get("pins")
-                                               for img in store.images(self.job_id)})
-        return image
 
     def _restore_in_place(self, staging: Path, gpu: dict[str, Any] | None, cause: SlurmMMError) -> None:
-        """Nothing lost when the store refuses an image: the job resumes here from it."""
-        self.stopped.wait(30)  # the waiter sees the dumped tree end
+        """Nothing lost when the store refuses an image: the job resumes here from it, once
+        the dumped tree is gone (never two copies of the job at once)."""
         try:
-            self.tree = self.agent.engine.restore(staging, self.req, gpu, node=self.agent.node,
+            if not self.stopped.wait(OLD_TREE_GONE_SECONDS):
+                raise RestoreFailed(f"the dumped tree is still there after {OLD_TREE_GONE_SECONDS:.0f} s")
+            self.tree = self.checkpointer.restore(staging, RestoreTarget.of(self.req), gpu,
                                                   pin_root=self.pin_root())
         except SlurmMMError as exc:
             self.tell(f"could not store the image ({cause}) nor resume the job here ({exc}); "
                       "requeueing it to resume from its last stored image")
-            self.record.state = "checkpointed"
+            self.record.state = JobState.CHECKPOINTED
             threading.Thread(target=self._requeue, daemon=True).start()
             return
         self.stopped.clear()
@@ -376,8 +346,8 @@ class JobSupervisor:
 
     def _requeue(self) -> None:
         try:
-            self.agent.slurm.requeue(self.job_id)
-            self.record.state = "requeued"
+            self.services.slurm.requeue(self.job_id)
+            self.record.state = JobState.REQUEUED
             # Slurm has the requeue: the batch task may go now instead of waiting out KillWait
             # (it would hold the node from the preemptor). Not 0: should the requeue somehow
             # not take, the run must never read as a success.

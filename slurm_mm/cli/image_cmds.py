@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 from pathlib import Path
 
 from tabulate import tabulate
 
 from slurm_mm import config
+from slurm_mm.checkpointer import open_store
+from slurm_mm.cli.common import store_and_job
 from slurm_mm.errors import ImageCorrupt, NoImage, UsageError
 from slurm_mm.store import Image, ImageStore
 from slurm_mm.store.manifest import MANIFEST_NAME
@@ -38,23 +39,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("gc", help="apply retention and remove partial images (root)")
     g.add_argument("job", nargs="?", help="job id or job directory (default: every job)")
     g.set_defaults(func=run_gc)
-
-
-def open_store(cfg: config.Config, root: Path | None = None) -> ImageStore:
-    return ImageStore(root or cfg.checkpoint_root, level=cfg.compression_level,
-                      threads=cfg.compression_threads, keep=cfg.keep_images,
-                      lock_timeout=cfg.timeouts.lock)
-
-
-def store_and_job(text: str) -> tuple[ImageStore, str]:
-    """A job id (under the configured root) or a job directory path."""
-    from slurm_mm.cli.pid_cmds import job_dir  # noqa: PLC0415 - pid_cmds imports this module
-
-    cfg = config.load()
-    if text.isdigit():
-        return open_store(cfg), text
-    root, job = job_dir(text, must_exist=True)
-    return open_store(cfg, root), job
 
 
 def image_at(path: Path) -> tuple[ImageStore, Image]:
@@ -125,10 +109,3 @@ def checkpoint_pid(args: argparse.Namespace) -> int:
     from slurm_mm.cli.pid_cmds import checkpoint_pid as run  # noqa: PLC0415
 
     return run(args)
-
-
-def require_root(what: str) -> None:
-    if os.geteuid() != 0:
-        from slurm_mm.errors import PermissionDenied  # noqa: PLC0415
-
-        raise PermissionDenied(f"{what} needs root (CRIU)")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from typing import Any
@@ -134,7 +133,7 @@ def status_rows(cfg: config.Config) -> list[dict[str, Any]]:
     if os.geteuid() != 0:
         jobs = [j for j in jobs if j.user_id == os.geteuid()]
     live = _agent_jobs(cfg, {j.batch_host for j in jobs if j.batch_host})
-    from slurm_mm.cli.image_cmds import open_store  # noqa: PLC0415
+    from slurm_mm.checkpointer import open_store  # noqa: PLC0415
 
     store = open_store(cfg)
     rows = []

@@ -21,38 +21,24 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import pwd
 import shutil
 import signal
 import socket
-import stat
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from slurm_mm import config
-from slurm_mm.cli.image_cmds import open_store, require_root
+from slurm_mm.checkpointer import JobCheckpointer, RestoreTarget, open_store
+from slurm_mm.cli.common import job_dir, require_root
 from slurm_mm.engine import proctree
-from slurm_mm.engine.checkpoint import checkpoint_tree
-from slurm_mm.engine.criu import Criu
-from slurm_mm.engine.restore import RestoredTree, read_metadata, restore_tree
-from slurm_mm.errors import (
-    CheckpointFailed,
-    ConfigError,
-    ImageRefused,
-    NodeIncompatible,
-    NoImage,
-    RestoreFailed,
-    SlurmMMError,
-    StaleEpoch,
-    UnsafePath,
-    UsageError,
-)
-from slurm_mm.store import Skipped
-from slurm_mm.store.safe_fs import name_problem
+from slurm_mm.engine.owner import Owner
+from slurm_mm.engine.restore import RestoredTree, read_metadata
+from slurm_mm.errors import (CheckpointFailed, ImageCorrupt, ImageRefused, NoImage, RestoreFailed, SlurmMMError,
+                             StaleEpoch, UnsafePath, UsageError)
+from slurm_mm.store import Image, Trigger
 
 log = logging.getLogger(__name__)
 
@@ -126,57 +112,6 @@ def find_tree_init(pid: int) -> TreeInit:
     return TreeInit(pid=pid, app_pid=app.pid, uid=app.uids[0], gid=app.gids[0])
 
 
-# ---------------------------------------------------------------------------- paths
-
-def job_dir(text: str, *, must_exist: bool) -> tuple[Path, str]:
-    """(store root, job id) of a job directory path typed by the caller."""
-    path = Path(text)
-    if ".." in path.parts:
-        raise UsageError(f"'{text}' must not contain '..'")
-    path = path.absolute()
-    if not path.name:
-        raise UsageError(f"'{text}' is not a job directory")
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        st = None
-    except OSError as exc:
-        raise UsageError(f"{path}: {exc.strerror}") from None
-    if st is not None and stat.S_ISLNK(st.st_mode):
-        raise UnsafePath(f"{path} is a symlink; give the real directory")
-    if st is not None and not stat.S_ISDIR(st.st_mode):
-        raise UsageError(f"{path} is not a directory")
-    if st is None and must_exist:
-        raise NoImage(f"{path} does not exist")
-    problem = name_problem(path.name, kind="job id")
-    if problem:
-        raise UsageError(f"{path}: the directory's name is the images' job id, and {problem}")
-    return path.parent, path.name
-
-
-def staging_dir(cfg: config.Config, prefix: str) -> Path:
-    """A fresh root-only directory under the configured staging space."""
-    base = cfg.staging_dir
-    try:
-        base.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = os.lstat(base)
-    except OSError as exc:
-        raise ConfigError(f"staging_dir {base}: {exc.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise UnsafePath(f"staging_dir {base} must be a root-owned directory that only root can write")
-    return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
-
-
-def _criu(cfg: config.Config, timeout: float) -> Criu:
-    return Criu(cfg.criu_path, libexec=cfg.libexec_dir, timeout=timeout)
-
-
-def _open_gpu():
-    from slurm_mm.engine.gpu import open_checkpointer  # noqa: PLC0415 - pulls in the CUDA side
-
-    return open_checkpointer()
-
-
 # ---------------------------------------------------------------------------- progress
 
 def human_bytes(size: float) -> str:
@@ -248,6 +183,31 @@ class _QuietStoreSkips:
 
 # ---------------------------------------------------------------------------- checkpoint
 
+def _checkpointer(cfg: config.Config, root: Path) -> JobCheckpointer:
+    checkpointer = JobCheckpointer(cfg, open_store(cfg, root), socket.gethostname())
+    checkpointer.check_staging()
+    return checkpointer
+
+
+def _drop_job_staging(cfg: config.Config, job: str) -> None:
+    """The job's (now empty) directory under the staging space goes with its last use."""
+    try:
+        os.rmdir(cfg.staging_dir / job)
+    except OSError:
+        pass
+
+
+def _app_context(app_pid: int) -> tuple[dict[str, str], str]:
+    """The application's $TMPDIR (as a node-local path for its files) and its argv[0]."""
+    env: dict[str, str] = {}
+    text = _read_proc(app_pid, "environ") or ""
+    for item in text.split("\0"):
+        if item.startswith("TMPDIR="):
+            env["TMPDIR"] = item[len("TMPDIR="):]
+    argv = (_read_proc(app_pid, "cmdline") or "").split("\0")
+    return env, argv[0]
+
+
 def checkpoint_pid(args: argparse.Namespace) -> int:
     """slurm-mm checkpoint --pid PID --to DIR [--leave-running]."""
     if args.job_id is not None:
@@ -260,7 +220,8 @@ def checkpoint_pid(args: argparse.Namespace) -> int:
     cfg = config.load()
     root, job = job_dir(args.to, must_exist=False)
     tree = find_tree_init(args.pid)
-    store = open_store(cfg, root)
+    checkpointer = _checkpointer(cfg, root)
+    store = checkpointer.store
     # Every store-side refusal (unsafe root, DIR owned by another user) comes now, while
     # the tree is untouched.
     store.prepare_job(job, tree.uid, tree.gid)
@@ -269,28 +230,20 @@ def checkpoint_pid(args: argparse.Namespace) -> int:
     except StaleEpoch as exc:
         raise StaleEpoch(f"{exc}: {root / job} holds images of a Slurm job's later runs; "
                          "use another directory") from None
-    criu = _criu(cfg, cfg.timeouts.checkpoint)
-    gpu = _open_gpu()
-    staging = staging_dir(cfg, f"dump-{tree.pid}-")
+    owner = Owner.of(tree.uid, tree.gid)
+    staging, _mode = checkpointer.dump_staging(job, f"dump-{tree.pid}-{int(time.time() * 1000)}",
+                                               proctree.tree_pids(tree.pid))
+    env, script = _app_context(tree.app_pid)
+    files = checkpointer.file_spec(job, owner, env=env, script=script, pin_name=staging.name)
     dumped = committed = False
     try:
-        result = checkpoint_tree(tree.pid, staging, leave_running=args.leave_running, gpu=gpu,
-                                 criu=criu, timeout=cfg.timeouts.checkpoint)
+        result = checkpointer.dump(tree.pid, staging, leave_running=args.leave_running, files=files)
         dumped = True
-        inventory = None
-        if result.gpu_pids:
-            from slurm_mm.engine import gpu_inventory  # noqa: PLC0415
-
-            found = gpu_inventory.read_inventory()
-            inventory = found.to_dict() if found else None
+        result.extra.update(pid=tree.pid, leave_running=args.leave_running)
         started = time.monotonic()
         with ProgressLine("slurm-mm: storing image") as progress:
-            image = store.commit(
-                job, staging, epoch=EPOCH, uid=tree.uid, gid=tree.gid, node=socket.gethostname(),
-                trigger="manual", gpu=inventory, criu_version=result.criu_version,
-                extra={"timings": result.timings, "image_bytes": result.image_bytes,
-                       "gpu_pids": result.gpu_pids, "pid": tree.pid, "leave_running": args.leave_running},
-                progress=progress)
+            image = checkpointer.commit(job, result, epoch=EPOCH, owner=owner, trigger=Trigger.MANUAL,
+                                        progress=progress)
         store_s = time.monotonic() - started
         committed = True
     except SlurmMMError as exc:
@@ -306,42 +259,19 @@ def checkpoint_pid(args: argparse.Namespace) -> int:
                 print(f"slurm-mm: {_KEPT.format(staging)}", file=sys.stderr)
         else:
             shutil.rmtree(staging, ignore_errors=True)
+            _drop_job_staging(cfg, job)
     m = image.manifest
-    t = result.timings
+    t = result.extra["timings"]
     fate = "left running" if args.leave_running else "stopped"
     print(f"{image.path}: {human_bytes(m.total_size)} ({human_bytes(m.stored_size)} stored), "
           f"dump {t.get('dump', 0):.2f} s, store {store_s:.2f} s, "
           f"total {t.get('total', 0) + store_s:.2f} s; tree {tree.pid} {fate}")
+    for note in result.extra.get("files", {}).get("notes", []):
+        print(f"slurm-mm: {note}", file=sys.stderr)
     return 0
 
 
 # ---------------------------------------------------------------------------- restore
-
-def _owner_gids(uid: int, gid: int) -> list[int]:
-    """Groups the restored application may hold: the manifest's gid and the owner's groups."""
-    try:
-        name = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return [gid]
-    return sorted(set(os.getgrouplist(name, gid)) | {gid})
-
-
-def _gpu_for(manifest) -> tuple[Any, dict[str, Any]]:
-    if not manifest.gpu:
-        return None, {}
-    from slurm_mm.engine import gpu_inventory  # noqa: PLC0415
-
-    gpu = _open_gpu()
-    if gpu is None:
-        raise NodeIncompatible("the image holds GPU state, but this node has no CUDA checkpoint support")
-    here = gpu_inventory.check_compatible(manifest.gpu)
-    return gpu, ({"gpu_pairs": gpu_inventory.gpu_pairs(manifest.gpu, here)} if here is not None else {})
-
-
-def _report_skipped(skipped: list[Skipped]) -> None:
-    for s in skipped:
-        print(f"slurm-mm: skipping {s.path.name}: {s.reason}", file=sys.stderr)
-
 
 def _stdio_fds(images: Path) -> dict[int, int]:
     """Our stdin (/dev/null), stdout and stderr for the job's recorded 0, 1, 2.
@@ -374,44 +304,52 @@ def _wait(tree: RestoredTree) -> int:
             signal.signal(s, handler)
 
 
-def restore_dir(args: argparse.Namespace) -> int:
-    """slurm-mm restore DIR [--detach]."""
-    require_root("slurm-mm restore")
-    cfg = config.load()
-    root, job = job_dir(str(args.dir), must_exist=True)
-    store = open_store(cfg, root)
-    staging = staging_dir(cfg, "restore-")
+def _restore_one(checkpointer: JobCheckpointer, job: str, image: Image) -> RestoredTree:
+    m = image.manifest
     fds: dict[int, int] = {}
+
+    def target(images: Path) -> RestoreTarget:
+        fds.update(_stdio_fds(images))
+        return RestoreTarget(Owner.of(m.uid, m.gid), [fds.get(0), fds.get(1), fds.get(2)])
+
     try:
-        images = staging / "image"
-        skipped: list[Skipped] = []
-        try:
-            with _QuietStoreSkips(), ProgressLine("slurm-mm: extracting image") as progress:
-                image = store.extract_latest(job, images, progress=progress, skipped=skipped)
-        finally:
-            _report_skipped(skipped)
-        if skipped:
-            print(f"slurm-mm: restoring {image.path.name}, the newest image that verifies", file=sys.stderr)
-        m = image.manifest
-        if m.uid == 0:
-            raise ImageRefused(f"{image.path} belongs to uid 0: a root-run restore never recreates a "
-                               "root-owned application")
-        gpu, gpu_options = _gpu_for(m)
-        fds = _stdio_fds(images)
-        try:
-            tree = restore_tree(images, stdin=fds.get(0), stdout=fds.get(1), stderr=fds.get(2),
-                                owner_uid=m.uid, owner_gids=_owner_gids(m.uid, m.gid), gpu=gpu,
-                                gpu_resume_options=gpu_options, criu=_criu(cfg, cfg.timeouts.restore),
-                                timeout=cfg.timeouts.restore, libexec=cfg.libexec_dir)
-        except RestoreFailed as exc:  # and NodeIncompatible: CRIU's log excerpt first
-            if exc.log_excerpt:
-                log.info("CRIU's log:\n%s", exc.log_excerpt)
-            raise
+        with ProgressLine("slurm-mm: extracting image") as progress:
+            return checkpointer.restore_image(job, image, target, progress=progress)
+    except RestoreFailed as exc:  # and NodeIncompatible: CRIU's log excerpt first
+        if exc.log_excerpt:
+            log.info("CRIU's log:\n%s", exc.log_excerpt)
+        raise
     finally:
         for fd in fds.values():
             os.close(fd)
-        # CRIU has read the image into the restored processes; the copy is not needed.
-        shutil.rmtree(staging, ignore_errors=True)
+
+
+def restore_dir(args: argparse.Namespace) -> int:
+    """slurm-mm restore DIR [--detach]: the newest image that verifies, older ones after
+    a damaged one; never a root-owned one."""
+    require_root("slurm-mm restore")
+    cfg = config.load()
+    root, job = job_dir(str(args.dir), must_exist=True)
+    checkpointer = _checkpointer(cfg, root)
+    skipped = 0
+    try:
+        with _QuietStoreSkips():
+            candidates = list(checkpointer.restorable(job, before_epoch=None, owner=None))
+        for image, refusal in candidates:
+            if refusal:
+                raise ImageRefused(f"{image.path}: {refusal}")
+            if skipped:
+                print(f"slurm-mm: restoring {image.path.name}, the newest image that verifies", file=sys.stderr)
+            try:
+                tree = _restore_one(checkpointer, job, image)
+                break
+            except (ImageCorrupt, UnsafePath) as exc:
+                print(f"slurm-mm: skipping {image.path.name}: {exc}", file=sys.stderr)
+                skipped += 1
+        else:
+            raise NoImage(f"job {job}: no complete, verified image in {root / job}")
+    finally:
+        _drop_job_staging(cfg, job)
     log.info("restored %s as pid %d", image.path, tree.init_pid)
     if args.detach:
         print(tree.init_pid)

@@ -29,17 +29,12 @@ from typing import Mapping, Sequence
 
 from slurm_mm.engine import cgroups as cgroups_mod
 from slurm_mm.engine import native
-from slurm_mm.errors import SlurmMMError, UsageError
+from slurm_mm.engine.owner import owner_groups
+from slurm_mm.errors import LaunchFailed, UsageError
 
 
 # mm-init's whole environment: it looks nothing up by PATH and loads nothing by name.
 MM_INIT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"}
-
-
-class LaunchFailed(SlurmMMError):
-    """The job's tree could not be started (mm-init refused or died before its init ran)."""
-
-    exit_code = 11
 
 
 def exit_code(status: int) -> int:
@@ -90,14 +85,6 @@ class LaunchedTree:
             os.kill(self.init_pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-
-def _groups_of(uid: int, gid: int) -> list[int]:
-    try:
-        name = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return [gid]
-    return sorted(set(os.getgrouplist(name, gid)))
 
 
 def _default_env(uid: int) -> dict[str, str]:
@@ -168,7 +155,7 @@ def launch(
     if (uid == 0) and not allow_root:
         raise UsageError("launch: refusing to run a job as root (uid 0) without allow_root")
     mm_init = native.find(native.MM_INIT, libexec)
-    groups = list(groups) if groups is not None else _groups_of(uid, gid)
+    groups = list(groups) if groups is not None else owner_groups(uid, gid)
     cmd = [str(mm_init), "--uid", str(uid), "--gid", str(gid),
            "--groups", ",".join(str(g) for g in groups)]
     if cwd is not None:

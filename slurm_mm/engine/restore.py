@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import shlex
 import signal
 import sys
@@ -36,6 +35,7 @@ from slurm_mm.engine import native, proctree
 from slurm_mm.engine.checkpoint import METADATA, GpuCheckpointing
 from slurm_mm.engine.criu import Criu
 from slurm_mm.engine.launcher import exit_code
+from slurm_mm.engine.owner import owner_groups
 from slurm_mm.errors import GpuError, ImageCorrupt, ImageRefused, RestoreFailed
 
 OWNER_CHECK = Path(__file__).with_name("owner_check.py")
@@ -157,10 +157,9 @@ def _owner_gids(uid: int, gids: Sequence[int] | None) -> list[int]:
     if gids is not None:
         return sorted(set(gids))
     try:
-        pw = pwd.getpwuid(uid)
+        return owner_groups(uid)
     except KeyError:
         raise RestoreFailed(f"owner uid {uid} has no passwd entry: pass its gids") from None
-    return sorted(set(os.getgrouplist(pw.pw_name, pw.pw_gid)))
 
 
 def _owner_script(work: Path, uid: int, gids: Sequence[int], given: Sequence[int] = (),

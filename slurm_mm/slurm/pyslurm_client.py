@@ -22,7 +22,8 @@ from typing import Any
 import pyslurm  # ImportError: connect() uses the commands
 
 from slurm_mm.errors import SlurmError
-from slurm_mm.slurm.client import COMMAND_TIMEOUT, Job, Node
+from slurm_mm.slurm.commands import CommandClient
+from slurm_mm.slurm.model import COMMAND_TIMEOUT, Job, Node
 
 # pyslurm's error type for failed RPCs (pyslurm.core.error.RPCError, exported at the top).
 _RPC_ERROR = getattr(pyslurm, "RPCError", ())
@@ -68,6 +69,7 @@ class PyslurmClient:
         if not mine or _major_minor(mine) != _major_minor(running):
             raise SlurmError(f"pyslurm {mine or '(unknown version)'} was not built for {running}")
         self.version = mine
+        self._commands = CommandClient()
 
     @staticmethod
     def _call(what: str, fn, *args, **kwargs):
@@ -119,10 +121,18 @@ class PyslurmClient:
             raise SlurmError(f"invalid job id '{job_id}'")
         self._call(f"requeue of job {job_id}", lambda: pyslurm.Job(int(job_id)).requeue(hold=hold))
 
+    # pyslurm has no call for these; Slurm's commands do them (same results either way).
     def set_admin_comment(self, job_id: str, text: str) -> None:
-        from slurm_mm.slurm.client import CommandClient  # noqa: PLC0415
+        self._commands.set_admin_comment(job_id, text)
 
-        CommandClient().set_admin_comment(job_id, text)
+    def preempt_mode(self, partition: str) -> str:
+        return self._commands.preempt_mode(partition)
+
+    def grace_time(self, partition: str) -> int:
+        return self._commands.grace_time(partition)
+
+    def run_in_job(self, job_id: str, node: str, argv: list[str], env: dict[str, str]) -> int:
+        return self._commands.run_in_job(job_id, node, argv, env)
 
     def drain(self, node: str, reason: str) -> None:
         self._call(f"drain of node '{node}'",

@@ -60,7 +60,7 @@ from slurm_mm.errors import (
     UsageError,
 )
 from slurm_mm.store import acl, chunks, compression, pipeline, tree
-from slurm_mm.store.manifest import FORMAT_VERSION, MANIFEST_NAME, MAX_MANIFEST_BYTES, FileEntry, Manifest
+from slurm_mm.store.manifest import FORMAT_VERSION, MANIFEST_NAME, MAX_MANIFEST_BYTES, FileEntry, Manifest, Trigger
 from slurm_mm.store.priority import Priority
 from slurm_mm.store.safe_fs import (
     check_name,
@@ -90,7 +90,7 @@ _CKPT_RE = re.compile(r"ckpt-(\d{6,})")
 _MAX_WORKERS = 32
 # Files read or written by one pool at a time (each holds an fd or two).
 _FILES_PER_BATCH = 128
-BACKGROUND_TRIGGERS = ("periodic",)
+BACKGROUND_TRIGGERS = (Trigger.PERIODIC,)
 """Commits for these triggers run while the job runs on: their threads yield the CPU to it."""
 
 MIN_LEVEL = -7

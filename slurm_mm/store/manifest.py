@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any, NoReturn
 
 from slurm_mm.errors import ImageCorrupt
@@ -34,7 +35,21 @@ MAX_PATH = 1024
 # 16 TiB per file: far above any node's memory, low enough that a hostile size cannot
 # make a restore fill the filesystem before its checksum fails.
 MAX_FILE_SIZE = 1 << 44
-TRIGGERS = ("periodic", "preempt", "drain", "manual", "suspend")
+
+
+class Trigger(StrEnum):
+    """Why an image was taken (recorded in its manifest; metrics and logs use the value)."""
+
+    PERIODIC = "periodic"  # the job's --checkpoint-interval
+    PREEMPT = "preempt"  # Slurm selected the job for a REQUEUE/CANCEL preemption
+    DRAIN = "drain"  # `slurm-mm drain` of the job's node
+    MANUAL = "manual"  # `slurm-mm checkpoint` by the job's owner or root
+    SUSPEND = "suspend"  # reserved: images of a suspended job's GPU state
+
+
+TRIGGERS = tuple(t.value for t in Trigger)
+# Triggers after which the job stops and is requeued, rather than running on.
+STOPPING_TRIGGERS = frozenset({Trigger.PREEMPT, Trigger.DRAIN})
 
 _MAX_ID = 0xFFFFFFFE  # (uid_t)-1 means "no change" to chown: never a real owner
 _MAX_TEXT = 256

@@ -155,17 +155,16 @@ def test_a_preempted_jobs_dump_gets_the_time_left_in_its_grace():
 
     from slurm_mm.agent import dump_deadline
 
-    class Tree:
-        pass
-
-    tree, other = Tree(), Tree()
     slurm = SimpleNamespace(job=lambda _j: SimpleNamespace(partition="low", preempt_time=1000),
                             grace_time=lambda _p: 20)
-    dump_deadline.note_preemption(slurm, SimpleNamespace(tree=tree, job_id="5"))
-    assert dump_deadline.timeout(tree, 600.0, now=1005.0) == 14.0
-    assert dump_deadline.timeout(tree, 600.0, now=1030.0) == dump_deadline.FLOOR
-    assert dump_deadline.timeout(tree, 10.0, now=1000.0) == 10.0, "never longer than configured"
-    assert dump_deadline.timeout(other, 600.0, now=1005.0) == 600.0
+    deadline = dump_deadline.grace_end(slurm, "5")
+    assert deadline == 1020.0
+    assert dump_deadline.timeout(deadline, 600.0, now=1005.0) == 14.0
+    assert dump_deadline.timeout(deadline, 600.0, now=1030.0) == dump_deadline.FLOOR
+    assert dump_deadline.timeout(deadline, 10.0, now=1000.0) == 10.0, "never longer than configured"
+    assert dump_deadline.timeout(None, 600.0) == 600.0
+    no_grace = SimpleNamespace(job=slurm.job, grace_time=lambda _p: 0)
+    assert dump_deadline.grace_end(no_grace, "5") is None
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the store is root's")
