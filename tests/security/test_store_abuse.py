@@ -40,6 +40,8 @@ def test_a_job_without_checkpoint_interval_is_not_served_by_a_hand_run_wrapper(c
 def test_store_quota_stops_new_images_and_the_job_runs_on(cluster, job_dir):
     uid = pwd.getpwnam(tc.USER).pw_uid
     store = ImageStore(cluster.checkpoint_root)
+    # Earlier tests' jobs gone, Epilogs done: what the user holds no longer changes.
+    tc.wait_for(lambda: not _queued(cluster), 90, "earlier jobs of the user to leave")
     # Room for what the user already holds from earlier jobs plus one byte: this job's
     # first image fits, nothing after it does.
     quota = StoreQuota(store, 1, 3).usage(uid) + 1
@@ -57,6 +59,11 @@ def test_store_quota_stops_new_images_and_the_job_runs_on(cluster, job_dir):
         tc.set_agent_config(cluster, "store_quota_per_user", "0")
 
 
+def _queued(cluster) -> str:
+    return subprocess.run(["squeue", "-h", "-u", tc.USER], env=cluster.env(), capture_output=True,
+                          text=True).stdout.strip()
+
+
 def _fresh_dir(user_home, name: str):
     path = user_home / "tests" / name
     shutil.rmtree(path, ignore_errors=True)
@@ -68,7 +75,7 @@ def _fresh_dir(user_home, name: str):
 
 def test_images_go_when_a_job_ends_for_good_and_stay_when_it_is_requeued(cluster, user_home):
     dirs = {name: _fresh_dir(user_home, f"store_end_{name}") for name in ("failed", "cancelled", "requeued")}
-    failed = submit_chain(cluster, dirs["failed"], 40, 0.25, interval="5s", exit_code=3)
+    failed = submit_chain(cluster, dirs["failed"], 60, 0.25, interval="5s", exit_code=3)
     cancelled = submit_chain(cluster, dirs["cancelled"], 400, 0.25, interval="5s")
     requeued = submit_chain(cluster, dirs["requeued"], 60, 0.25, "--open-mode=append", interval="10m")
     for job in (failed, cancelled):
