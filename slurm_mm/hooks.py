@@ -11,7 +11,7 @@ Epilog runs (measured: SLURM_JOB_RESTART_COUNT is the next run's), so a count ab
 one the Prolog saw means "requeued: keep the images"; the same count means the job is
 COMPLETED, FAILED, CANCELLED or TIMEOUT for good. Without the Prolog's record (no
 marker), images are kept and trimmed to the retention count, unless the agent saw the
-job's own tree exit 0.
+job's own tree exit 0; a run the agent itself requeued keeps them whatever the counts.
 Trusts only slurmd's environment (SLURM_JOB_*, SPANK_* set by the SPANK plugin in
 sbatch) and a root-owned config. Never fails the job or drains the node for its own
 errors: it logs them and exits 0.
@@ -68,23 +68,24 @@ def epilog(env: dict[str, str]) -> None:
     cfg = config.load(require_safe_owner=True)
     for staging in (cfg.staging_dir, cfg.gpu_staging_dir):
         shutil.rmtree(staging / job, ignore_errors=True)
-    run = None
+    run, requeued = None, False
     if node:
         shutil.rmtree(cfg.checkpoint_root / ".staging" / node / job, ignore_errors=True)
         run = enrollment.recorded_run(cfg, job, node)
+        requeued = enrollment.requeued_by_agent(cfg, job, node)
         enrollment.forget(cfg, job, node)
     store = open_store(cfg)
     marker = completion_marker(cfg, job)
     completed = marker.is_file() and not marker.is_symlink()
     ending = int(env.get("SLURM_JOB_RESTART_COUNT") or 0)
     exit_code = env.get("SLURM_JOB_EXIT_CODE", "?")
-    if (run is not None and ending == run) or (run is None and completed):
+    if requeued or (run is not None and ending > run):
+        removed = store.gc(job)
+        log.warning("job %s run %s is being requeued (as run %d): images kept, %d old ones removed",
+                    job, run, ending, len(removed))
+    elif (run is not None and ending == run) or (run is None and completed):
         store.remove_job(job)
         log.warning("job %s ended for good (run %d, exit %s): its images were removed", job, ending, exit_code)
-    elif run is not None and ending > run:
-        removed = store.gc(job)
-        log.warning("job %s run %d is being requeued (as run %d): images kept, %d old ones removed",
-                    job, run, ending, len(removed))
     else:
         removed = store.gc(job)
         log.warning("job %s ended (exit %s) without a Prolog record here: images kept, %d old ones removed",

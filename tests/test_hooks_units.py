@@ -94,3 +94,16 @@ def test_epilog_without_a_prolog_record_removes_only_a_completed_jobs_images(sit
     marker.write_text("0\n")
     hooks.epilog(_env("44", owner))
     assert not (site / "ckpt" / "44").exists() and not marker.exists()
+
+
+def test_epilog_keeps_the_images_of_a_run_the_agent_requeued_whatever_the_counts(site, owner):  # noqa: F811
+    from slurm_mm import config  # noqa: PLC0415
+    from slurm_mm.agent import enrollment  # noqa: PLC0415
+
+    store = _store(site)
+    hooks.prolog(_env("45", owner))
+    commit(store, "45", source(site, {"pages-1.img": b"q" * 10}), epoch=0, uid=owner.pw_uid, gid=owner.pw_gid)
+    enrollment.mark_requeued(config.load(), "45", "n1", 0)
+    hooks.epilog(_env("45", owner))  # restart count not (yet) raised
+    assert [i.path.name for i in store.images("45")] == ["ckpt-000001"]
+    assert not enrollment.requeued_by_agent(config.load(), "45", "n1")

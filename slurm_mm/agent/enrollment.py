@@ -6,7 +6,9 @@ Prolog (root, run by slurmd before the batch step) sees it as SPANK_SLURM_MM_INT
 and leaves a root-owned marker here. Anything a job's user could set (the job's own
 environment, a hand-run `slurm-mm-run`) never enrols a job: the agent looks only at the
 marker. A `start` claims the job's run (restart count) with a second marker, so one run
-is started at most once even across an agent restart. The Epilog removes both.
+is started at most once even across an agent restart. When the agent itself requeues
+the job it leaves a third marker, so the Epilog keeps the images whatever Slurm's counts
+say. The Epilog removes all three.
 
 Markers live in `run_dir` (root's, not writable by others), one directory per kind,
 0700; file names are `<job id>@<node>` (several slurmd may share a host and run_dir).
@@ -25,6 +27,7 @@ from slurm_mm.store.safe_fs import check_name
 
 ENROLLED = "enrolled"
 STARTED = "started"
+REQUEUED = "requeued"  # the agent asked Slurm to requeue this run: its images are needed
 
 
 def _name(job_id: str, node: str) -> str:
@@ -114,10 +117,19 @@ def claim_start(cfg: Config, job_id: str, node: str, epoch: int) -> None:
     _write(cfg, STARTED, name, f"{epoch}\n")
 
 
+def mark_requeued(cfg: Config, job_id: str, node: str, epoch: int) -> None:
+    """The agent is about to requeue run `epoch` of job_id: the Epilog must keep its images."""
+    _write(cfg, REQUEUED, _name(job_id, node), f"{int(epoch)}\n")
+
+
+def requeued_by_agent(cfg: Config, job_id: str, node: str) -> bool:
+    return _read(cfg, REQUEUED, _name(job_id, node)) is not None
+
+
 def forget(cfg: Config, job_id: str, node: str) -> None:
     """Epilog: the job left this node; its markers go (a requeued run's Prolog writes new ones)."""
     name = _name(job_id, node)
-    for kind in (ENROLLED, STARTED):
+    for kind in (ENROLLED, STARTED, REQUEUED):
         dfd = _dir(cfg, kind, create=False)
         if dfd is None:
             continue

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from slurm_mm.agent import dump_deadline, job_comment, metrics, protocol, quota
+from slurm_mm.agent import dump_deadline, enrollment, job_comment, metrics, protocol, quota
 from slurm_mm.agent.job_record import CheckpointProgress, JobRecord, JobState, LaunchRequest
 from slurm_mm.agent.services import NodeServices
 from slurm_mm.agent.steps import StepGuard
@@ -134,6 +134,7 @@ class JobSupervisor:
                       "requeued and held: `scontrol release` it to run the script from the beginning")
             self.record.state = JobState.REQUEUED
             try:
+                enrollment.mark_requeued(self.services.config, self.job_id, self.services.node, self.epoch)
                 self.services.slurm.requeue(self.job_id, hold=True)
             except SlurmMMError as exc:
                 raise RestoreRefusedByPolicy(f"job {self.job_id}: could not hold it ({exc})") from None
@@ -346,6 +347,7 @@ class JobSupervisor:
 
     def _requeue(self) -> None:
         try:
+            enrollment.mark_requeued(self.services.config, self.job_id, self.services.node, self.epoch)
             self.services.slurm.requeue(self.job_id)
             self.record.state = JobState.REQUEUED
             # Slurm has the requeue: the batch task may go now instead of waiting out KillWait
