@@ -3,12 +3,14 @@ or dead NFS mount; here criu is stopped by root, which hangs it the same way) he
 gate for the whole `timeouts.checkpoint` (600 s), past any GraceTime; and the prlimit
 shim once ran criu with the user's real uid, so the user could stop it themselves.
 Now a preemption dump is killed when the job's grace ends, any other at the configured
-timeout; the job runs on (or, preempted, resumes from its earlier image), and criu is
-never signalable by the job's user."""
+timeout or as soon as a stopping dump waits for the gate; the job runs on (or,
+preempted, resumes from its earlier image), and criu is never signalable by the job's
+user."""
 
 from __future__ import annotations
 
 import os
+import pwd
 import signal
 import subprocess
 import threading
@@ -108,4 +110,47 @@ def test_a_hung_preemption_dump_is_killed_when_grace_ends(cluster, job_dir):
     tc.wait_job(cluster, job, {"COMPLETED"}, timeout=120)
     assert_correct_result(job_dir, 160)
     assert logged_steps(job_dir)[-1] == 160
+    subprocess.run(["scancel", high], env=cluster.env())
+
+
+def _scontrol(cluster, *args: str) -> None:
+    subprocess.run(["scontrol", *args], env=cluster.env(), check=True, capture_output=True)
+
+
+def test_a_hung_dump_of_one_job_does_not_hold_another_jobs_preemption(cluster, user_home):
+    """Job A (high partition, not preemptible) hangs its periodic dump on n1; job B (low)
+    is preempted on the same node: B's dump must get the node's CRIU gate within grace."""
+    dirs = {}
+    for name in ("hung", "preempted"):
+        d = user_home / "tests" / f"hung_gate_{name}"
+        subprocess.run(["rm", "-rf", str(d)], check=True)
+        d.mkdir(parents=True)
+        user = pwd.getpwnam(tc.USER)
+        os.chown(d, user.pw_uid, user.pw_gid)
+        dirs[name] = d
+    _scontrol(cluster, "update", "NodeName=n2,n3", "State=DRAIN", "Reason=test-parking")
+    try:
+        a = submit_chain(cluster, dirs["hung"], 200, 0.25, "-p", "high", interval="5s")
+        b = submit_chain(cluster, dirs["preempted"], 160, 0.25, "--open-mode=append", interval="10m")
+        for job in (a, b):
+            assert tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)["BatchHost"] == "n1"
+    finally:
+        _scontrol(cluster, "update", "NodeName=n2,n3", "State=RESUME")
+    tc.wait_for(lambda: len(image_names(cluster, a)) >= 1, 40, "a first image of the hung job")
+    tc.wait_for(lambda: len(logged_steps(dirs["preempted"])) >= 4, 30, "progress of the preempted job")
+    found: dict = {}
+    _hang_next_dump(False, found).join(30)
+    assert "pid" in found, "no further dump of the hung job seen"
+    high = tc.job_id(tc.sbatch(cluster, "#!/bin/bash\nsleep 15\n", "-p", "high", "-w", "n1",
+                               "-o", "/dev/null", cwd=dirs["hung"]))
+    preempted_at = time.monotonic()
+    tc.wait_for(lambda: "for preempt" in output(dirs["preempted"]), 25, "the preempted job's image")
+    assert time.monotonic() - preempted_at < 20, "the preemption image came after GraceTime"
+    assert _gone(found["pid"])
+    tc.wait_job(cluster, b, {"COMPLETED"}, timeout=150)
+    assert "restored from ckpt-" in output(dirs["preempted"])
+    assert_correct_result(dirs["preempted"], 160)
+    tc.wait_job(cluster, a, {"COMPLETED"}, timeout=120)
+    assert "periodic checkpoint failed" in output(dirs["hung"])
+    assert_correct_result(dirs["hung"], 200)
     subprocess.run(["scancel", high], env=cluster.env())

@@ -225,3 +225,34 @@ def test_a_peers_string_cannot_forge_a_log_line():
 
     text = _printable("7\n2026-11-28 agent INFO job 9 checkpointed" + "x" * 200)
     assert "\n" not in text and text.startswith("'7\\n") and len(text) < 80
+
+
+def test_an_ordinary_dump_gives_criu_up_to_a_waiting_stopping_dump(tmp_path):
+    import subprocess
+    import sys
+    import threading
+
+    from slurm_mm.agent.criu_gate import CriuGate
+    from slurm_mm.agent.criu_yield import yields_to_urgent
+
+    (tmp_path / "dump").write_text("import time\ntime.sleep(30)\n")
+    fake_criu = "/opt/fake/criu"  # argv of a hung `criu dump --tree 123`
+    hung = subprocess.Popen([fake_criu, "dump", "--tree", "123"], executable=sys.executable, cwd=tmp_path)
+    other = subprocess.Popen([fake_criu, "dump", "--tree", "1234"], executable=sys.executable, cwd=tmp_path)
+    gate, served = CriuGate(), threading.Event()
+
+    def stopping_dump() -> None:
+        with gate.hold(urgent=True):
+            served.set()
+
+    try:
+        with gate.hold(), yields_to_urgent(gate, Path(fake_criu), 123, after=0.3):
+            assert not gate.urgent_waiting()
+            threading.Thread(target=stopping_dump, daemon=True).start()
+            assert hung.wait(timeout=5) == -9, "the hung ordinary dump was killed"
+            assert other.poll() is None, "another tree's criu is left alone"
+        assert served.wait(5)
+    finally:
+        for proc in (hung, other):
+            proc.kill()
+            proc.wait()
