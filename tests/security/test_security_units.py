@@ -256,3 +256,34 @@ def test_an_ordinary_dump_gives_criu_up_to_a_waiting_stopping_dump(tmp_path):
         for proc in (hung, other):
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="checks run as another user")
+def test_socket_directories_are_checked_as_the_owner_before_criu_binds():
+    import shutil
+    import subprocess
+    import tempfile
+
+    from slurm_mm.engine import filestate
+
+    tmp_path = Path(tempfile.mkdtemp(prefix="slurm_mm-sock-", dir="/tmp"))  # reachable by nobody
+    users = tmp_path / "users"
+    users.mkdir()
+    os.chown(users, 65534, 65534)
+    root_only = tmp_path / "root-only"
+    root_only.mkdir(mode=0o700)
+    os.chmod(tmp_path, 0o755)
+    code = ("import socket, sys, time\ns = socket.socket(socket.AF_UNIX)\ns.bind(sys.argv[1])\n"
+            "print('up', flush=True)\ntime.sleep(30)\n")
+    proc = subprocess.Popen(["python3", "-c", code, str(users / "s")], user=65534, group=65534, extra_groups=[],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        assert filestate.bound_sockets(proc.pid) == [str(users / "s")]
+        state = filestate.FileState(node="n1", sockets=[str(users / "s"), str(root_only / "s")])
+        plan = filestate.plan(state, tmp_path, node="n1", uid=65534, gids=[65534], pin_root=None)
+        assert len(plan.problems) == 1 and f"unix socket {root_only}/s: its owner may not bind" in plan.problems[0]
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(tmp_path)
