@@ -47,10 +47,13 @@ def _hang_next_dump(stopping_only: bool, found: dict, timeout: float = 60.0) -> 
             pids = _criu_dumps(stopping_only)
             if pids:
                 pid = pids[0]
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                except ProcessLookupError:
+                    continue  # done already: wait for the next one
+                found["pid"], found["at"] = pid, time.monotonic()
                 found["user_kill"] = subprocess.run(["runuser", "-u", tc.USER, "--", "kill", "-0", str(pid)],
                                                     capture_output=True, text=True)
-                os.kill(pid, signal.SIGSTOP)
-                found["pid"], found["at"] = pid, time.monotonic()
                 return
             time.sleep(0.005)
 
