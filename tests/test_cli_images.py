@@ -364,7 +364,7 @@ def test_a_stopped_trees_image_is_kept_when_the_store_refuses_it(workload, cli):
     line = _error_line(result, 4, "another writer holds", "kept in")
     assert w.tree.wait(10) == 137
     kept = Path(line.rsplit("kept in ", 1)[1])
-    assert kept.parent == cli.staging and (kept / "engine.json").is_file() and list(kept.glob("pages-*.img"))
+    assert kept.parent == cli.staging / "busy" and (kept / "engine.json").is_file() and list(kept.glob("pages-*.img"))
     assert ImageStore(d.parent).images("busy") == []
 
 

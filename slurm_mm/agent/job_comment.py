@@ -11,21 +11,25 @@ from __future__ import annotations
 import datetime
 import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING
 
 from slurm_mm.errors import SlurmMMError
+
+if TYPE_CHECKING:
+    from slurm_mm.slurm.model import SlurmClient
+    from slurm_mm.store import Image
 
 log = logging.getLogger(__name__)
 
 
-def text(image: Any) -> str:
+def text(image: Image) -> str:
     m = image.manifest
     taken = datetime.datetime.fromtimestamp(m.created, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     return (f"slurm_mm last_image={image.path.name} trigger={m.trigger} taken={taken} "
             f"stored_bytes={sum(f.stored_size for f in m.files)}")
 
 
-def publish(slurm: Any, job_id: str, image: Any) -> None:
+def publish(slurm: SlurmClient, job_id: str, image: Image) -> None:
     setter = getattr(slurm, "set_admin_comment", None)
     if setter is None:
         return

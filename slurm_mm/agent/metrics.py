@@ -18,7 +18,10 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from slurm_mm.store import Image
 
 log = logging.getLogger("slurm_mm.agent")
 
@@ -85,7 +88,7 @@ class Metrics:
         log.info("event=start job=%s mode=%s", job_id, mode)
         self.write()
 
-    def checkpoint_done(self, job_id: str, trigger: str, started: float, image: Any) -> None:
+    def checkpoint_done(self, job_id: str, trigger: str, started: float, image: Image) -> None:
         """A committed image; `started` is time.monotonic() when the trigger fired."""
         m = image.manifest
         seconds = time.monotonic() - started
@@ -116,7 +119,7 @@ class Metrics:
                     job_id, trigger, reason, time.monotonic() - started, str(error))
         self.write()
 
-    def restore_done(self, job_id: str, image: Any, started: float, error: BaseException | None = None) -> None:
+    def restore_done(self, job_id: str, image: Image, started: float, error: BaseException | None = None) -> None:
         seconds = time.monotonic() - started
         trigger = image.manifest.trigger
         if error is None:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from slurm_mm.agent.job_record import JobRecord, LaunchRequest
 from slurm_mm.agent.preemption import Preemption
 from slurm_mm.checkpointer import JobCheckpointer, ProcessTree
 from slurm_mm.config import Config
 from slurm_mm.slurm.model import SlurmClient
+from slurm_mm.store import Image, Trigger
 
 J = TypeVar("J")
 
@@ -75,4 +76,4 @@ class SupervisedJob(Protocol):
     lock: threading.Lock
 
     def tell(self, text: str) -> None: ...
-    def checkpoint(self, trigger: Any, requeue: bool = False, defer_requeue: bool = False) -> Any: ...
+    def checkpoint(self, trigger: Trigger, requeue: bool = False, defer_requeue: bool = False) -> Image | None: ...

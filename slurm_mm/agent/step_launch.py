@@ -40,7 +40,8 @@ from slurm_mm.agent import protocol
 from slurm_mm.agent.cgroups import step_cgroup_procs
 from slurm_mm.agent.job_record import ACTIVE, LaunchRequest
 from slurm_mm.agent.services import NodeServices, SupervisedJob
-from slurm_mm.checkpointer import RestoreTarget
+from slurm_mm.checkpointer import ProcessTree, RestoreTarget
+from slurm_mm.engine.restore import RestoredTree
 from slurm_mm.config import agent_socket
 from slurm_mm.engine.proctree import tree_pids
 from slurm_mm.errors import PermissionDenied, SlurmMMError
@@ -60,7 +61,7 @@ _TOKEN = re.compile(r"[0-9a-f]{16}")
 @dataclass
 class StepTask:
     rank: int
-    tree: Any
+    tree: ProcessTree
 
 
 @dataclass
@@ -236,7 +237,7 @@ class JobSteps:
         send({"op": "started", "mode": "restored" if image is not None else "launched"})
         protocol.relay_signals(conn, lambda signum: self._on_task_signal(tree, signum))
 
-    def _on_task_signal(self, tree: Any, signum: int) -> None:
+    def _on_task_signal(self, tree: ProcessTree, signum: int) -> None:
         """Slurm ends a job's steps (SIGTERM, SIGKILL after KillWait) as soon as it preempts
         the job: that SIGTERM starts the job's preemption checkpoint instead of ending the
         task, which the checkpoint then dumps within KillWait."""
@@ -245,7 +246,7 @@ class JobSteps:
             return
         tree.signal(signum)
 
-    def fail_job(self, reason: str, tree: Any = None) -> None:
+    def fail_job(self, reason: str, tree: ProcessTree | None = None) -> None:
         """A restored script waits on a step that cannot come back: end the job FAILED
         with the reason, never let the script carry on as if the step had run."""
         self.sup.tell(f"error: {reason}; failing the job instead of reporting its lost work as done")
@@ -293,7 +294,7 @@ class JobSteps:
 
     # -------------------------------------------------------- restore
 
-    def restored(self, tree: Any, staging: Path, steps_meta: Any) -> None:
+    def restored(self, tree: RestoredTree, staging: Path, steps_meta: object) -> None:
         """After the batch tree's restore: relaunch each step it was waiting on, restoring
         the step's tasks from the image."""
         if not isinstance(steps_meta, dict):
