@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
-
 from slurm_mm.errors import SlurmMMError
+from slurm_mm.slurm.model import SlurmClient
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +25,7 @@ FLOOR = 5.0  # seconds any dump gets, even one that starts with its grace alread
 MARGIN = 1.0  # seconds before grace ends at which criu is killed
 
 
-def grace_end(slurm: Any, job_id: str) -> float | None:
+def grace_end(slurm: SlurmClient, job_id: str) -> float | None:
     """Wall-clock time the preempted job's grace ends (slurmctld's preempt time + the
     partition's GraceTime); None when Slurm does not say."""
     grace_time = getattr(slurm, "grace_time", None)

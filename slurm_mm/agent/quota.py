@@ -19,16 +19,16 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
+from slurm_mm.config import Config
 from slurm_mm.errors import QuotaExceeded, SlurmMMError
-from slurm_mm.store import acl
+from slurm_mm.store import ImageStore, acl
 
 log = logging.getLogger(__name__)
 
 
 class StoreQuota:
-    def __init__(self, store: Any, limit: int, keep: int) -> None:
+    def __init__(self, store: ImageStore, limit: int, keep: int) -> None:
         self.store = store
         self.limit = limit
         self.keep = keep
@@ -66,7 +66,7 @@ class StoreQuota:
         return total
 
 
-def check(cfg: Any, store: Any, job_id: str, uid: int) -> None:
+def check(cfg: Config, store: ImageStore, job_id: str, uid: int) -> None:
     """Before a dump of job_id (owner uid): QuotaExceeded at or over the site's quota."""
     if cfg.store_quota_per_user > 0:
         StoreQuota(store, cfg.store_quota_per_user, cfg.keep_images).check(job_id, uid)
