@@ -25,16 +25,29 @@ pytestmark = pytest.mark.cluster
 
 
 def _criu_dumps(stopping_only: bool) -> list[int]:
+    """Running `criu dump` processes started by an agent (not criu's own forked helpers)."""
     out = subprocess.run(["pgrep", "-f", "^/opt/slurm_mm/criu/sbin/criu dump"], capture_output=True, text=True)
     pids = []
     for pid in out.stdout.split():
         try:
             argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-        except OSError:
+            status = dict(l.split(":\t", 1) for l in open(f"/proc/{pid}/status").read().splitlines() if ":\t" in l)
+            parent = open(f"/proc/{status['PPid'].strip()}/comm").read().strip()
+        except (OSError, KeyError):
             continue
-        if not stopping_only or b"--leave-running" not in argv:
+        if parent.startswith("python") and status["State"].startswith(("R", "S", "D")) and \
+                (not stopping_only or b"--leave-running" not in argv):
             pids.append(int(pid))
     return pids
+
+
+def _release(found: dict) -> None:
+    """Never leave a criu stopped by this test behind, whatever happened."""
+    if "pid" in found:
+        try:
+            os.kill(found["pid"], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _hang_next_dump(stopping_only: bool, found: dict, timeout: float = 60.0) -> threading.Thread:
@@ -72,11 +85,11 @@ def _gone(pid: int) -> bool:
 
 def test_a_hung_periodic_dump_is_killed_at_the_timeout_and_the_job_runs_on(cluster, job_dir):
     tc.set_agent_config(cluster, "timeouts", "{checkpoint: 4}")
+    found: dict = {}
     try:
         job = submit_chain(cluster, job_dir, steps=100, delay=0.25, interval="5s")
         tc.wait_for(lambda: len(image_names(cluster, job)) >= 1, 40, "a first image")
         earlier = image_names(cluster, job)[0]
-        found: dict = {}
         _hang_next_dump(False, found).join(30)
         assert "pid" in found, "no further dump seen"
         res = found["user_kill"]
@@ -92,6 +105,7 @@ def test_a_hung_periodic_dump_is_killed_at_the_timeout_and_the_job_runs_on(clust
         tc.wait_job(cluster, job, {"COMPLETED"}, timeout=90)
         assert_correct_result(job_dir, 100)
     finally:
+        _release(found)
         tc.set_agent_config(cluster, "timeouts", "{checkpoint: 600}")
 
 
@@ -102,13 +116,17 @@ def test_a_hung_preemption_dump_is_killed_when_grace_ends(cluster, job_dir):
     node = tc.job_info(cluster, job)["BatchHost"]
     found: dict = {}
     hang = _hang_next_dump(True, found, timeout=40)
-    high = tc.job_id(tc.sbatch(cluster, "#!/bin/bash\nsleep 20\n", "-p", "high", "-w", node,
+    # The whole node (2 CPUs): the job must make room.
+    high = tc.job_id(tc.sbatch(cluster, "#!/bin/bash\nsleep 20\n", "-p", "high", "-w", node, "-c", "2",
                                "-o", "/dev/null", cwd=job_dir))
     preempted_at = time.monotonic()
-    hang.join(40)
-    assert "pid" in found, "no preemption dump seen"
-    tc.wait_for(lambda: _gone(found["pid"]), 40, "the hung criu to be killed")
-    assert time.monotonic() - preempted_at < 20 + 6, "criu outlived the job's grace"
+    try:
+        hang.join(40)
+        assert "pid" in found, "no preemption dump seen"
+        tc.wait_for(lambda: _gone(found["pid"]), 40, "the hung criu to be killed")
+        assert time.monotonic() - preempted_at < 20 + 6, "criu outlived the job's grace"
+    finally:
+        _release(found)
     tc.wait_for(lambda: "restored from ckpt-" in output(job_dir), 120, "a restore of the earlier image")
     tc.wait_job(cluster, job, {"COMPLETED"}, timeout=120)
     assert_correct_result(job_dir, 160)
@@ -142,14 +160,17 @@ def test_a_hung_dump_of_one_job_does_not_hold_another_jobs_preemption(cluster, u
     tc.wait_for(lambda: len(image_names(cluster, a)) >= 1, 40, "a first image of the hung job")
     tc.wait_for(lambda: len(logged_steps(dirs["preempted"])) >= 4, 30, "progress of the preempted job")
     found: dict = {}
-    _hang_next_dump(False, found).join(30)
-    assert "pid" in found, "no further dump of the hung job seen"
-    high = tc.job_id(tc.sbatch(cluster, "#!/bin/bash\nsleep 15\n", "-p", "high", "-w", "n1",
-                               "-o", "/dev/null", cwd=dirs["hung"]))
-    preempted_at = time.monotonic()
-    tc.wait_for(lambda: "for preempt" in output(dirs["preempted"]), 25, "the preempted job's image")
-    assert time.monotonic() - preempted_at < 20, "the preemption image came after GraceTime"
-    assert _gone(found["pid"])
+    try:
+        _hang_next_dump(False, found).join(30)
+        assert "pid" in found, "no further dump of the hung job seen"
+        high = tc.job_id(tc.sbatch(cluster, "#!/bin/bash\nsleep 15\n", "-p", "high", "-w", "n1",
+                                   "-o", "/dev/null", cwd=dirs["hung"]))
+        preempted_at = time.monotonic()
+        tc.wait_for(lambda: "for preempt" in output(dirs["preempted"]), 25, "the preempted job's image")
+        assert time.monotonic() - preempted_at < 20, "the preemption image came after GraceTime"
+        assert _gone(found["pid"]), "the hung dump still holds criu"
+    finally:
+        _release(found)
     tc.wait_job(cluster, b, {"COMPLETED"}, timeout=150)
     assert "restored from ckpt-" in output(dirs["preempted"])
     assert_correct_result(dirs["preempted"], 160)
