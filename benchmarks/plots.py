@@ -5,7 +5,11 @@
 Writes freeze_vs_size.png (what the app feels of a checkpoint, by image size: slurm_mm's
 async checkpoint, the serial baseline, a bare criu dump), throughput_vs_size.png (store
 commit vs dd on the same filesystem) and, with --gpu, gpu_freeze.png (what a GPU job is
-blocked for, per variant, split into GPU checkpoint, dump and GPU restore). Needs matplotlib, which
+blocked for, per variant, split into GPU checkpoint, dump and GPU restore); with --store
+(store_bench.py JSON) store_vs_raw.png (commit vs dd, verify and extract vs cold cat, and
+CPU seconds per GB stored), with --targets (gpu_targets.py JSON) gpu_targets.png (freeze,
+durable and restore of one GPU job by stage, against the goals and the raw tools' floors).
+The RESULTS files may be left out when only --store/--targets are given. Needs matplotlib, which
 slurm_mm itself does not: /opt/slurm_mm/venv/bin/pip install matplotlib
 """
 
@@ -138,9 +142,95 @@ def throughput_plot(plt, data: dict, out: Path) -> Path:
     return path
 
 
+def store_plot(plt, files: list[Path], out: Path) -> Path:
+    """Per content and read-back mode: ratios to the raw tool (left), CPU-s/GB (right)."""
+    rows = [r for f in files for r in json.loads(f.read_text()).get("rows", [])]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["content"], r["read_back"]), []).append(r)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
+    labels, commit, verify, extract, cpu_c, cpu_v = [], [], [], [], [], []
+    # Verify and extract do not depend on the commit's read-back mode: the rows of the
+    # other mode of the same content (measured in the same run) stand in for them.
+    by_content = {c: [r for r in rows if r["content"] == c and "verify_cpu_per_gb" in r] for c, _ in groups}
+    for (content, mode), rs in sorted(groups.items()):
+        rs = rs if any("verify_cpu_per_gb" in r for r in rs) else rs + [
+            {k: v for k, v in r.items() if k.startswith(("verify", "extract"))} for r in by_content[content]]
+        labels.append(f"{content}\nread_back={mode}")
+        commit.append(_med([r.get("commit_vs_dd") for r in rs]))
+        verify.append(_med([r.get("verify_vs_cat") for r in rs]))
+        extract.append(_med([r.get("extract_vs_cat") for r in rs]))
+        cpu_c.append(_med([r.get("commit_cpu_per_gb") for r in rs]))
+        cpu_v.append(_med([r.get("verify_cpu_per_gb") for r in rs]))
+    x = range(len(labels))
+    for i, (name, vals) in enumerate((("commit / dd conv=fsync", commit), ("verify / cold cat", verify),
+                                      ("extract / cold cat", extract))):
+        ax.bar([k + (i - 1) * 0.27 for k in x], [v or 0 for v in vals], 0.27, label=name)
+    ax.axhline(0.9, color="k", ls="--", lw=0.8)
+    ax.axhline(0.8, color="grey", ls=":", lw=0.8)
+    ax.set_xticks(list(x), labels, fontsize=8)
+    ax.set_ylabel("speed relative to the raw tool (higher is better)")
+    ax.set_title("store vs raw tools, same run (goals: 0.9 commit, 0.8 read)", fontsize=9)
+    ax.legend(fontsize=7)
+    bx.bar(list(x), [v or 0 for v in cpu_c], 0.5, label="commit")
+    bx.bar(list(x), [v or 0 for v in cpu_v], 0.5, bottom=[v or 0 for v in cpu_c], label="verify (cold)")
+    bx.axhline(1.0, color="k", ls="--", lw=0.8)
+    bx.set_xticks(list(x), labels, fontsize=8)
+    bx.set_ylabel("CPU seconds per GB stored")
+    bx.set_title("commit + verify CPU (goal <= 1)", fontsize=9)
+    bx.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "store_vs_raw.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def targets_plot(plt, files: list[Path], out: Path) -> Path:
+    """One GPU job through the store: freeze, durable and restore, stacked by stage."""
+    rounds = [r for f in files for r in json.loads(f.read_text()).get("rounds", [])]
+    fig, ax = plt.subplots(figsize=(10, 0.9 + 1.3 * len(rounds)))
+    colors = {"GPU checkpoint": "#1f77b4", "CRIU dump": "#ff7f0e", "GPU resume": "#2ca02c", "commit": "#9467bd",
+              "extract": "#8c564b", "CRIU restore": "#e377c2", "GPU restore": "#7f7f7f",
+              "until the app iterates": "#bcbd22"}
+    seen = set()
+    ticks, labels = [], []
+    for i, r in enumerate(rounds):
+        ck, rs = r["checkpoint_timings"], r.get("restore_timings", {})
+        thp = r["thp"][r["thp"].index("[") + 1:r["thp"].index("]")]
+        y0 = i * 3
+        bars = [(y0 + 1, "durable", [("GPU checkpoint", ck["gpu_suspend"]), ("CRIU dump", ck["dump"]),
+                                     ("GPU resume", ck["gpu_resume"]), ("commit", r["commit_s"])], 20),
+                (y0, "restore", [("extract", r.get("extract_s", 0)), ("CRIU restore", rs.get("restore", 0)),
+                                 ("GPU restore", rs.get("gpu_resume", 0)),
+                                 ("until the app iterates", r.get("until_iterating_s", r.get("restore_s", 0)
+                                  - r.get("extract_s", 0) - r.get("restore_tree_s", 0)))], 12)]
+        for y, name, parts, goal in bars:
+            left = 0.0
+            for stage, v in parts:
+                ax.barh(y, v, left=left, color=colors[stage], label=None if stage in seen else stage)
+                seen.add(stage)
+                left += v
+            ax.plot([goal, goal], [y - 0.4, y + 0.4], color="k", lw=1.5)
+            ticks.append(y)
+            labels.append(f"{name}, THP {thp}, read_back {r['read_back']}" + (", libs warm" if r.get("warm_libs") else ""))
+        ax.plot([10, 10], [y0 + 0.6, y0 + 1.4], color="r", lw=1.5)
+    ax.set_yticks(ticks, labels, fontsize=7)
+    ax.set_xlabel("seconds (black: goal of the bar; red: freeze goal, 10 s)")
+    ax.set_title("A 13 GB GPU job through the store (freeze = GPU checkpoint + dump + GPU resume)", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path = out / "gpu_targets.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("results", type=Path, nargs="+", help="run_benchmarks.py JSON file(s), merged in order")
+    p.add_argument("results", type=Path, nargs="*", help="run_benchmarks.py JSON file(s), merged in order")
+    p.add_argument("--store", type=Path, nargs="+", default=[], help="store_bench.py JSON file(s)")
+    p.add_argument("--targets", type=Path, nargs="+", default=[], help="gpu_targets.py JSON file(s)")
     p.add_argument("--gpu", type=Path, default=None, help="gpu_bench.py JSON")
     p.add_argument("--out", type=Path, default=HERE.parent / "docs" / "img")
     args = p.parse_args(argv)
@@ -156,7 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         data["details"].update(json.loads(path.read_text()).get("details", {}))
     gpu = json.loads(args.gpu.read_text()) if args.gpu else None
     args.out.mkdir(parents=True, exist_ok=True)
-    paths = [freeze_plot(plt, data, args.out), throughput_plot(plt, data, args.out)]
+    paths = [freeze_plot(plt, data, args.out), throughput_plot(plt, data, args.out)] if args.results else []
+    if args.store:
+        paths.append(store_plot(plt, args.store, args.out))
+    if args.targets:
+        paths.append(targets_plot(plt, args.targets, args.out))
     if gpu:
         paths.append(gpu_plot(plt, gpu, args.out))
     for path in paths:

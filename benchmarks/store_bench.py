@@ -141,6 +141,84 @@ def job_rate(threads: int, seconds: float, during=None, max_window: float = 30.0
     return n / elapsed, elapsed
 
 
+def _busy_pinned(stop, counter, cpu) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    _busy(stop, counter)
+
+
+def slowdown_series(threads: int, commit, reps: int, job_cpu: int | None, commit_cpus: set[int] | None,
+                    alone_s: float = 4.0, max_window: float = 60.0) -> dict:
+    """A CPU-bound job (`threads` busy processes, pinned to `job_cpu` if given) runs through
+    `reps` rounds of: alone for alone_s, then during one commit() (run in a thread pinned
+    to `commit_cpus`; the store's threads inherit that). The job stays up throughout, so
+    every window compares the same processes. Slowdown per round = 1 - rate during the
+    commit / mean rate of the windows alone before and after it; the spread of the alone
+    windows themselves is the noise floor."""
+    ctx = multiprocessing.get_context("fork")
+    stop = ctx.Event()
+    counter = ctx.Value("q", 0)
+    procs = [ctx.Process(target=_busy_pinned, args=(stop, counter, job_cpu)) for _ in range(threads)]
+    for p in procs:
+        p.start()
+
+    steal: list[float] = []  # share of the job's CPU the hypervisor took, per window
+
+    def cpu_steal() -> float:
+        name = f"cpu{job_cpu}" if job_cpu is not None else "cpu"
+        for line in Path("/proc/stat").read_text().splitlines():
+            f = line.split()
+            if f[0] == name and len(f) > 8:
+                return int(f[8]) / os.sysconf("SC_CLK_TCK")
+        return 0.0
+
+    def window(during=None) -> tuple[float, float]:
+        s0 = cpu_steal()
+        n0, t0 = counter.value, time.monotonic()
+        if during is None:
+            time.sleep(alone_s)
+        else:
+            th = threading.Thread(target=during)
+            th.start()
+            th.join(max_window)
+        t = time.monotonic() - t0
+        rate = (counter.value - n0) / t
+        steal.append((cpu_steal() - s0) / t)
+        if during is not None:
+            th.join()
+        return rate, t
+
+    def pinned_commit() -> None:
+        if commit_cpus:
+            os.sched_setaffinity(0, commit_cpus)  # this thread; the store's threads inherit it
+        commit()
+
+    try:
+        time.sleep(1.0)  # warm up
+        alone = [window()[0]]
+        during, commit_s = [], []
+        for _ in range(reps):
+            rate, t = window(pinned_commit)
+            during.append(rate)
+            commit_s.append(t)
+            alone.append(window()[0])
+    finally:
+        stop.set()
+        for p in procs:
+            p.join()
+    slow = [1 - d / ((a + b) / 2) for d, a, b in zip(during, alone, alone[1:])]
+    noise = [1 - b / a for a, b in zip(alone, alone[1:])]
+
+    def stats(xs: list[float]) -> dict:
+        m = sum(xs) / len(xs)
+        sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+        return {"mean": m, "sd": sd, "min": min(xs), "max": max(xs), "n": len(xs)}
+
+    return {"slowdown": stats(slow), "alone_to_alone": stats(noise), "samples": slow,
+            "alone_rates": alone, "during_rates": during, "commit_s": stats(commit_s),
+            "job_cpu_steal": steal}
+
+
 def one_round(args, content: str, src_dir: Path, size: int, read_back: str, rep: int, full: bool) -> dict:
     """dd and commit of the same bytes; with `full` also cold cat, sha256sum, verify and
     extract of the stored image."""
@@ -175,8 +253,9 @@ def one_round(args, content: str, src_dir: Path, size: int, read_back: str, rep:
     if full:
         drop_caches()
         row["cat_s"], row["cat_cpu"] = run_tool(["cat", str(stored)])
-        drop_caches()
-        row["sha256sum_s"], row["sha256sum_cpu"] = run_tool(["sha256sum", str(stored)])
+        if not args.no_sha:
+            drop_caches()
+            row["sha256sum_s"], row["sha256sum_cpu"] = run_tool(["sha256sum", str(stored)])
         drop_caches()
         row["verify_s"], row["verify_cpu"], _ = timed(lambda: store.verify(image))
         dest = staging / "extracted"
@@ -206,7 +285,23 @@ def bench_content(args, content: str, results: dict) -> None:
     for rep in range(0 if args.skip_io else args.reps):
         for n, read_back in enumerate(args.read_back):
             rows.append(one_round(args, content, src_dir, size, read_back, rep, full=n == 0))
-    for threads in args.job_threads:
+    for threads in args.job_threads if args.pin else []:
+        store = ImageStore(shared / "store", level=args.level, threads=args.threads, keep=1,
+                           chunk_size=args.chunk_mib << 20, read_back=args.read_back[0],
+                           background_cpus=args.background_cpus)
+        cpus = sorted(os.sched_getaffinity(0))
+        job_cpu, commit_cpus = cpus[0], set(cpus[1:]) or None
+        for trigger in args.job_triggers:
+            def commit() -> None:
+                store.commit("bench", src_dir, epoch=0, uid=0, gid=0, node=platform.node(), trigger=trigger)
+                store.remove_job("bench")
+            series = slowdown_series(threads, commit, args.job_reps, job_cpu, commit_cpus)
+            row = {"content": content, "job_threads": threads, "trigger": trigger, "pinned": True,
+                   "job_cpu": job_cpu, "commit_cpus": sorted(commit_cpus or []), "read_back": args.read_back[0],
+                   "background_cpus": args.background_cpus, **series}
+            print(json.dumps(row), flush=True)
+            results.setdefault("job", []).append(row)
+    for threads in args.job_threads if not args.pin else []:
         store = ImageStore(shared / "store", level=args.level, threads=args.threads, keep=1,
                            chunk_size=args.chunk_mib << 20, read_back=args.read_back[0],
                            background_cpus=args.background_cpus)
@@ -252,6 +347,9 @@ def main() -> int:
     ap.add_argument("--skip-io", action="store_true", help="only the --job-threads part")
     ap.add_argument("--job-reps", type=int, default=1)
     ap.add_argument("--job-triggers", default="periodic,preempt")
+    ap.add_argument("--pin", action="store_true",
+                    help="job on the first CPU, the commit on the others; --job-reps rounds, mean and spread")
+    ap.add_argument("--no-sha", action="store_true", help="skip the cold sha256sum (the old store's reference)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if os.geteuid() != 0:

@@ -56,7 +56,7 @@ def open_store(cfg: Config, root: Path | None = None) -> ImageStore:
     """The image store the configuration describes (`root`: another job directory's parent)."""
     return ImageStore(root or cfg.checkpoint_root, level=cfg.compression_level,
                       threads=cfg.compression_threads, keep=cfg.keep_images, lock_timeout=cfg.timeouts.lock,
-                      background_cpus=cfg.commit_background_cpus or None)
+                      background_cpus=cfg.commit_background_cpus or None, read_back=cfg.commit_read_back)
 
 
 def restorable(store: ImageStore, job_id: str, *, before_epoch: int | None,

@@ -54,6 +54,10 @@ class Config:
     # CPU time per second that a periodic commit may take from the node, on top of its idle
     # priority (0 = no limit): even idle-priority work slows a job on the other vCPU of a VM.
     commit_background_cpus: float = 0.0
+    # How a commit checks what it wrote: "cache" (buffered writes, read back through the
+    # page cache) or "device" (O_DIRECT writes and read-back from the storage: about half
+    # the CPU per GB, but a second pass over the disk).
+    commit_read_back: str = "cache"
     log_level: str = d.LOG_LEVEL
     # Jobs get their own mount namespace and /proc: needed for CUDA in a PID namespace
     # (docs/gpu-validation.md). auto = on nodes with GPU checkpointing.
@@ -169,6 +173,10 @@ def _value(key: str, raw: Any, default: Any, source: str) -> Any:
         if not 0.0 <= raw < 1.0:
             raise ConfigError(f"{source}: '{key}' must be in [0, 1), got {raw!r}")
         return float(raw)
+    if key == "commit_read_back":
+        if raw not in ("cache", "device"):
+            raise ConfigError(f"{source}: 'commit_read_back' must be cache or device, got {raw!r}")
+        return raw
     if key == "job_mount_namespace":
         if raw not in ("auto", "always", "never"):
             raise ConfigError(f"{source}: 'job_mount_namespace' must be auto, always or never, got {raw!r}")

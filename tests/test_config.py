@@ -27,6 +27,14 @@ def test_valid_file_loads(tmp_path):
     assert cfg.compression_level == config.Config().compression_level
 
 
+def test_commit_read_back_reaches_the_store(tmp_path):
+    from slurm_mm.checkpointer import open_store  # noqa: PLC0415
+    cfg = config.load(write(tmp_path, f"checkpoint_root: {tmp_path}/ckpt\ncommit_read_back: device\n"))
+    assert cfg.commit_read_back == "device"
+    assert open_store(cfg).read_back == "device"
+    assert open_store(config.Config(checkpoint_root=tmp_path / "c")).read_back == "cache"
+
+
 def test_dump_round_trips(tmp_path):
     cfg = config.Config(keep_images=7)
     assert config.load(write(tmp_path, config.dump(cfg))) == cfg
@@ -44,6 +52,7 @@ def test_dump_round_trips(tmp_path):
     ("timeouts:\n  restore: -1\n", "'timeouts.restore' must be a positive number, got -1"),
     ("timeouts:\n  nap: 1\n", "unknown key 'timeouts.nap'"),
     ("log_level: loud\n", "'log_level' must be one of"),
+    ("commit_read_back: disk\n", "'commit_read_back' must be cache or device, got 'disk'"),
     ("- a\n- b\n", "top level must be a mapping"),
     ("keep_images: [\n", "not valid YAML"),
 ])

@@ -89,6 +89,34 @@ def test_both_read_back_modes_commit_and_leave_no_page_cache_requirement(base, r
         assert (base / "out" / name).read_bytes() == data
 
 
+def test_device_mode_writes_and_reads_raw_chunks_past_the_page_cache(base):
+    """read_back="device": whole raw chunks go to the file with O_DIRECT, the unaligned
+    tail through the page cache; the image reads back equal either way."""
+    store = ImageStore(base / "ckpt", threads=2, chunk_size=CHUNK, read_back="device")
+    data = os.urandom(6 * CHUNK + 100)
+    probe = os.open(base / "probe", os.O_CREAT | os.O_WRONLY, 0o600)
+    try:
+        direct_ok = pipeline.set_direct(probe, True)
+    finally:
+        os.close(probe)
+    written: list[int] = []
+    real = pipeline._write_chunk
+
+    def spy(opened, pieces, chunk, direct):
+        real(opened, pieces, chunk, direct)
+        written.append(opened.direct)
+
+    pipeline._write_chunk = spy
+    try:
+        image = commit(store, JOB, source(base, {"pages-1.img": data}))
+    finally:
+        pipeline._write_chunk = real
+    assert written == [direct_ok] * 6 + [False]  # buffered throughout where O_DIRECT is refused
+    store.verify(image)
+    store.extract(image, base / "out")
+    assert (base / "out" / "pages-1.img").read_bytes() == data
+
+
 def test_bad_store_settings_are_refused_naming_them(base):
     with pytest.raises(ConfigError, match="chunk size 1000 is not in"):
         ImageStore(base / "ckpt", chunk_size=1000)
@@ -155,7 +183,9 @@ def test_reordered_chunks_are_detected(store, base):
     assert store.extract_latest(JOB, base / "out2").seq == good.seq
 
 
-def test_a_chunk_that_reads_back_wrong_fails_the_commit_and_leaves_nothing(store, base):
+@pytest.mark.parametrize("read_back", ["cache", "device"])
+def test_a_chunk_that_reads_back_wrong_fails_the_commit_and_leaves_nothing(base, read_back):
+    store = ImageStore(base / "ckpt", keep=3, threads=2, lock_timeout=5, chunk_size=CHUNK, read_back=read_back)
     previous = commit(store, JOB, source(base, {"pages-1.img": os.urandom(3 * CHUNK)}, "old"))
     victims: list[int] = []
 

@@ -516,8 +516,8 @@ class ImageStore:
 
     def verify(self, image: Image) -> None:
         """Check the image's files against its manifest: no missing or extra file, no
-        symlink, every size and checksum right (each chunk's hash, and each zstd frame
-        decodes to its chunk). Raises ImageCorrupt (UnsafePath for a symlink or a file
+        symlink, every size and checksum right (each chunk's hash, and each zstd frame's
+        header announces its chunk's size; frames are decoded by extract, not here). Raises ImageCorrupt (UnsafePath for a symlink or a file
         writable by others)."""
         with self._image_fd(image) as dfd:
             self._verify_dir(dfd, image.manifest, image.path)
