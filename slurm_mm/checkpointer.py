@@ -13,11 +13,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
+from slurm_mm.agent import dump_deadline
 from slurm_mm.agent.criu_gate import CriuGate
+from slurm_mm.agent.criu_yield import yields_to_urgent
 from slurm_mm.agent.freeze_guard import FreezeGuard, FreezerCgroup
 from slurm_mm.agent.job_record import LaunchRequest
 from slurm_mm.agent.job_records import JobRecords
@@ -227,11 +230,16 @@ class JobCheckpointer:
                                      pin_root=str(self.pin_root(job_id)), pin_name=pin_name)
 
     def dump(self, init_pid: int, staging: Path, *, leave_running: bool,
-             files: filestate.CaptureSpec | None = None) -> Dumped:
-        """CRIU (and the GPU's state) of the tree into `staging`; stopping dumps go first."""
+             files: filestate.CaptureSpec | None = None, deadline: float | None = None) -> Dumped:
+        """CRIU (and the GPU's state) of the tree into `staging`; stopping dumps go first.
+        `deadline`: wall-clock time by which a hung criu is killed (a preempted job's grace end)."""
         with self.criu_lock.hold(urgent=not leave_running):
-            result = checkpoint_tree(init_pid, staging, leave_running=leave_running, gpu=self.gpu,
-                                     criu=self.criu, timeout=self.cfg.timeouts.checkpoint, files=files)
+            timeout = dump_deadline.timeout(deadline, self.cfg.timeouts.checkpoint)
+            # An ordinary dump gives way to a stopping one that waits (agent/criu_yield.py).
+            watch = yields_to_urgent(self.criu_lock, self.criu.binary, init_pid) if leave_running else nullcontext()
+            with watch:
+                result = checkpoint_tree(init_pid, staging, leave_running=leave_running, gpu=self.gpu,
+                                         criu=self.criu, timeout=timeout, files=files)
         inventory = None
         if result.gpu_pids:
             found = gpu_inventory.read_inventory()

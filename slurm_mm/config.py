@@ -70,6 +70,10 @@ class Config:
     # When no image of a requeued job can be restored: rerun the script, fail the job, or
     # hold it for its user (scontrol release).
     restore_policy: str = d.RESTORE_POLICY
+    # Bytes of images one user may hold in the store (all their jobs); 0 = no limit.
+    store_quota_per_user: int = d.STORE_QUOTA_PER_USER
+    # When the store's filesystem has no POSIX ACLs: refuse, or group (user private groups).
+    no_acl_fallback: str = d.NO_ACL_FALLBACK
     timeouts: Timeouts = field(default_factory=Timeouts)
 
 
@@ -77,6 +81,7 @@ _PATH_KEYS = {"checkpoint_root", "staging_dir", "gpu_staging_dir", "run_dir", "a
               "libexec_dir", "metrics_dir"}
 _LOG_LEVELS = {"debug", "info", "warning", "error"}
 RESTORE_POLICIES = ("rerun", "fail", "hold")
+NO_ACL_FALLBACKS = ("refuse", "group")
 
 
 def config_path() -> Path:
@@ -185,6 +190,10 @@ def _value(key: str, raw: Any, default: Any, source: str) -> Any:
         if raw not in RESTORE_POLICIES:
             raise ConfigError(f"{source}: 'restore_policy' must be one of {', '.join(RESTORE_POLICIES)}, got {raw!r}")
         return raw
+    if key == "no_acl_fallback":
+        if raw not in NO_ACL_FALLBACKS:
+            raise ConfigError(f"{source}: 'no_acl_fallback' must be one of {', '.join(NO_ACL_FALLBACKS)}, got {raw!r}")
+        return raw
     if key == "log_level":
         if raw not in _LOG_LEVELS:
             raise ConfigError(f"{source}: 'log_level' must be one of {sorted(_LOG_LEVELS)}, got {raw!r}")
@@ -198,6 +207,7 @@ _RANGES = {
     "compression_threads": (0, 256),
     "min_interval": (1, 365 * 86400),
     "file_state_budget": (0, 1 << 50),
+    "store_quota_per_user": (0, 1 << 60),
 }
 
 

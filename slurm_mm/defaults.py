@@ -45,6 +45,13 @@ LOG_LEVEL = "info"
 NODE_LOCAL_PATHS = ("/tmp", "/var/tmp", "/dev/shm")
 FILE_STATE_BUDGET = 1 << 30
 RESTORE_POLICY = "rerun"
+# Bytes of images one user may hold in the store (images are root's: filesystem quotas
+# do not see them). 0 = no limit.
+STORE_QUOTA_PER_USER = 0
+# Where the store's filesystem refuses POSIX ACLs: "refuse" (the agent and `config check`
+# stop), or "group" (the site gives every user a private primary group, so images
+# readable by the job's group are readable by its owner alone).
+NO_ACL_FALLBACK = "refuse"
 TIMEOUT_CHECKPOINT = 600.0
 TIMEOUT_RESTORE = 600.0
 TIMEOUT_LOCK = 60.0

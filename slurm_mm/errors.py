@@ -147,6 +147,10 @@ class PermissionDenied(SlurmMMError):
     exit_code = 9
 
 
+class QuotaExceeded(CheckpointFailed):
+    """The job's owner has used up their store quota (store_quota_per_user)."""
+
+
 class SlurmError(SlurmMMError):
     """A Slurm command failed or returned something unreadable."""
 

@@ -1,12 +1,17 @@
 """Slurm Prolog and Epilog for enrolled jobs (run as root by slurmd).
 
-Prolog: prepare the job's checkpoint directory (root-owned, readable by the owner),
-advance the epoch fence to this run's restart count (so an older copy of the job can
-never commit again), and on a requeued run name the image that will be restored.
-Epilog: a job that completed has its images removed; any other end keeps them, trimmed
-to the retention count, and the node-local staging is removed. "Completed" is the node
-agent's word (a root-owned marker it leaves when the job's own tree exited 0): Slurm
-reports exit code 0 for a requeued job too, so the epilog cannot tell by itself.
+Prolog: mark the job enrolled on this node (the agent serves no other job), prepare its
+checkpoint directory (root-owned, readable by the owner), advance the epoch fence to
+this run's restart count (so an older copy of the job can never commit again), and on a
+requeued run name the image that will be restored.
+Epilog: remove what the agent made for the job on this node (staging, markers); if the
+job ended for good, also its images. Slurm shows every ending job as COMPLETING, with
+exit code 0 for a requeue too, but a requeue raises the restart count before the
+Epilog runs (measured: SLURM_JOB_RESTART_COUNT is the next run's), so a count above the
+one the Prolog saw means "requeued: keep the images"; the same count means the job is
+COMPLETED, FAILED, CANCELLED or TIMEOUT for good. Without the Prolog's record (no
+marker), images are kept and trimmed to the retention count, unless the agent saw the
+job's own tree exit 0; a run the agent itself requeued keeps them whatever the counts.
 Trusts only slurmd's environment (SLURM_JOB_*, SPANK_* set by the SPANK plugin in
 sbatch) and a root-owned config. Never fails the job or drains the node for its own
 errors: it logs them and exits 0.
@@ -21,6 +26,7 @@ import shutil
 import sys
 
 from slurm_mm import config
+from slurm_mm.agent import enrollment
 from slurm_mm.checkpointer import open_store, restorable
 from slurm_mm.errors import SlurmMMError
 
@@ -39,7 +45,9 @@ def completion_marker(cfg: config.Config, job_id: str):
 def prolog(env: dict[str, str]) -> None:
     job, uid, gid = env["SLURM_JOB_ID"], int(env["SLURM_JOB_UID"]), int(env["SLURM_JOB_GID"])
     epoch = int(env.get("SLURM_JOB_RESTART_COUNT") or 0)
-    store = open_store(config.load(require_safe_owner=True))
+    cfg = config.load(require_safe_owner=True)
+    enrollment.mark_enrolled(cfg, job, env["SLURMD_NODENAME"], epoch, env.get("SPANK_SLURM_MM_INTERVAL", ""))
+    store = open_store(cfg)
     store.prepare_job(job, uid, gid)
     store.advance_epoch(job, epoch)
     if epoch == 0:
@@ -57,21 +65,34 @@ def prolog(env: dict[str, str]) -> None:
 
 
 def epilog(env: dict[str, str]) -> None:
-    job = env["SLURM_JOB_ID"]
+    job, node = env["SLURM_JOB_ID"], env.get("SLURMD_NODENAME", "")
     cfg = config.load(require_safe_owner=True)
-    if job.isdigit():
-        for staging in (cfg.staging_dir, cfg.gpu_staging_dir):
-            shutil.rmtree(staging / job, ignore_errors=True)
+    for staging in (cfg.staging_dir, cfg.gpu_staging_dir):
+        shutil.rmtree(staging / job, ignore_errors=True)
+    run, requeued = None, False
+    if node:
+        shutil.rmtree(cfg.checkpoint_root / ".staging" / node / job, ignore_errors=True)
+        run = enrollment.recorded_run(cfg, job, node)
+        requeued = enrollment.requeued_by_agent(cfg, job, node)
+        enrollment.forget(cfg, job, node)
     store = open_store(cfg)
     marker = completion_marker(cfg, job)
-    if marker.is_file() and not marker.is_symlink():
+    completed = marker.is_file() and not marker.is_symlink()
+    ending = int(env.get("SLURM_JOB_RESTART_COUNT") or 0)
+    exit_code = env.get("SLURM_JOB_EXIT_CODE", "?")
+    if requeued or (run is not None and ending > run):
+        removed = store.gc(job)
+        log.warning("job %s run %s is being requeued (as run %d): images kept, %d old ones removed",
+                    job, run, ending, len(removed))
+    elif (run is not None and ending == run) or (run is None and completed):
         store.remove_job(job)
-        marker.unlink()
-        log.warning("job %s completed: its images were removed", job)
+        log.warning("job %s ended for good (run %d, exit %s): its images were removed", job, ending, exit_code)
     else:
         removed = store.gc(job)
-        log.warning("job %s ended (exit %s): images kept, %d old ones removed", job,
-                    env.get("SLURM_JOB_EXIT_CODE", "?"), len(removed))
+        log.warning("job %s ended (exit %s) without a Prolog record here: images kept, %d old ones removed",
+                    job, exit_code, len(removed))
+    if completed:
+        marker.unlink()
 
 
 def _to_journal(name: str) -> None:

@@ -108,7 +108,7 @@ class FakeCheckpointer:
     def file_spec(self, job_id, owner, *, env, script, pin_name):
         return None
 
-    def dump(self, init_pid, staging, *, leave_running, files=None):
+    def dump(self, init_pid, staging, *, leave_running, files=None, deadline=None):
         self.calls.append(("dump", leave_running))
         if "dump" in self.fail:
             raise self.fail["dump"]
@@ -160,6 +160,9 @@ class FakeSlurm:
 
     def preempt_mode(self, partition):
         return "SUSPEND" if partition == "gang" else "REQUEUE"
+
+    def grace_time(self, partition):
+        return 20
 
     def run_in_job(self, job_id, node, argv, env):
         return 0

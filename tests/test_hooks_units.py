@@ -1,5 +1,6 @@
 """Prolog and epilog on a real store, without Slurm: what the prolog prepares and names,
-and what the epilog removes (a completed job's images) or keeps (every other end)."""
+and what the epilog removes (the images of a job that ended for good) or keeps (a
+requeued job's)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def site(base, monkeypatch):  # noqa: F811
 
 def _env(job: str, user, restart: int = 0, **more: str) -> dict[str, str]:
     return {"SLURM_JOB_ID": job, "SLURM_JOB_UID": str(user.pw_uid), "SLURM_JOB_GID": str(user.pw_gid),
-            "SLURM_JOB_RESTART_COUNT": str(restart), "SPANK_SLURM_MM_INTERVAL": "600", **more}
+            "SLURM_JOB_RESTART_COUNT": str(restart), "SPANK_SLURM_MM_INTERVAL": "600",
+            "SLURMD_NODENAME": "n1", **more}
 
 
 def _store(site):
@@ -57,20 +59,51 @@ def test_prolog_prepares_the_job_directory_and_names_the_image_to_restore(site, 
     assert "job 42 run 1: will restore ckpt-000001 (trigger periodic, epoch 0)" in caplog.text
 
 
-def test_epilog_removes_a_completed_jobs_images_and_keeps_any_other_ends(site, owner):  # noqa: F811
+def test_epilog_keeps_a_requeued_jobs_images_and_removes_them_when_it_ended_for_good(site, owner):  # noqa: F811
     from slurm_mm import config  # noqa: PLC0415
+    from slurm_mm.agent import enrollment  # noqa: PLC0415
 
     store = _store(site)
     hooks.prolog(_env("43", owner))
+    assert enrollment.recorded_run(config.load(), "43", "n1") == 0
     for n in range(3):
         commit(store, "43", source(site, {"pages-1.img": bytes([n]) * 10}), epoch=0,
                uid=owner.pw_uid, gid=owner.pw_gid)
     (site / "staging" / "43").mkdir(parents=True)
-    hooks.epilog(_env("43", owner, SLURM_JOB_EXIT_CODE="0"))
+    # A requeue: slurmd already gives the epilog the next run's restart count.
+    hooks.epilog(_env("43", owner, restart=1, SLURM_JOB_EXIT_CODE="0"))
     assert [i.path.name for i in store.images("43")] == ["ckpt-000003", "ckpt-000002"], "kept, trimmed"
     assert not (site / "staging" / "43").exists()
-    marker = hooks.completion_marker(config.load(), "43")
-    marker.parent.mkdir(parents=True)
+    assert enrollment.recorded_run(config.load(), "43", "n1") is None, "the run's markers went"
+    # Run 1 fails for good: same restart count as its prolog saw.
+    hooks.prolog(_env("43", owner, restart=1))
+    hooks.epilog(_env("43", owner, restart=1, SLURM_JOB_EXIT_CODE="256"))
+    assert not (site / "ckpt" / "43").exists()
+
+
+def test_epilog_without_a_prolog_record_removes_only_a_completed_jobs_images(site, owner):  # noqa: F811
+    from slurm_mm import config  # noqa: PLC0415
+
+    store = _store(site)
+    store.prepare_job("44", owner.pw_uid, owner.pw_gid)
+    commit(store, "44", source(site, {"pages-1.img": b"z" * 10}), epoch=0, uid=owner.pw_uid, gid=owner.pw_gid)
+    hooks.epilog(_env("44", owner))
+    assert [i.path.name for i in store.images("44")] == ["ckpt-000001"], "no record here: kept"
+    marker = hooks.completion_marker(config.load(), "44")
+    marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text("0\n")
-    hooks.epilog(_env("43", owner))
-    assert not (site / "ckpt" / "43").exists() and not marker.exists()
+    hooks.epilog(_env("44", owner))
+    assert not (site / "ckpt" / "44").exists() and not marker.exists()
+
+
+def test_epilog_keeps_the_images_of_a_run_the_agent_requeued_whatever_the_counts(site, owner):  # noqa: F811
+    from slurm_mm import config  # noqa: PLC0415
+    from slurm_mm.agent import enrollment  # noqa: PLC0415
+
+    store = _store(site)
+    hooks.prolog(_env("45", owner))
+    commit(store, "45", source(site, {"pages-1.img": b"q" * 10}), epoch=0, uid=owner.pw_uid, gid=owner.pw_gid)
+    enrollment.mark_requeued(config.load(), "45", "n1", 0)
+    hooks.epilog(_env("45", owner))  # restart count not (yet) raised
+    assert [i.path.name for i in store.images("45")] == ["ckpt-000001"]
+    assert not enrollment.requeued_by_agent(config.load(), "45", "n1")

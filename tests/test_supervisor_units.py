@@ -231,7 +231,7 @@ def test_no_restore_in_place_while_the_dumped_tree_still_lives(harness, monkeypa
     h.sup.start()
     h.checkpointer.fail["commit"] = StoreBusy("store full")
     original_dump = h.checkpointer.dump
-    h.checkpointer.dump = lambda pid, staging, *, leave_running, files=None: original_dump(
+    h.checkpointer.dump = lambda pid, staging, *, leave_running, files=None, deadline=None: original_dump(
         pid, staging, leave_running=True, files=files)  # a dump that did not end the tree
     assert h.sup.checkpoint(Trigger.DRAIN) is None
     assert not any(c[0] == "restore" for c in h.checkpointer.calls)
@@ -247,7 +247,7 @@ def test_checkpoints_of_one_job_are_serialised(harness):
     order: list[str] = []
     original = h.checkpointer.dump
 
-    def slow_dump(pid, staging, *, leave_running, files=None):
+    def slow_dump(pid, staging, *, leave_running, files=None, deadline=None):
         order.append("start")
         inside.set()
         release.wait(5)

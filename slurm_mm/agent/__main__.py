@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.load(require_safe_owner=True)
         logging.getLogger().setLevel(config.log_level(cfg))
+        from slurm_mm.store.acl_support import require_acls  # noqa: PLC0415
+
+        require_acls(cfg)  # images must be readable by their owner alone
         from slurm_mm.agent import metrics  # noqa: PLC0415
 
         metrics.configure(cfg.metrics_dir, args.node)

@@ -21,6 +21,11 @@ class CriuGate:
         self._queue: list[tuple[int, int]] = []  # (0 urgent / 1 ordinary, ticket), sorted
         self._tickets = itertools.count()
 
+    def urgent_waiting(self) -> bool:
+        """Whether a stopping dump waits for the gate now."""
+        with self._cond:
+            return bool(self._queue) and self._queue[0][0] == 0
+
     @contextmanager
     def hold(self, *, urgent: bool = False) -> Iterator[None]:
         """Run the body with the gate held; urgent waiters go ahead of ordinary ones."""

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from slurm_mm.agent import admission, adopt, auth, job_records, protocol, step_launch
+from slurm_mm.agent import admission, adopt, auth, enrollment, job_records, protocol, step_launch
 from slurm_mm.agent.cgroups import step_cgroup_procs
 from slurm_mm.agent.job_record import ACTIVE, JobState, LaunchRequest
 from slurm_mm.agent.preemption import Preemption
@@ -192,10 +192,12 @@ class NodeAgent:
             return
         try:
             auth.check_batch_step(pid, job_id, self.node)
+            enrollment.check_enrolled(self.config, job_id, self.node)
             earlier = self.jobs.get(job_id)
             if earlier is not None and earlier.record.state in ACTIVE:
                 raise PermissionDenied(f"job {job_id} was already started on {self.node}")
             job = auth.authorize_batch_step(pid, uid, job_id, self.node, self.slurm)
+            enrollment.claim_start(self.config, job_id, self.node, job.restart_count)
             request = self._launch_request(job, uid, pid, message, fds)
         except SlurmMMError as exc:
             log.warning("refused start of job %s from pid %d uid %d: %s", _printable(job_id), pid, uid,

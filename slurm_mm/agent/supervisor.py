@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from slurm_mm.agent import job_comment, job_records, metrics, protocol
+from slurm_mm.agent import dump_deadline, enrollment, job_comment, job_records, metrics, protocol, quota
 from slurm_mm.agent.job_record import CheckpointProgress, JobRecord, JobState, LaunchRequest
 from slurm_mm.agent.preemption import PreemptNotice
 from slurm_mm.agent.services import NodeServices
@@ -138,6 +138,7 @@ class JobSupervisor:
                       "requeued and held: `scontrol release` it to run the script from the beginning")
             self.record.state = JobState.REQUEUED
             try:
+                enrollment.mark_requeued(self.services.config, self.job_id, self.services.node, self.epoch)
                 self.services.slurm.requeue(self.job_id, hold=True)
             except SlurmMMError as exc:
                 raise RestoreRefusedByPolicy(f"job {self.job_id}: could not hold it ({exc})") from None
@@ -283,6 +284,7 @@ class JobSupervisor:
             started = time.monotonic()
             staging: Path | None = None
             try:
+                quota.check(self.services.config, self.checkpointer.store, self.job_id, self.req.uid)
                 staging, mode = self.checkpointer.dump_staging(
                     self.job_id, f"dump-{int(time.time() * 1000)}", tree_pids(self.tree.init_pid))
                 self.record.progress.mode = mode
@@ -333,7 +335,8 @@ class JobSupervisor:
         assert self.tree is not None
         files = self.checkpointer.file_spec(self.job_id, self.req.owner, env=self.req.env,
                                             script=self.req.argv[0], pin_name=staging.name)
-        dumped = self.checkpointer.dump(self.tree.init_pid, staging,
+        deadline = dump_deadline.grace_end(self.services.slurm, self.job_id) if trigger == Trigger.PREEMPT else None
+        dumped = self.checkpointer.dump(self.tree.init_pid, staging, deadline=deadline,
                                         leave_running=not stopping or self.steps.holds_steps(), files=files)
         for note in dumped.extra.get("files", {}).get("notes", []):
             self.tell(note)
@@ -368,6 +371,7 @@ class JobSupervisor:
 
     def _requeue(self) -> None:
         try:
+            enrollment.mark_requeued(self.services.config, self.job_id, self.services.node, self.epoch)
             self.services.slurm.requeue(self.job_id)
             self.record.state = JobState.REQUEUED
             # Slurm has the requeue: the batch task may go now instead of waiting out KillWait

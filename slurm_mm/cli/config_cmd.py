@@ -3,12 +3,15 @@
 The agent reads config.yaml; the SPANK plugin reads its plugstack.conf line. Both have
 the same built-in defaults (slurm_mm/defaults.py), but a site can set them apart: an
 agent socket the plugin does not know, or a plugin line pointing at a missing wrapper,
-leaves every enrolled job unprotected. `check` refuses those with one line each.
+leaves every enrolled job unprotected; a store on a filesystem without POSIX ACLs
+would let users of one group read each other's images. `check` refuses those with one
+line each.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import yaml
@@ -16,6 +19,7 @@ import yaml
 from slurm_mm import config
 from slurm_mm.errors import ConfigError
 from slurm_mm.slurm import plugstack
+from slurm_mm.store.acl_support import require_acls
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +40,12 @@ def run_check(args: argparse.Namespace) -> int:
     plugin = plugstack.plugin_settings(stack) if stack.exists() or args.plugstack else None
     if plugin is not None:
         _check_agreement(cfg, plugin)
-    print(f"{path}: ok")
+    acl_note = ""
+    if os.geteuid() == 0:
+        require_acls(cfg)
+    elif cfg.no_acl_fallback != "group":
+        acl_note = " (POSIX ACL support of checkpoint_root not checked: run as root)"
+    print(f"{path}: ok{acl_note}")
     if plugin is not None:
         print(f"{plugin.source}: ok")
     if args.show:

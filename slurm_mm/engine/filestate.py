@@ -112,6 +112,7 @@ class FileState:
     saved_bytes: int = 0
     same_node_only: bool = False
     notes: list[str] = field(default_factory=list)
+    sockets: list[str] = field(default_factory=list)  # paths of unix sockets the tree has bound
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, **asdict(self)}
@@ -134,7 +135,10 @@ class FileState:
         pins = data.get("pins")
         if pins is not None and (not isinstance(pins, str) or "/" in pins or pins.startswith(".")):
             raise ImageCorrupt(f"{path}: bad pins name {str(pins)[:60]!r}")
-        return cls(node=str(data.get("node", "")),
+        sockets = data.get("sockets", [])
+        if not isinstance(sockets, list) or not all(isinstance(p, str) and p.startswith("/") for p in sockets):
+            raise ImageCorrupt(f"{path}: bad sockets")
+        return cls(node=str(data.get("node", "")), sockets=sockets,
                    records=[FileRecord.from_json(r) for r in data.get("records", [])],
                    dirs=dirs, pins=pins, saved_bytes=int(data.get("saved_bytes", 0)),
                    same_node_only=bool(data.get("same_node_only")),
@@ -207,6 +211,35 @@ def _open_files(pid: int) -> Iterable[tuple[str, str, int, int]]:
             yield target, handle, flags, pos
 
 
+def bound_sockets(pid: int) -> list[str]:
+    """Paths of the unix sockets task `pid` holds bound (CRIU binds them again, as root, on
+    restore), relative ones made absolute against the task's cwd."""
+    from slurm_mm.engine.owner_check import unix_paths  # noqa: PLC0415
+
+    bound = None
+    found = []
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return found
+    for fd in fds:
+        try:
+            st = os.stat(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if stat.S_ISSOCK(st.st_mode):
+            bound = unix_paths(pid) if bound is None else bound
+            path = bound.get(st.st_ino)
+            if path and not path.startswith("/"):
+                try:
+                    path = os.path.join(os.readlink(f"/proc/{pid}/cwd"), path)
+                except OSError:
+                    continue
+            if path:
+                found.append(os.path.normpath(path))
+    return found
+
+
 def _mapped_files(pid: int) -> Iterable[tuple[str, str, bool]]:
     """(path, /proc/PID/map_files handle, shared-writable) of each file-backed mapping."""
     try:
@@ -271,9 +304,11 @@ def capture(spec: CaptureSpec, pids: Sequence[int]) -> FileState:
                 if flags & os.O_ACCMODE == os.O_RDWR:
                     rec.read_write = True
 
+    sockets: set[str] = set()
     for pid in pids:
         for path, handle, flags, pos in _open_files(pid):
             note(path, handle, flags, pos)
+        sockets.update(bound_sockets(pid))
         for path, handle, writes in _mapped_files(pid):
             note(path, handle, MAPPED_WRITABLE if writes else None, 0)
         try:
@@ -315,6 +350,7 @@ def capture(spec: CaptureSpec, pids: Sequence[int]) -> FileState:
                 pass  # e.g. a filesystem without hard links: change detection still holds
     state.records = [by_inode[k] for k in sorted(by_inode, key=lambda k: by_inode[k].path)]
     state.dirs = sorted(dirs)
+    state.sockets = sorted(sockets)
     if pin_dir is not None and not any(r.pin for r in state.records):
         os.rmdir(pin_dir)
         state.pins = None
@@ -520,6 +556,7 @@ def plan(state: FileState, images_dir: Path, *, node: str, uid: int, gids: Seque
     if state.same_node_only and state.node != node:
         out.problems.extend(state.notes or [f"the image holds node-local files of {state.node} only"])
         return out
+    _plan_sockets(state.sockets, uid, gids, out)
     live = [r for r in state.records if not r.deleted]
     hashes = [r.path for r in live if r.node_local and r.sha256]
     seen = _probe([r.path for r in live], uid, gids, hashes)
@@ -533,6 +570,20 @@ def plan(state: FileState, images_dir: Path, *, node: str, uid: int, gids: Seque
         else:
             _plan_shared(rec, now, images_dir, state, pin_root, out)
     return out
+
+
+def _plan_sockets(sockets: Sequence[str], uid: int, gids: Sequence[int], out: Plan) -> None:
+    """Root CRIU will unlink and bind each socket path again: refuse, before it runs, any
+    whose directory the owner could not create a socket in now (a directory the user has
+    since swapped for a link into /run or /etc). The owner check after CRIU looks again."""
+    if not sockets:
+        return
+    seen = _as_owner({"op": "sockdirs", "paths": list(sockets)}, uid, gids, ())
+    for path in sockets:
+        now = seen.get(path) or {}
+        if not now.get("ok"):
+            out.problems.append(f"unix socket {path}: its owner may not bind it there now "
+                                f"({now.get('error', 'not checked')})")
 
 
 def _plan_local(rec: FileRecord, now: dict[str, Any], images_dir: Path, out: Plan) -> None:

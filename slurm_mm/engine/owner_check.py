@@ -84,6 +84,20 @@ def _same_file(a: str, b: str) -> bool:
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
+def _bounding(st: dict[str, str]) -> int:
+    try:
+        return int(st.get("CapBnd", "0"), 16)
+    except ValueError:
+        return -1  # unreadable: wider than anything
+
+
+def _own_bounding() -> int:
+    """The checker's bounding set: a job's tasks inherit the agent's through mm-init, so a
+    restored task may have no bit the checker lacks (a bit beyond it would let an exec of
+    a file-capability program gain more than the job could at launch)."""
+    return _bounding(_status(os.getpid(), os.getpid()) or {})
+
+
 def problems(root: int, uid: int, gids: set[int], init_exes: list[str] | None = None) -> tuple[list[str], int]:
     """What is wrong with the tree under `root` (empty: fine), and how many threads were seen."""
     found: list[str] = []
@@ -115,6 +129,9 @@ def problems(root: int, uid: int, gids: set[int], init_exes: list[str] | None = 
                 found.append(f"pid {pid} tid {tid}: groups {bad_gids} are not the owner's")
             if any(caps):
                 found.append(f"pid {pid} tid {tid}: has capabilities")
+            wider = _bounding(st) & ~_own_bounding()
+            if wider:
+                found.append(f"pid {pid} tid {tid}: capability bounding set {wider:#x} wider than a job's")
     if seen == 0:
         found.append(f"no restored task found under pid {root}")
     return found, seen
@@ -148,7 +165,7 @@ def _fd_flags(pid: int, fd: str) -> int:
     return 0
 
 
-def _unix_paths(pid: int) -> dict[int, str]:
+def unix_paths(pid: int) -> dict[int, str]:
     """Socket inode -> path it is bound to (abstract and unbound ones left out)."""
     out: dict[int, str] = {}
     try:
@@ -216,7 +233,7 @@ def held_by(pid: int, uid: int, gids: set[int]) -> tuple[list[Held], list[str]]:
         except OSError:
             continue
         if stat.S_ISSOCK(st.st_mode):
-            bound = _unix_paths(pid) if bound is None else bound
+            bound = unix_paths(pid) if bound is None else bound
             path = bound.get(st.st_ino)
             if path:
                 if not path.startswith("/"):

@@ -11,6 +11,8 @@ Standard library only: it runs before anything of the job is restored.
     {"op": "probe", "paths": [...], "hash": [...]}   -> {path: {exists, dev, ino, size, ...}}
     {"op": "apply", "actions": [{op, path, source_fd, size, mode, mtime_ns}, ...]}
                                                      -> {"results": [{ok, error, errno}, ...]}
+    {"op": "sockdirs", "paths": [...]}               -> {path: {ok, error}}: may the owner
+                                                        bind a unix socket at path now?
 """
 
 from __future__ import annotations
@@ -43,6 +45,20 @@ def probe(path: str, want_hash: bool) -> dict[str, Any]:
         except OSError as exc:
             out["hash_error"] = exc.strerror
     return out
+
+
+def sockdir(path: str) -> dict[str, Any]:
+    """Whether the owner may (re)bind a socket at `path`: its directory, as the owner
+    resolves it, is a directory they may search and write."""
+    parent = os.path.dirname(path) or "/"
+    try:
+        if not stat.S_ISDIR(os.stat(parent).st_mode):
+            return {"ok": False, "error": f"{parent} is not a directory"}
+    except OSError as exc:
+        return {"ok": False, "error": f"{parent}: {exc.strerror}"}
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return {"ok": False, "error": f"{os.path.realpath(parent)} is not writable by the owner"}
+    return {"ok": True}
 
 
 def _temp_beside(path: str) -> str:
@@ -116,6 +132,8 @@ def main() -> int:
     if request.get("op") == "probe":
         hashes = set(request.get("hash", []))
         answer: dict[str, Any] = {p: probe(p, p in hashes) for p in request.get("paths", [])}
+    elif request.get("op") == "sockdirs":
+        answer = {p: sockdir(p) for p in request.get("paths", [])}
     elif request.get("op") == "apply":
         results = []
         for action in request.get("actions", []):

@@ -173,6 +173,14 @@ class CommandClient:
                 return value.upper()
         raise SlurmError(f"partition '{partition}' has no PreemptMode")
 
+    def grace_time(self, partition: str) -> int:
+        """The partition's GraceTime in seconds (0 when none or unreadable)."""
+        for token in self._run("scontrol", "show", "partition", "-o", partition).split():
+            key, _, value = token.partition("=")
+            if key == "GraceTime":
+                return int(value) if value.isdigit() else 0
+        return 0
+
     def drain(self, node: str, reason: str) -> None:
         self._run("scontrol", "update", f"NodeName={node}", "State=DRAIN", f"Reason={reason}")
 

@@ -108,6 +108,9 @@ class PyslurmClient:
     def preempt_mode(self, partition: str) -> str:
         return self._commands.preempt_mode(partition)
 
+    def grace_time(self, partition: str) -> int:
+        return self._commands.grace_time(partition)
+
     def run_in_job(self, job_id: str, node: str, argv: list[str], env: dict[str, str]) -> int:
         return self._commands.run_in_job(job_id, node, argv, env)
 

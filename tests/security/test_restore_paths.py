@@ -84,3 +84,45 @@ def test_restore_refuses_a_file_the_owner_swapped_for_a_root_only_one(cluster, j
     assert "ROOTSECRET" not in text, "the restored job read a root-only file"
     refusal = [l for l in text.splitlines() if "cannot restore" in l]
     assert refusal and f"{root_only_dir}/data" in refusal[0], text
+
+
+LISTENER = """\
+import os, socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.bind(sys.argv[1])
+s.listen(1)
+for step in range(1, 400):
+    print(f"step {step} listens", flush=True)
+    time.sleep(0.25)
+"""
+
+
+def test_a_bound_socket_whose_directory_was_swapped_is_refused_before_criu_binds(cluster, job_dir, users_dir,
+                                                                                  root_only_dir):
+    """Root CRIU unlinks and binds a restored socket's path again: with the directory
+    swapped for a link into a root-only one, it must not get that far."""
+    user = pwd.getpwnam(tc.USER)
+    sockdir = users_dir / "sock"
+    sockdir.mkdir()
+    decoy = root_only_dir / "s"
+    decoy.write_text("root's file\n")
+    (job_dir / "listener.py").write_text(LISTENER)
+    for p in (sockdir, job_dir / "listener.py"):
+        os.chown(p, user.pw_uid, user.pw_gid)
+    job = tc.job_id(tc.sbatch(cluster, f"#!/bin/sh\nexec /usr/bin/python3 {job_dir}/listener.py {sockdir}/s\n",
+                              "--checkpoint-interval=10m", "-o", str(job_dir / "listener.out"), cwd=job_dir))
+    try:
+        tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)
+        tc.wait_for(lambda: "step 3 listens" in output(job_dir, "listener"), 30, "the job listening")
+        res = as_user(cluster, "slurm-mm", "checkpoint", job, "--requeue")
+        assert res.returncode == 0, res.stderr
+        swap = f"mv {sockdir} {sockdir}.orig && ln -s {root_only_dir} {sockdir}"
+        subprocess.run(["runuser", "-u", tc.USER, "--", "sh", "-c", swap], check=True)
+        tc.wait_for(lambda: "cannot restore" in output(job_dir, "listener")
+                    or "restored from" in output(job_dir, "listener"), 90, "the restore")
+    finally:
+        subprocess.run(["scancel", job], env=cluster.env())
+    text = output(job_dir, "listener")
+    refusal = [l for l in text.splitlines() if "cannot restore" in l]
+    assert refusal and f"unix socket {sockdir}/s: its owner may not bind it there now" in refusal[0], text
+    assert decoy.is_file() and decoy.read_text() == "root's file\n", "root CRIU replaced a root-only file"

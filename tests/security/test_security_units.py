@@ -12,7 +12,7 @@ import pytest
 from slurm_mm.agent import admission, protocol
 from slurm_mm.agent.staging import prepare_staging_root
 from slurm_mm.engine.launcher import environment_fd
-from slurm_mm.errors import PermissionDenied, UsageError
+from slurm_mm.errors import PermissionDenied, SlurmMMError, UsageError
 
 
 def test_connections_are_bounded_per_user_and_in_all_but_not_for_root():
@@ -123,3 +123,167 @@ def test_a_stopping_dump_waiting_for_criu_goes_before_earlier_ordinary_ones():
     for t in threads:
         t.join(5)
     assert order == ["preempt", "periodic0", "periodic1", "periodic2"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="markers are root's")
+def test_enrollment_markers_enrol_a_run_once_and_go_with_the_epilog(tmp_path):
+    from slurm_mm.agent import enrollment
+    from slurm_mm.config import Config
+    from slurm_mm.errors import NotEnrolled
+
+    cfg = Config(run_dir=tmp_path / "run")
+    with pytest.raises(NotEnrolled, match="job 7 is not enrolled on n1"):
+        enrollment.check_enrolled(cfg, "7", "n1")
+    enrollment.mark_enrolled(cfg, "7", "n1", 0, "60")
+    enrollment.check_enrolled(cfg, "7", "n1")
+    with pytest.raises(NotEnrolled):
+        enrollment.check_enrolled(cfg, "7", "n2")  # another node's record does not count
+    assert enrollment.recorded_run(cfg, "7", "n1") == 0
+    enrollment.claim_start(cfg, "7", "n1", 0)
+    with pytest.raises(PermissionDenied, match="already started"):
+        enrollment.claim_start(cfg, "7", "n1", 0)
+    enrollment.claim_start(cfg, "7", "n1", 1)  # the requeued run
+    assert os.stat(tmp_path / "run" / "enrolled").st_mode & 0o777 == 0o700
+    enrollment.forget(cfg, "7", "n1")
+    assert enrollment.recorded_run(cfg, "7", "n1") is None
+    with pytest.raises(SlurmMMError):  # a path-like job id
+        enrollment.check_enrolled(cfg, "../7", "n1")
+
+
+def test_a_preempted_jobs_dump_gets_the_time_left_in_its_grace():
+    from types import SimpleNamespace
+
+    from slurm_mm.agent import dump_deadline
+
+    slurm = SimpleNamespace(job=lambda _j: SimpleNamespace(partition="low", preempt_time=1000),
+                            grace_time=lambda _p: 20)
+    deadline = dump_deadline.grace_end(slurm, "5")
+    assert deadline == 1020.0
+    assert dump_deadline.timeout(deadline, 600.0, now=1005.0) == 14.0
+    assert dump_deadline.timeout(deadline, 600.0, now=1030.0) == dump_deadline.FLOOR
+    assert dump_deadline.timeout(deadline, 10.0, now=1000.0) == 10.0, "never longer than configured"
+    assert dump_deadline.timeout(None, 600.0) == 600.0
+    no_grace = SimpleNamespace(job=slurm.job, grace_time=lambda _p: 0)
+    assert dump_deadline.grace_end(no_grace, "5") is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the store is root's")
+def test_store_quota_counts_a_users_images_beyond_what_retention_removes(tmp_path):
+    from slurm_mm.agent.quota import StoreQuota
+    from slurm_mm.errors import QuotaExceeded
+    from slurm_mm.store import ImageStore
+
+    store = ImageStore(tmp_path / "store", keep=2)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "pages-1.img").write_bytes(os.urandom(4096))
+    for job, uid in (("1", 1000), ("1", 1000), ("2", 1000), ("3", 1001)):
+        store.prepare_job(job, uid, uid)
+        store.commit(job, src, epoch=0, uid=uid, gid=uid, node="n1", trigger="periodic", criu_version="4.2.1",
+                     extra={})
+    size = store.images("2")[0].manifest.stored_size
+    quota = StoreQuota(store, 3 * size, keep=2)
+    assert quota.usage(1000) == 3 * size and quota.usage(1001) == size
+    assert quota.usage(1000, leaving="1") == 2 * size, "job 1's oldest image goes with its next commit"
+    quota.check("1", 1000)
+    with pytest.raises(QuotaExceeded, match="store_quota_per_user"):
+        quota.check("2", 1000)
+    StoreQuota(store, 0, keep=2).check("2", 1000)  # 0 = no quota
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping a bounding-set bit needs root")
+def test_owner_check_refuses_a_task_whose_bounding_set_is_wider_than_the_checkers():
+    import ctypes
+    import subprocess
+
+    from slurm_mm.engine import owner_check
+
+    task = subprocess.Popen(["sleep", "30"], user=65534, group=65534, extra_groups=[])
+    try:
+        time.sleep(0.2)
+        assert owner_check.problems(task.pid, 65534, {65534})[0] == []
+        r, w = os.pipe()
+        child = os.fork()
+        if child == 0:  # a checker without CAP_NET_RAW (13) in its bounding set
+            os.close(r)
+            ctypes.CDLL(None, use_errno=True).prctl(24, 13, 0, 0, 0)  # PR_CAPBSET_DROP
+            found = owner_check.problems(task.pid, 65534, {65534})[0]
+            os.write(w, "\n".join(found).encode())
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as pipe:
+            text = pipe.read()
+        os.waitpid(child, 0)
+        assert "bounding set 0x2000 wider" in text, text
+    finally:
+        task.kill()
+        task.wait()
+
+
+def test_a_peers_string_cannot_forge_a_log_line():
+    from slurm_mm.agent.node_agent import _printable
+
+    text = _printable("7\n2026-11-28 agent INFO job 9 checkpointed" + "x" * 200)
+    assert "\n" not in text and text.startswith("'7\\n") and len(text) < 80
+
+
+def test_an_ordinary_dump_gives_criu_up_to_a_waiting_stopping_dump(tmp_path):
+    import subprocess
+    import sys
+    import threading
+
+    from slurm_mm.agent.criu_gate import CriuGate
+    from slurm_mm.agent.criu_yield import yields_to_urgent
+
+    (tmp_path / "dump").write_text("import time\ntime.sleep(30)\n")
+    fake_criu = "/opt/fake/criu"  # argv of a hung `criu dump --tree 123`
+    hung = subprocess.Popen([fake_criu, "dump", "--tree", "123"], executable=sys.executable, cwd=tmp_path)
+    other = subprocess.Popen([fake_criu, "dump", "--tree", "1234"], executable=sys.executable, cwd=tmp_path)
+    gate, served = CriuGate(), threading.Event()
+
+    def stopping_dump() -> None:
+        with gate.hold(urgent=True):
+            served.set()
+
+    try:
+        with gate.hold(), yields_to_urgent(gate, Path(fake_criu), 123, after=0.3):
+            assert not gate.urgent_waiting()
+            threading.Thread(target=stopping_dump, daemon=True).start()
+            assert hung.wait(timeout=5) == -9, "the hung ordinary dump was killed"
+            assert other.poll() is None, "another tree's criu is left alone"
+        assert served.wait(5)
+    finally:
+        for proc in (hung, other):
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="checks run as another user")
+def test_socket_directories_are_checked_as_the_owner_before_criu_binds():
+    import shutil
+    import subprocess
+    import tempfile
+
+    from slurm_mm.engine import filestate
+
+    tmp_path = Path(tempfile.mkdtemp(prefix="slurm_mm-sock-", dir="/tmp"))  # reachable by nobody
+    users = tmp_path / "users"
+    users.mkdir()
+    os.chown(users, 65534, 65534)
+    root_only = tmp_path / "root-only"
+    root_only.mkdir(mode=0o700)
+    os.chmod(tmp_path, 0o755)
+    code = ("import socket, sys, time\ns = socket.socket(socket.AF_UNIX)\ns.bind(sys.argv[1])\n"
+            "print('up', flush=True)\ntime.sleep(30)\n")
+    proc = subprocess.Popen(["python3", "-c", code, str(users / "s")], user=65534, group=65534, extra_groups=[],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        assert filestate.bound_sockets(proc.pid) == [str(users / "s")]
+        state = filestate.FileState(node="n1", sockets=[str(users / "s"), str(root_only / "s")])
+        plan = filestate.plan(state, tmp_path, node="n1", uid=65534, gids=[65534], pin_root=None)
+        assert len(plan.problems) == 1 and f"unix socket {root_only}/s: its owner may not bind" in plan.problems[0]
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(tmp_path)
