@@ -28,7 +28,7 @@ if [ -z "$(ls "$DIR/wheels"/*.whl 2>/dev/null)" ]; then
     "$PREFIX/venv/bin/pip" download -q --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d "$DIR/wheels" pyyaml==6.0.2 zstandard==0.25.0 filelock==3.16.1 tabulate==0.9.0 \
-        nvidia-ml-py==13.580.82
+        xxhash==4.1.0 nvidia-ml-py==13.580.82
 fi
 
 strip -o "$DIR/criu" "$PREFIX/criu/sbin/criu"

@@ -63,6 +63,15 @@ for pair in "slurm-mm:slurm_mm.cli" "slurm-mm-run:slurm_mm.batch_wrapper"; do
         "$PREFIX/venv/bin/python" "${pair#*:}" > "$PREFIX/venv/bin/${pair%%:*}"
     chmod 0755 "$PREFIX/venv/bin/${pair%%:*}"
 done
+# The rest of `make install`'s layout (the cluster runs the installed files, never the checkout's).
+src="$PREFIX/src"
+install -d -m 0755 "$PREFIX/lib" "$PREFIX/prolog_epilog" "$PREFIX/share/slurm"
+install -m 0755 "$src/spank/slurm_mm_spank.so" "$PREFIX/lib/"
+for hook in prolog epilog; do
+    sed "1s|^#!.*|#!$PREFIX/venv/bin/python -I|" "$src/prolog_epilog/$hook" > "$PREFIX/prolog_epilog/$hook"
+    chmod 0755 "$PREFIX/prolog_epilog/$hook"
+done
+install -m 0644 "$src"/contrib/slurm/{plugstack.conf,slurm.conf.snippet,cli_filter.lua,config.yaml} "$PREFIX/share/slurm/"
 chmod -R go+rX "$PREFIX"
 ldconfig
 log "installed: $(slurmd -V) / $(munged -V 2>&1 | head -1) / $("$PREFIX/criu/sbin/criu" --version | head -1)"
