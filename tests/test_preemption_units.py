@@ -18,6 +18,7 @@ from agent_fakes import GID, UID, FakeCheckpointer, FakeSlurm, make_job
 
 from slurm_mm import config
 from slurm_mm.agent import protocol
+from slurm_mm.agent import steps as steps_mod
 from slurm_mm.agent.job_record import JobState, LaunchRequest
 from slurm_mm.agent.preemption import Preemption, selected_in_run
 from slurm_mm.agent.services import JobRegistry, NodeServices
@@ -143,4 +144,16 @@ def test_success_is_never_reinterpreted(harness):
     h = harness(RUN)
     h.sup.preempt_notice.saw("USR1 to the batch task")
     assert h.end_tree(0) == {"op": "exit", "status": 0}
+    assert h.slurm.requeues == []
+
+
+def test_on_slurm_24_05_and_later_slurm_requeues_the_preempted_script_itself(harness, monkeypatch):
+    """24.05+ marks a job preempted in its grace time and clears the mark only when it
+    requeues the job itself: our own `scontrol requeue` would requeue the next run again."""
+    monkeypatch.setattr(steps_mod, "slurm_requeues_preempted_job_on_exit", lambda: True)
+    h = harness(RUN)
+    h.sup.preempt_notice.saw("USR1 to the batch task")
+    assert h.end_tree(143) == {"op": "exit", "status": 143}
+    assert h.sup.record.state == JobState.REQUEUED and "Slurm requeues the job to rerun" in h.told()
+    time.sleep(0.2)  # an observation window: no requeue of ours may follow
     assert h.slurm.requeues == []

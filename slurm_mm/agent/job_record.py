@@ -23,6 +23,10 @@ class JobState(StrEnum):
     EXITED = "exited"  # its tree ended on its own
 
 
+# What the batch task exits with once its job is requeued (128 + SIGTERM, as if Slurm's own
+# kill had ended it; never 0, so that a requeue that somehow did not take never reads as success).
+REQUEUED_EXIT = 143
+
 # States in which a second `start` of the job is refused (its tree is or will be there).
 ACTIVE = frozenset({JobState.STARTING, JobState.RUNNING})
 

@@ -27,11 +27,12 @@ import time
 from dataclasses import dataclass
 from typing import Iterable
 
-from slurm_mm.agent.job_record import JobState
+from slurm_mm.agent.job_record import REQUEUED_EXIT, JobState
 from slurm_mm.agent.services import SupervisedJob
 from slurm_mm.agent.step_launch import JobSteps
 from slurm_mm.engine.proctree import tree_pids
 from slurm_mm.errors import SlurmMMError
+from slurm_mm.slurm.version import slurm_requeues_preempted_job_on_exit
 from slurm_mm.store import Trigger
 
 log = logging.getLogger(__name__)
@@ -216,8 +217,14 @@ class StepGuard:
             return
         last = sup.record.last_image.get("name") or _stored_latest(sup)
         where = f"its last whole image {last}" if last else "the beginning (no whole image exists)"
-        sup.tell(f"{trigger}: {reason}; requeueing the job to rerun from {where}")
         sup.record.state = JobState.REQUEUED  # the tree's end is the requeue's, not the job's
+        if trigger == Trigger.PREEMPT and slurm_requeues_preempted_job_on_exit():
+            # Slurm 24.05+ requeues a job whose script ends in its grace time; a requeue of our
+            # own would leave its preemption mark set and requeue the next run once more.
+            sup.tell(f"{trigger}: {reason}; Slurm requeues the job to rerun from {where}")
+            sup.send({"op": "exit", "status": REQUEUED_EXIT})
+            return
+        sup.tell(f"{trigger}: {reason}; requeueing the job to rerun from {where}")
         threading.Thread(target=self._requeue, name=f"requeue-{sup.job_id}", daemon=True).start()
 
     def ended_by_preemption(self, status: int) -> bool:

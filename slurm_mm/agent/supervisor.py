@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from slurm_mm.agent import dump_deadline, enrollment, job_comment, job_records, metrics, protocol, quota
-from slurm_mm.agent.job_record import CheckpointProgress, JobRecord, JobState, LaunchRequest
+from slurm_mm.agent.job_record import REQUEUED_EXIT, CheckpointProgress, JobRecord, JobState, LaunchRequest
 from slurm_mm.agent.preemption import PreemptNotice
 from slurm_mm.agent.services import NodeServices
 from slurm_mm.agent.steps import StepGuard
@@ -36,9 +36,6 @@ from slurm_mm.store.manifest import STOPPING_TRIGGERS
 
 log = logging.getLogger(__name__)
 
-# What the batch task exits with once its job is requeued (128 + SIGTERM, as if Slurm's
-# own kill had ended it).
-REQUEUED_EXIT = 143
 # How long a failed commit's restore-in-place waits for the dumped tree to be gone.
 OLD_TREE_GONE_SECONDS = 30.0
 
