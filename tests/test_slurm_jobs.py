@@ -133,7 +133,8 @@ def test_exit_code_passes_through(cluster, job_dir):
     assert info["JobState"] == "FAILED"
     assert info["ExitCode"] == "3:0"
     assert_correct_result(job_dir, 4)
-    assert (cluster.checkpoint_root / job).exists()  # a job that failed keeps its images dir
+    # It ended for good: the Epilog removes what slurm_mm made for it (nothing left to resume).
+    tc.wait_for(lambda: not (cluster.checkpoint_root / job).exists(), 30, "the Epilog's cleanup")
 
 
 def test_job_without_option_is_untouched(cluster, job_dir):
