@@ -28,6 +28,7 @@ import sys
 from slurm_mm import config
 from slurm_mm.agent import enrollment
 from slurm_mm.checkpointer import open_store, restorable
+from slurm_mm.engine.owner import Owner
 from slurm_mm.errors import SlurmMMError
 
 log = logging.getLogger("slurm_mm.hooks")
@@ -55,8 +56,8 @@ def prolog(env: dict[str, str]) -> None:
     # Manifest-level choice only: the agent verifies checksums while it extracts, so the
     # prolog does not read the whole image a second time before the job can start.
     # The same choice as the agent's (checkpointer.restorable), owner included.
-    image = next((i for i, refusal in restorable(store, job, before_epoch=epoch, owner=None)
-                  if not refusal and (i.manifest.uid, i.manifest.gid) == (uid, gid)), None)
+    owner = Owner(uid, gid, ())  # restorable() compares uid and gid only
+    image = next((i for i, refusal in restorable(store, job, before_epoch=epoch, owner=owner) if not refusal), None)
     if image is None:
         log.warning("job %s run %d: no usable image; the script starts from the beginning", job, epoch)
     else:
