@@ -74,7 +74,6 @@ class NodeAgent:
                                      poll_interval=poll_interval)
         self.stopping = threading.Event()
         self.admission = admission.Admission()
-        self._manual_at: dict[str, float] = {}  # job -> last manual checkpoint (monotonic)
         self.records = job_records.JobRecords(config.run_dir, node)  # what a restarted agent takes over
         checkpointer.records = self.records
 
@@ -265,7 +264,7 @@ class NodeAgent:
         trigger = Trigger(asked)
         requeue = bool(message.get("requeue")) or trigger == Trigger.DRAIN
         if uid != 0 and not requeue:
-            self._rate_limit_manual(job_id)
+            self._rate_limit_manual(supervisor)
         self.checkpointer.hurry(job_id)
         image = supervisor.checkpoint(trigger, requeue=requeue, defer_requeue=True)
         if image is None:
@@ -273,15 +272,16 @@ class NodeAgent:
         reply = {"op": "checkpointed", "image": image.path.name, "trigger": trigger, "requeued": requeue}
         return reply, (lambda: supervisor.finish_stop(image, trigger)) if requeue else None
 
-    def _rate_limit_manual(self, job_id: str) -> None:
-        """A user's manual checkpoints of a job: no more often than periodic ones may be."""
+    def _rate_limit_manual(self, supervisor: JobSupervisor) -> None:
+        """A user's manual checkpoints of a job: no more often than periodic ones may be.
+        The time is the supervisor's, so it goes with the job's run."""
         now, spacing = time.monotonic(), self.config.min_interval
         with self.jobs.lock:
-            last = self._manual_at.get(job_id)
+            last = supervisor.manual_checkpoint_at
             if last is not None and now - last < spacing:
-                raise PermissionDenied(f"job {job_id} was checkpointed on request {now - last:.0f} s ago: "
-                                       f"one manual checkpoint per {spacing} s (min_interval)")
-            self._manual_at[job_id] = now
+                raise PermissionDenied(f"job {supervisor.job_id} was checkpointed on request {now - last:.0f} s "
+                                       f"ago: one manual checkpoint per {spacing} s (min_interval)")
+            supervisor.manual_checkpoint_at = now
 
     def _watch(self) -> None:
         """Poll Slurm: preemption notices and slurm_mm drains for this node's jobs."""

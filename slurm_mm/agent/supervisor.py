@@ -52,6 +52,7 @@ class JobSupervisor:
         self.stopped = threading.Event()
         self.suspended = threading.Event()  # Slurm SUSPEND: frozen, nothing to dump
         self.tree: ProcessTree | None = None
+        self.manual_checkpoint_at: float | None = None  # a user's last one (monotonic), for the rate limit
         self.gpu_suspended: list[int] = []  # PIDs whose GPU state a SUSPEND moved out
         self.record = JobRecord(self.job_id, request.uid, request.interval)
         self.send_lock = threading.Lock()
