@@ -146,11 +146,11 @@ class JobCheckpointer:
         # status file its mm-init writes the job's end to, read by a restarted agent.
         self.records: JobRecords | None = None
 
-    def _status_fd(self, job_id: str | None) -> int | None:
+    def _status_fd(self, job_id: str | None, key: str = "") -> int | None:
         if self.records is None or job_id is None:
             return None
         try:
-            return self.records.status_fd(job_id)
+            return self.records.status_fd(job_id, key)
         except (OSError, ValueError) as exc:
             log.warning("job %s: no status file (%s): an agent restart would lose it", job_id, exc)
             return None
@@ -200,9 +200,10 @@ class JobCheckpointer:
 
     # ------------------------------------------------------------ launch
 
-    def launch(self, req: LaunchRequest, *, record_end: bool = False) -> LaunchedTree:
-        """`record_end`: the job's batch tree, whose end goes to its status file (job records)."""
-        status_fd = self._status_fd(req.job.job_id) if record_end else None
+    def launch(self, req: LaunchRequest, *, record_end: bool = False, status_key: str = "") -> LaunchedTree:
+        """`record_end`: the tree's end goes to the job's status file (job records), or
+        with `status_key` to that of one of its step tasks."""
+        status_fd = self._status_fd(req.job.job_id, status_key) if record_end else None
         try:
             return launch(req.argv, uid=req.uid, gid=req.gid, groups=req.groups, env=req.env,
                           cwd=req.cwd, stdin=req.stdio[0], stdout=req.stdio[1], stderr=req.stdio[2],
@@ -291,7 +292,7 @@ class JobCheckpointer:
             shutil.rmtree(staging, ignore_errors=True)
 
     def restore(self, images: Path, target: RestoreTarget, gpu: dict[str, Any] | None, *,
-                pin_root: Path | None, job_id: str | None = None) -> RestoredTree:
+                pin_root: Path | None, job_id: str | None = None, status_key: str = "") -> RestoredTree:
         """Restore an extracted image. `gpu`: the GPU inventory recorded with it (None: no
         GPU state). `job_id`: with job records, the tree's end goes to its status file. The job's files are brought back to the image's record first
         (FileStateRefused names any that cannot be)."""
@@ -305,7 +306,7 @@ class JobCheckpointer:
         owner = target.owner
         prepared = filestate.prepare(images, node=self.node, uid=owner.uid, gids=list(owner.groups),
                                      pin_root=pin_root, work=images / ".handed")
-        status_fd = self._status_fd(job_id)
+        status_fd = self._status_fd(job_id, status_key)
         try:
             with self.criu_lock.hold():
                 tree = restore_tree(images, stdin=target.stdio[0], stdout=target.stdio[1],

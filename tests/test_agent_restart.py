@@ -1,13 +1,18 @@
 """A restart (or upgrade) of the node agent never fails a job: the jobs' trees run on,
-their batch tasks reconnect, and the new agent takes them over, also when the restart
-cuts a checkpoint short. Every job is the self-checking chain job."""
+their batch tasks (and `srun` step tasks) reconnect, and the new agent takes them over,
+also when the restart cuts a checkpoint short. Every job is the self-checking chain job;
+once the jobs are over, no record of them is left in the agent's run dir."""
 
 from __future__ import annotations
+
+import os
+import pwd
+import shutil
 
 import pytest
 
 from conftest import testcluster as tc
-from slurm_jobs import (as_user, assert_correct_result, assert_no_lost_or_repeated_steps,
+from slurm_jobs import (WORKLOAD, as_user, assert_correct_result, assert_no_lost_or_repeated_steps,
                         image_names, logged_steps, output, submit_chain)
 
 pytestmark = pytest.mark.cluster
@@ -18,6 +23,11 @@ def restart_agent(cluster, node: str) -> None:
     """As `systemctl restart` with KillMode=process: SIGTERM to the agent alone, then a new one."""
     tc.stop_pid(cluster.pid_file(f"agent-{node}"))
     tc.start_agent(cluster, node)
+
+
+def records_left(cluster, node: str) -> list[str]:
+    path = cluster.run / "jobs" / node
+    return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
 
 
 def dump_in_progress(cluster, job: str) -> bool:
@@ -60,3 +70,39 @@ def test_agent_restart_while_jobs_run_and_mid_checkpoint(cluster, job_dir):
         assert_no_lost_or_repeated_steps(job_dir, steps, name)  # one fresh start, no rerun
     assert tc.job_info(cluster, a)["Restarts"] == "1" and tc.job_info(cluster, b)["Restarts"] == "0"
     assert output(job_dir, "b").count("starting the job script") == 0
+
+    tc.wait_for(lambda: not records_left(cluster, node), 10, "the jobs' records removed")
+
+
+def test_agent_restart_while_an_srun_step_runs_and_mid_checkpoint(cluster, job_dir):
+    node, steps = "n2", 200
+    shutil.copy(WORKLOAD, job_dir / "chain_job.py")
+    user = pwd.getpwnam(tc.USER)
+    os.chown(job_dir / "chain_job.py", user.pw_uid, user.pw_gid)
+    script = (f"#!/bin/bash\ncd {job_dir}\nsrun -n1 /usr/bin/python3 chain_job.py {steps} 0.25 chain.log\n"
+              "echo script-after-step rc=$?\n")
+    job = tc.job_id(tc.sbatch(cluster, script, "-w", node, "-o", str(job_dir / "chain.out"), "-J", "chain",
+                              "--checkpoint-interval=5s", cwd=job_dir))
+    tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)
+    tc.wait_for(lambda: len(image_names(cluster, job)) >= 1, 30, "a first image with the step")
+
+    restart_agent(cluster, node)  # the step runs, no checkpoint in flight
+    tc.wait_for(lambda: output(job_dir).count(TAKEN_OVER) == 2, 30, "batch and step task taken over")
+    done = len(logged_steps(job_dir))
+    tc.wait_for(lambda: len(logged_steps(job_dir)) > done + 4, 20, "the step goes on after the restart")
+    images = len(image_names(cluster, job))
+    tc.wait_for(lambda: len(image_names(cluster, job)) > images, 30, "checkpointed again, step and all")
+
+    before = image_names(cluster, job)
+    tc.wait_for(lambda: dump_in_progress(cluster, job), 30, "a periodic checkpoint under way", interval=0.005)
+    restart_agent(cluster, node)  # cuts the checkpoint short
+    assert set(before) <= set(image_names(cluster, job))
+    tc.wait_for(lambda: output(job_dir).count(TAKEN_OVER) == 4, 30, "taken over again")
+
+    info = tc.wait_job(cluster, job, {"COMPLETED", "FAILED"}, timeout=120)
+    out = output(job_dir)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", out
+    assert_correct_result(job_dir, steps)
+    assert_no_lost_or_repeated_steps(job_dir, steps)  # one fresh start, no rerun
+    assert out.count("script-after-step rc=0") == 1, out
+    tc.wait_for(lambda: not records_left(cluster, node), 10, "the job's records removed")

@@ -206,3 +206,79 @@ def test_a_stopping_checkpoint_cut_short_by_the_restart_requeues_the_job(node_ag
     assert protocol.recv(peer)[0] == {"op": "exit", "status": 143}
     assert node_agent.slurm.requeues == ([("77", False)] if requeued_by_us else [])
     peer.close()
+
+
+def test_step_processes_have_status_files_of_their_own_and_go_with_the_job(tmp_path):
+    records = JobRecords(tmp_path, "n1")
+    records.save(record_of("42", os.getpid()))
+    for key, code in (("", 0), ("srun-0123456789abcdef", 7), ("step-0123456789abcdef-3", 130)):
+        fd = records.status_fd("42", key)
+        os.write(fd, f"{code}\n".encode())
+        os.close(fd)
+        assert records.exit_status("42", key) == code
+    with pytest.raises(ValueError, match="invalid status key"):
+        records.status_fd("42", "../x")
+    assert records.exit_status("42", "../x") is None
+    records.remove_status("42", "srun-0123456789abcdef")
+    assert records.exit_status("42", "srun-0123456789abcdef") is None
+    records.save(record_of("43", os.getpid()))
+    assert records.job_ids() == {"42", "43"}
+    job_records.forget(records, "42")
+    assert sorted(p.name for p in records.dir.iterdir()) == ["43.json"]
+
+
+def test_a_record_of_steps_survives_and_an_update_never_brings_back_a_forgotten_job(tmp_path):
+    records = JobRecords(tmp_path, "n1")
+    rec = record_of("8", os.getpid())
+    rec.steps = {"0123456789abcdef": {"argv": ["-n1", "app"], "env": {"A": "b"}, "cwd": "/", "standin_ns_pid": 12,
+                                      "ntasks": 1, "srun": [os.getpid(), start_time(os.getpid())],
+                                      "tasks": {"0": [1, 2, 3, 4]}}}
+    records.save(rec)
+    assert records.load("8") == rec
+
+    class Sup:  # what job_records.save reads of a supervisor
+        job_id, epoch = "8", 2
+        req = type("Req", (), {"uid": 1000})()
+        record = type("State", (), {"mode": "launched", "last_image": {}})()
+        tree = type("Tree", (), {"init_pid": os.getpid(), "waiter_pid": os.getpid()})()
+        steps = type("Guard", (), {"jobsteps": type("Steps", (), {"persisted": lambda self: {}})()})()
+
+    records.save(TreeRecord(**{**rec.__dict__, "stopping": "preempt"}))
+    job_records.save(records, Sup(), stopping=None)  # a steps update keeps the stopping mark
+    assert records.load("8").stopping == "preempt" and records.load("8").steps == {}
+    job_records.forget(records, "8")
+    job_records.save(records, Sup(), stopping=None)
+    assert records.load("8") is None
+
+
+class _Slurm:
+    def __init__(self, jobs, fail=False):
+        self._jobs, self.fail = jobs, fail
+
+    def jobs(self, node=None):
+        from slurm_mm.errors import SlurmError
+        if self.fail:
+            raise SlurmError("slurmctld unreachable")
+        return self._jobs
+
+
+def test_the_agent_start_sweeps_records_of_jobs_no_longer_running_here(tmp_path):
+    from slurm_mm.agent.record_sweep import sweep
+    from slurm_mm.slurm.model import Job
+    records = JobRecords(tmp_path, "n1")
+    for job_id in ("1", "2", "3"):
+        records.save(record_of(job_id, os.getpid()))
+    fd = records.status_fd("4", "srun-0123456789abcdef")
+    os.close(fd)
+    steps_dir = tmp_path / "steps"
+    (steps_dir / "5").mkdir(parents=True)
+    (steps_dir / "2").mkdir()
+
+    def job(job_id, state):
+        return Job(job_id, 1000, 1000, state, "n1", 0, 0, 0, "n1", "low", True, None, "/")
+
+    assert sweep(records, _Slurm([], fail=True), "n1", steps_dir) == []  # no answer: nothing goes
+    assert records.job_ids() == {"1", "2", "3", "4"}
+    gone = sweep(records, _Slurm([job("2", "RUNNING"), job("3", "COMPLETED")]), "n1", steps_dir)
+    assert gone == ["1", "3", "4", "5"]
+    assert records.job_ids() == {"2"} and sorted(p.name for p in steps_dir.iterdir()) == ["2"]

@@ -2,7 +2,8 @@
 
 The job trees outlive the agent (systemd's KillMode=process; the trees are in sessions
 and cgroups of their own), and each batch task (`slurm-mm-run`) reconnects with a
-`reattach` request carrying what a `start` carries (argv, environment, cwd, stdio).
+`reattach` request carrying what a `start` carries (argv, environment, cwd, stdio);
+the job's `srun` steps are taken over with it (agent/step_adopt.py).
 The agent checks it exactly as a start (the peer is the job's batch step here, Slurm
 confirms owner and run), finds the job's record (job_records.py) and takes the tree
 over: its end comes from the status file mm-init writes, signals go to its init
@@ -17,120 +18,24 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import signal
 import socket
 import threading
-import time
-from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from slurm_mm.agent import auth, job_records, metrics, protocol
+from slurm_mm.agent import auth, job_records, metrics, protocol, step_adopt
+from slurm_mm.agent.adopted import LOST_STATUS, AdoptedTree, continue_stopped  # noqa: F401  (re-exported)
 from slurm_mm.agent.job_record import ACTIVE, JobState, LaunchRequest
 from slurm_mm.agent.services import JobRegistry, NodeServices
 from slurm_mm.agent.supervisor import REQUEUED_EXIT, JobSupervisor
-from slurm_mm.engine.proctree import tree_pids
 from slurm_mm.errors import PermissionDenied, SlurmMMError
 from slurm_mm.slurm.model import Job, SlurmClient
 from slurm_mm.slurm.version import slurm_requeues_preempted_job_on_exit
 from slurm_mm.store import Trigger
 
 log = logging.getLogger(__name__)
-LOST_STATUS = 1  # the tree ended and left no status: never read as success
 KILLED_BY_DUMP = 128 + signal.SIGKILL  # how a tree ends when a stopping dump took it
 RELAY_SPACING = 0.05  # seconds between two relayed signals of one job (as after a start)
-
-
-@dataclass
-class AdoptedTree:
-    """A job tree this agent did not start: not its child, so it waits on pidfds."""
-
-    init_pid: int
-    waiter_pid: int
-    records: job_records.JobRecords
-    job_id: str
-    waiter_fd: int | None  # pidfd of the process whose end is the job's end; None: ended
-    init_fd: int | None
-    files_report: list[str] = field(default_factory=list)
-    gpu_suspended: list[int] = field(default_factory=list)
-    _status: int | None = None
-
-    @classmethod
-    def of(cls, record: job_records.TreeRecord, records: job_records.JobRecords) -> AdoptedTree:
-        def pidfd(pid: int, started: int) -> int | None:
-            if not job_records.same_process(pid, started):
-                return None
-            try:
-                fd = os.pidfd_open(pid)
-            except OSError:
-                return None
-            if not job_records.same_process(pid, started):  # reused between check and open
-                os.close(fd)
-                return None
-            return fd
-
-        return cls(record.init_pid, record.waiter_pid, records, record.job_id,
-                   pidfd(record.waiter_pid, record.waiter_start), pidfd(record.init_pid, record.init_start))
-
-    def _ended(self, timeout: float | None) -> bool:
-        if self.waiter_fd is None:
-            return True
-        ready, _, _ = select.select([self.waiter_fd], [], [], timeout)
-        return bool(ready)
-
-    def _read_status(self) -> int:
-        if self._status is None:
-            for _ in range(20):  # mm-init writes before it exits; its last write may lag a little
-                status = self.records.exit_status(self.job_id)
-                if status is not None:
-                    break
-                time.sleep(0.05)
-            else:
-                log.warning("job %s: its tree ended without writing a status", self.job_id)
-                status = LOST_STATUS
-            self._status = status
-            for fd in (self.waiter_fd, self.init_fd):
-                if fd is not None:
-                    os.close(fd)
-            self.waiter_fd = self.init_fd = None
-        return self._status
-
-    def poll(self) -> int | None:
-        return self._read_status() if self._status is not None or self._ended(0) else None
-
-    def wait(self, timeout: float | None = None) -> int:
-        if self._status is None and not self._ended(timeout):
-            raise TimeoutError(f"adopted job (pid {self.init_pid}) still running after {timeout} s")
-        return self._read_status()
-
-    def signal(self, sig: int) -> None:
-        if self.init_fd is not None and self._status is None:
-            try:
-                signal.pidfd_send_signal(self.init_fd, sig)
-            except (ProcessLookupError, OSError):
-                pass
-
-    def kill(self) -> None:
-        self.signal(signal.SIGKILL)
-
-
-def continue_stopped(init_pid: int) -> list[int]:
-    """Continue processes of the tree left stopped (not traced: a CRIU still at work on
-    it finishes on its own). Returns the PIDs continued."""
-    continued = []
-    for pid in tree_pids(init_pid):
-        try:
-            with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
-                fields = dict(line.split(":", 1) for line in f if ":" in line)
-        except OSError:
-            continue
-        if fields.get("State", "").strip().startswith("T") and fields.get("TracerPid", "0").strip() == "0":
-            try:
-                os.kill(pid, signal.SIGCONT)
-                continued.append(pid)
-            except ProcessLookupError:
-                pass
-    return continued
 
 
 class ReattachHost(Protocol):
@@ -196,9 +101,11 @@ def handle_reattach(agent: ReattachHost, conn: socket.socket, pid: int, uid: int
     supervisor.record.mode = record.mode
     if record.stopping and supervisor.tree.poll() == KILLED_BY_DUMP:
         _requeue_cut_short(supervisor, record.stopping)
+        job_records.forget(agent.records, job_id)  # the tree is over here
         protocol.relay_signals(conn, lambda signum: None, RELAY_SPACING)
         return
     supervisor.record.state = JobState.RUNNING
+    step_adopt.adopt_steps(supervisor, record.steps, agent.records)  # their tasks reattach on their own
     metrics.registry.job_started(job_id, "adopted")
     log.info("job %s: took over its tree (init pid %d, run %d)", job_id, record.init_pid, record.epoch)
     threading.Thread(target=supervisor._wait_exit, name=f"wait-{job_id}", daemon=True).start()

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from slurm_mm.agent import admission, adopt, auth, enrollment, job_records, protocol, step_launch
+from slurm_mm.agent import admission, adopt, auth, enrollment, job_records, protocol, record_sweep, step_adopt, step_launch
 from slurm_mm.agent.cgroups import step_cgroup_procs
 from slurm_mm.agent.job_record import ACTIVE, JobState, LaunchRequest
 from slurm_mm.agent.preemption import Preemption
@@ -96,6 +96,8 @@ class NodeAgent:
         os.chmod(path, 0o666)  # anyone may connect; SO_PEERCRED decides what they get
         server.listen(128)
         threading.Thread(target=self._watch, name="watch", daemon=True).start()
+        threading.Thread(target=record_sweep.sweep, name="sweep", daemon=True,
+                         args=(self.records, self.slurm, self.node, self.config.run_dir / "steps")).start()
         log.info("agent for %s listening on %s", self.node, path)
         while not self.stopping.is_set():
             try:
@@ -136,7 +138,9 @@ class NodeAgent:
         fds: list[int] = []
         try:
             # Only a batch task sends a job's whole environment; the rest is small.
-            big = auth.batch_step_job(pid, self.node) is not None or step_launch.step_task_job(pid) in self.jobs
+            step_job = step_launch.step_task_job(pid)
+            big = (auth.batch_step_job(pid, self.node) is not None or step_job in self.jobs
+                   or (step_job is not None and step_job in self.records.job_ids()))
             message, fds = protocol.recv(
                 conn, max_size=protocol.MAX_MESSAGE if big else protocol.MAX_SMALL_MESSAGE,
                 deadline=time.monotonic() + admission.REQUEST_SECONDS)
@@ -144,6 +148,9 @@ class NodeAgent:
             if op == "start":
                 self._start(conn, pid, uid, message, fds, slot)
                 fds = []  # owned by the supervisor now
+            elif op == "reattach" and step_job is not None:  # a step task's (agent/step_adopt.py)
+                step_adopt.handle_task_reattach(self.services, conn, pid, uid, step_job, message, fds, slot.release)
+                fds = []
             elif op == "reattach":  # a batch task whose agent restarted (agent/adopt.py)
                 adopt.handle_reattach(self, conn, pid, uid, message, fds, slot.release)
                 fds = []

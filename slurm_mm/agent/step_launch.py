@@ -30,13 +30,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slurm_mm.agent import protocol
+from slurm_mm.agent import job_records, protocol
 from slurm_mm.agent.cgroups import step_cgroup_procs
 from slurm_mm.agent.job_record import ACTIVE, LaunchRequest
 from slurm_mm.agent.services import NodeServices, SupervisedJob
@@ -130,17 +131,69 @@ class JobSteps:
         req = self.sup.req
         with self.lock:  # known before its tasks can ask for it
             self.steps[token] = step
+        # With job records, srun runs under a keeper that records its exit code, so a
+        # restarted agent can take the step over (agent/step_adopt.py).
+        status_fd = self._status_fd(srun_key(token))
+        argv0 = ["srun"] if status_fd is None else [sys.executable, "-I", "-m", "slurm_mm.srun_keeper",
+                                                     str(status_fd), "srun"]
         try:
             step.proc = subprocess.Popen(
-                ["srun", *argv], env=run_env, stdin=fds[0], stdout=fds[1], stderr=fds[2], close_fds=True,
+                [*argv0, *argv], env=run_env, stdin=fds[0], stdout=fds[1], stderr=fds[2], close_fds=True,
+                pass_fds=() if status_fd is None else (status_fd,),
                 preexec_fn=_become(req.uid, req.gid, req.groups, cwd, req.cgroup_procs))
         except OSError as exc:
             with self.lock:
                 self.steps.pop(token, None)
             raise SlurmMMError(f"cannot run srun for job {self.sup.job_id}: {exc}") from None
-        threading.Thread(target=self._wait_srun, args=(step, exit_file), daemon=True,
-                         name=f"srun-{self.sup.job_id}-{token}").start()
+        finally:
+            if status_fd is not None:
+                os.close(status_fd)
+        self.persist()
+        self.watch_srun(step)
         return exit_file
+
+    def watch_srun(self, step: Step) -> None:
+        threading.Thread(target=self._wait_srun, args=(step, self.exit_dir() / step.token), daemon=True,
+                         name=f"srun-{self.sup.job_id}-{step.token}").start()
+
+    # -------------------------------------------------------- records (agent/step_adopt.py)
+
+    def _records(self) -> job_records.JobRecords | None:
+        return getattr(self.services.checkpointer, "records", None)
+
+    def _status_fd(self, key: str) -> int | None:
+        records = self._records()
+        if records is None:
+            return None
+        try:
+            return records.status_fd(self.sup.job_id, key)
+        except (OSError, ValueError) as exc:
+            log.warning("job %s: no status file for %s (%s): an agent restart would lose the step",
+                        self.sup.job_id, key, exc)
+            return None
+
+    def persist(self) -> None:
+        """The job's record with its steps as they are now (nothing once the job's record is gone)."""
+        job_records.save(self._records(), self.sup, stopping=None)
+
+    def persisted(self) -> dict[str, Any]:
+        """What a restarted agent needs to take the steps over: each step's launch, its
+        srun keeper and its tasks' trees (their PIDs with their kernel start times)."""
+        out: dict[str, Any] = {}
+        with self.lock:
+            steps = [(s, dict(s.tasks)) for s in self.steps.values()]
+        for step, tasks in steps:
+            keeper = getattr(step.proc, "pid", None)
+            started = job_records.start_time(keeper) if keeper else None
+            if started is None or step.restoring:
+                continue  # not under a keeper, ended, or still being restored: not taken over
+            trees = {}
+            for rank, task in tasks.items():
+                pids = job_records.tree_pids_of(task.tree)
+                if pids is not None:
+                    trees[str(rank)] = list(pids)
+            out[step.token] = {**step.meta(), "srun": [keeper, started], "tasks": trees}
+        return out
 
     def _srun_env(self, env: dict[str, str], token: str, restore: bool) -> dict[str, str]:
         """The stand-in's environment, with this run's Slurm variables (a restored script
@@ -162,6 +215,10 @@ class JobSteps:
         code = rc if rc >= 0 else 128 - rc
         with self.lock:
             self.steps.pop(step.token, None)
+        records = self._records()
+        if records is not None:
+            records.remove_status(self.sup.job_id, srun_key(step.token))
+        self.persist()
         for path in step.restoring.values():
             shutil.rmtree(path, ignore_errors=True)
         missing = sorted(set(step.restoring) - step.restored)
@@ -202,10 +259,12 @@ class JobSteps:
                                  env=env, cwd=cwd, stdio=fds, cgroup_procs=step_cgroup_procs(pid), interval=0)
         image = step.restoring.get(rank)
         checkpointer = self.services.checkpointer
+        key = task_key(token, rank)
         if image is not None:
             try:
                 tree = checkpointer.restore(image, RestoreTarget.of(task_req), None,
-                                            pin_root=checkpointer.pin_root(self.sup.job_id))
+                                            pin_root=checkpointer.pin_root(self.sup.job_id),
+                                            **self._status_args(key))
             except SlurmMMError as exc:
                 self.fail_job(f"cannot restore task {rank} of step `srun {' '.join(step.argv)[:80]}`: {exc}")
                 raise
@@ -214,11 +273,25 @@ class JobSteps:
             for line in getattr(tree, "files_report", []):
                 self.sup.tell(f"file {line} (task {rank})")
         else:
-            tree = checkpointer.launch(task_req)
+            tree = checkpointer.launch(task_req, **self._status_args(key, launch=True))
         task = StepTask(rank, tree, task_req)
         with self.lock:
             step.ntasks = max(step.ntasks, ntasks)
             step.tasks[rank] = task
+        self.persist()
+        self.attach_task(conn, step, task, fds, admitted, "restored" if image is not None else "launched")
+
+    def _status_args(self, key: str, launch: bool = False) -> dict[str, Any]:
+        """How a task's tree records its end (job records only)."""
+        if self._records() is None:
+            return {}
+        return {"record_end": True, "status_key": key} if launch else {"job_id": self.sup.job_id, "status_key": key}
+
+    def attach_task(self, conn: socket.socket, step: Step, task: StepTask, fds: list[int],
+                    admitted, mode: str) -> None:
+        """The task's slurm-mm-run learns its tree's end and relays its signals (also when
+        a restarted agent takes the task over: `mode` "reattached")."""
+        rank, tree = task.rank, task.tree
         send_lock = threading.Lock()
 
         def send(msg: dict) -> None:
@@ -233,6 +306,10 @@ class JobSteps:
             with self.lock:
                 if step.tasks.get(rank) is task:
                     del step.tasks[rank]
+            records = self._records()
+            if records is not None:
+                records.remove_status(self.sup.job_id, task_key(step.token, rank))
+            self.persist()
             send({"op": "exit", "status": status})
             for fd in fds:
                 os.close(fd)
@@ -240,7 +317,7 @@ class JobSteps:
         threading.Thread(target=wait, daemon=True, name=f"task-{self.sup.job_id}-{rank}").start()
         admitted()
         conn.settimeout(None)  # the request's deadline is over: the task relays for its lifetime
-        send({"op": "started", "mode": "restored" if image is not None else "launched"})
+        send({"op": "reattached" if mode == "reattached" else "started", "mode": mode})
         protocol.relay_signals(conn, lambda signum: self._on_task_signal(tree, signum))
 
     def _on_task_signal(self, tree: ProcessTree, signum: int) -> None:
@@ -430,6 +507,16 @@ def handle_task_start(services: NodeServices, conn: socket.socket, pid: int, uid
 
 
 # ---------------------------------------------------------------- helpers
+
+def srun_key(token: str) -> str:
+    """The status file key of a step's srun keeper."""
+    return f"srun-{token}"
+
+
+def task_key(token: str, rank: int) -> str:
+    """The status file key of a step task's tree."""
+    return f"step-{token}-{int(rank)}"
+
 
 def _ns_pid(pid: int) -> int:
     try:

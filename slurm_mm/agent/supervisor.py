@@ -210,8 +210,10 @@ class JobSupervisor:
                 return  # restored in place after a failed commit: a new waiter took over
             if self.record.state in (JobState.CHECKPOINTED, JobState.REQUEUED):
                 log.info("job %s: tree stopped after checkpoint (status %s)", self.job_id, status)
+                job_records.forget(self.checkpointer.records, self.job_id)
                 return
             if self.steps.ended_by_preemption(status):
+                job_records.forget(self.checkpointer.records, self.job_id)
                 return
             self.record.state = JobState.EXITED
         log.info("job %s: exited with %s", self.job_id, status)
