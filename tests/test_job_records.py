@@ -282,3 +282,65 @@ def test_the_agent_start_sweeps_records_of_jobs_no_longer_running_here(tmp_path)
     gone = sweep(records, _Slurm([job("2", "RUNNING"), job("3", "COMPLETED")]), "n1", steps_dir)
     assert gone == ["1", "3", "4", "5"]
     assert records.job_ids() == {"2"} and sorted(p.name for p in steps_dir.iterdir()) == ["2"]
+
+
+def test_a_restarted_agent_takes_over_an_srun_step_its_task_and_srun_s_exit(node_agent):
+    from slurm_mm.agent import protocol, step_adopt  # noqa: PLC0415
+    from slurm_mm.agent.step_launch import TOKEN_ENV  # noqa: PLC0415
+
+    token, records = "0123456789abcdef", node_agent.records
+    batch, keeper, task = (subprocess.Popen(["sleep", "30"]) for _ in range(3))
+    try:
+        rec = record_of("77", batch.pid)
+        rec.uid, rec.epoch = node_agent.uid, 1
+        rec.steps = {token: {"argv": ["-n1", "app"], "env": {}, "cwd": "/tmp", "standin_ns_pid": 9, "ntasks": 1,
+                             "srun": [keeper.pid, start_time(keeper.pid)],
+                             "tasks": {"0": [task.pid, start_time(task.pid), task.pid, start_time(task.pid)]}}}
+        records.save(rec)
+        for key, code in (("", b"0\n"), (f"step-{token}-0", b"3\n"), (f"srun-{token}", b"3\n")):
+            fd = records.status_fd("77", key)
+            os.write(fd, code)
+            os.close(fd)
+        # The task reconnects first: it waits for its batch task to be taken over.
+        tconn, tpeer = socket.socketpair()
+        tfds = [os.open("/dev/null", os.O_RDWR) for _ in range(3)]
+        tmsg = {"op": "reattach", "job_id": "77", "argv": ["app"], "env": {TOKEN_ENV: token, "SLURM_PROCID": "0"},
+                "cwd": "/tmp"}
+        threading.Thread(target=step_adopt.handle_task_reattach, daemon=True,
+                         args=(node_agent.services, tconn, os.getpid(), node_agent.uid, "77", tmsg, tfds,
+                               lambda: None)).start()
+        conn, peer = socket.socketpair()
+        fds = [os.open("/dev/null", os.O_RDWR) for _ in range(3)]
+        message = {"op": "reattach", "job_id": "77", "argv": ["/bin/true"], "env": {}, "cwd": "/tmp"}
+        threading.Thread(target=adopt.handle_reattach, daemon=True,
+                         args=(node_agent, conn, os.getpid(), node_agent.uid, message, fds, lambda: None)).start()
+        peer.settimeout(10)
+        tpeer.settimeout(10)
+        assert protocol.recv(peer)[0]["op"] == "reattached"
+        assert protocol.recv(tpeer)[0] == {"op": "reattached", "mode": "reattached"}
+        sup = node_agent.jobs.get("77")
+        assert list(sup.steps.jobsteps.steps) == [token] and sup.steps.jobsteps.unsettled() is None
+        task.kill()
+        task.wait()
+        assert protocol.recv(tpeer)[0] == {"op": "exit", "status": 3}  # the task's recorded end
+        keeper.kill()
+        keeper.wait()
+        exit_file = node_agent.config.run_dir / "steps" / "77" / token
+        keeper_deadline = time.monotonic() + 10
+        while not exit_file.exists() and time.monotonic() < keeper_deadline:
+            time.sleep(0.05)
+        assert exit_file.read_text() == "3\n"  # srun's recorded code reaches the stand-in
+        assert records.load("77").steps == {}
+        assert sorted(p.name for p in records.dir.iterdir()) == ["77.json", "77.status"]
+        batch.kill()
+        batch.wait()
+        assert protocol.recv(peer)[0] == {"op": "exit", "status": 0}
+        deadline = time.monotonic() + 10
+        while records.job_ids() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert records.job_ids() == set()  # the job is over: its records are gone
+    finally:
+        for proc in (batch, keeper, task):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

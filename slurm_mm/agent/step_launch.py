@@ -228,6 +228,7 @@ class JobSteps:
             return
         if self.stopping or self.sup.record.state not in ACTIVE:
             return  # the job was checkpointed to stop: its tree is gone or going
+        exit_file.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         tmp = exit_file.with_name(f".{exit_file.name}.tmp")
         tmp.write_text(f"{code}\n")
         os.chmod(tmp, 0o644)
