@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from slurm_mm.agent import job_records, protocol
-from slurm_mm.agent.adopted import AdoptedTree
+from slurm_mm.agent.adopted import AdoptedTree, continue_stopped
 from slurm_mm.agent.cgroups import step_cgroup_procs
 from slurm_mm.agent.job_record import ACTIVE, LaunchRequest
 from slurm_mm.agent.services import NodeServices, SupervisedJob
@@ -54,6 +54,9 @@ def adopt_steps(sup: SupervisedJob, steps: dict[str, Any], records: job_records.
                 tree = AdoptedTree.of_pids(sup.job_id, records, init_pid, init_start, waiter_pid, waiter_start,
                                            key=task_key(step.token, int(rank)))
                 step.tasks[int(rank)] = StepTask(int(rank), tree, None)  # req: once its task reattaches
+                if tree.init_fd is not None and continue_stopped(init_pid):
+                    log.warning("job %s: continued task %s of step %s, left stopped by the interrupted agent",
+                                sup.job_id, rank, token)
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("job %s: cannot take over step %r: malformed record (%s)", sup.job_id, token, exc)
             continue
