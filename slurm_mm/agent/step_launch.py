@@ -185,7 +185,7 @@ class JobSteps:
         for step, tasks in steps:
             keeper = getattr(step.proc, "pid", None)
             started = job_records.start_time(keeper) if keeper else None
-            if started is None or step.restoring:
+            if started is None or set(step.restoring) - step.restored:
                 continue  # not under a keeper, ended, or still being restored: not taken over
             trees = {}
             for rank, task in tasks.items():
