@@ -344,3 +344,17 @@ def test_a_restarted_agent_takes_over_an_srun_step_its_task_and_srun_s_exit(node
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_sigterm_stops_the_agent_at_once_even_with_a_commit_s_threads_at_work():
+    # A commit runs non-daemon threads: a plain sys.exit would wait for them (and for the
+    # next checkpoint's) until systemd's SIGKILL, checkpointing on meanwhile.
+    code = ("import os, signal, threading, time\n"
+            "from slurm_mm.agent.__main__ import _stop_now\n"
+            "signal.signal(signal.SIGTERM, _stop_now)\n"
+            "threading.Thread(target=time.sleep, args=(60,)).start()\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "time.sleep(60)\n")
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], timeout=30, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0 and time.monotonic() - started < 10

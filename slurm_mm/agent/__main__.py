@@ -46,12 +46,23 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     if args.pid_file:
         args.pid_file.write_text(f"{os.getpid()}\n")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, _stop_now)
     from slurm_mm.agent import store_usage  # noqa: PLC0415
 
     store_usage.start(checkpointer.store, metrics.registry, agent.stopping)
     agent.serve(args.socket or config.agent_socket(cfg, args.node))
     return 0
+
+
+def _stop_now(_signum, _frame) -> None:
+    """Stop (or restart: systemd's KillMode=process) at once. Waiting for the agent's
+    threads would keep it alive while a checkpoint under way starts new ones, and the
+    periodic ones go on, until systemd's SIGKILL. What it leaves unfinished commits
+    nothing, and the next agent takes the jobs over (agent/adopt.py)."""
+    logging.getLogger("slurm_mm.agent").info("SIGTERM: the agent stops now; its jobs run on")
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
