@@ -177,3 +177,30 @@ def test_bwa_samtools_job_on_killed_node_resumes_from_periodic_image(cluster, jo
         resume_node(cluster, node)
     assert "restored from ckpt-" in job.output()
     job.assert_same_as_uninterrupted(reference, lost_work=True)
+
+
+def lj_steps_logged(job: AppJob) -> int:
+    log = job.dir / "log.lammps"
+    if not log.exists():
+        return 0
+    rows = [line.split() for line in log.read_text(errors="replace").splitlines()]
+    return max((int(r[0]) for r in rows if len(r) == 6 and r[0].isdigit()), default=0)
+
+
+def test_lammps_job_preempted_equals_uninterrupted_run(cluster, job_dir, tmp_path):
+    # An MPI-linked app run as a plain child: OpenMPI's singleton starts an `orted`
+    # helper and TCP listeners, all inside the job's tree.
+    reference = uninterrupted("lj", tmp_path / "reference")
+    job = AppJob(cluster, job_dir, "lj", interval="10m", options=("-p", "low"))
+    node = job.wait_running()
+    tc.wait_for(lambda: lj_steps_logged(job) >= 800, 90, "lammps under way")
+    urgent = preempt(cluster, job, node)
+    try:
+        job.wait_restarts(1)
+        job.wait_running(node_not=node)
+    finally:
+        subprocess.run(["scancel", urgent], env=cluster.env())
+    job.finish()
+    out = job.output()
+    assert "for preempt" in out and "restored from ckpt-" in out, out
+    job.assert_same_as_uninterrupted(reference)
