@@ -79,9 +79,9 @@ def test_deleted_intermediate_is_brought_back_from_its_pin(workload, tmp_path, p
     assert not (w.dir / "inter.dat").exists(), "the restored job deleted it again, as it did the first time"
 
 
-def started_with_scratch(workload):
-    """The `local` workload with its node-local scratch directory (owned by the user)."""
-    w = workload("file_state.py", "local")
+def started_with_scratch(workload, mode: str = "local"):
+    """A workload with its node-local scratch directory (owned by the user)."""
+    w = workload("file_state.py", mode)
     scratch = w.dir / "scratch"
     scratch.mkdir()
     os.chown(scratch, w.env.user.pw_uid, w.env.user.pw_gid)
@@ -104,12 +104,7 @@ def test_node_local_file_is_recreated_on_a_node_without_it(workload, tmp_path):
 def test_closed_scratch_files_come_back_on_a_node_without_them(workload, tmp_path):
     # A script's `app1 > stage/a.out; app2 stage/a.out` in its node-local working directory:
     # nothing holds a.out at the image, yet the next step needs it on the new node.
-    w = workload("file_state.py", "scratch")
-    scratch = w.dir / "scratch"
-    scratch.mkdir()
-    os.chown(scratch, w.env.user.pw_uid, w.env.user.pw_gid)
-    w.args.append(str(scratch))
-    w.start()
+    w, scratch = started_with_scratch(workload, "scratch")
     result = w.checkpoint(tmp_path / "img", leave_running=False, files=spec(w, node_local=[scratch]))
     w.tree.wait(10)
     assert result.files["saved_bytes"] >= 1 << 20

@@ -112,6 +112,16 @@ def preempt(cluster, job: AppJob, node: str) -> str:
                                "-o", "/dev/null", cwd=job.dir))
 
 
+def preempt_to_another_node(cluster, job: AppJob, node: str) -> str:
+    """Preempt `job` off `node`; returns the node it runs on again."""
+    urgent = preempt(cluster, job, node)
+    try:
+        job.wait_restarts(1)
+        return job.wait_running(node_not=node)
+    finally:
+        subprocess.run(["scancel", urgent], env=cluster.env())
+
+
 def md_steps_logged(job: AppJob) -> int:
     log = job.dir / "md.log"
     return log.read_text(errors="replace").count("           Step           Time") if log.exists() else 0
@@ -122,12 +132,7 @@ def test_gromacs_job_preempted_then_drained_equals_uninterrupted_run(cluster, jo
     job = AppJob(cluster, job_dir, "md", interval="10m", options=("-p", "low"))
     node = job.wait_running()
     tc.wait_for(lambda: md_steps_logged(job) >= 4, 90, "mdrun under way")
-    urgent = preempt(cluster, job, node)
-    try:
-        job.wait_restarts(1)
-        second = job.wait_running(node_not=node)
-    finally:
-        subprocess.run(["scancel", urgent], env=cluster.env())
+    second = preempt_to_another_node(cluster, job, node)
     at_restore = md_steps_logged(job)
     tc.wait_for(lambda: md_steps_logged(job) >= at_restore + 3, 90, "mdrun under way again")
     try:
@@ -148,12 +153,7 @@ def test_velvet_job_with_srun_steps_preempted_equals_uninterrupted_run(cluster, 
     job = AppJob(cluster, job_dir, "assembly", interval="10m", options=("-p", "low"))
     node = job.wait_running()
     tc.wait_for(lambda: job.exists("asm/PreGraph"), 90, "velvetg under way")
-    urgent = preempt(cluster, job, node)
-    try:
-        job.wait_restarts(1)
-        job.wait_running(node_not=node)
-    finally:
-        subprocess.run(["scancel", urgent], env=cluster.env())
+    preempt_to_another_node(cluster, job, node)
     job.finish()
     out = job.output()
     assert "for preempt" in out and "restored from ckpt-" in out, out
@@ -194,12 +194,7 @@ def test_lammps_job_preempted_equals_uninterrupted_run(cluster, job_dir, tmp_pat
     job = AppJob(cluster, job_dir, "lj", interval="10m", options=("-p", "low"))
     node = job.wait_running()
     tc.wait_for(lambda: lj_steps_logged(job) >= 800, 90, "lammps under way")
-    urgent = preempt(cluster, job, node)
-    try:
-        job.wait_restarts(1)
-        job.wait_running(node_not=node)
-    finally:
-        subprocess.run(["scancel", urgent], env=cluster.env())
+    preempt_to_another_node(cluster, job, node)
     job.finish()
     out = job.output()
     assert "for preempt" in out and "restored from ckpt-" in out, out
