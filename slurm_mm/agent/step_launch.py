@@ -4,7 +4,8 @@ Three parts, all for jobs whose batch tree this agent supervises:
 - `srun` request (from the stand-in, slurm_mm/step_client.py, inside the batch tree):
   the agent runs Slurm's real `srun` outside the tree, as the job's user, in the batch
   step's cgroups, with the stand-in's stdio, and writes its exit code to a file the
-  stand-in polls. The step's environment carries a token naming the step.
+  stand-in polls. srun runs under slurm_mm/srun_keeper.py, which records that code for
+  an agent that restarts meanwhile (agent/step_adopt.py). The step's environment carries a token naming the step.
 - step task start (slurm-mm-run as a step task, the SPANK plugin redirects tasks whose
   environment carries a token): the task's command starts under mm-init like the batch
   script (its own PID namespace, the step's cgroups, the task's stdio), or, for a step
