@@ -191,6 +191,46 @@ def test_store_quota_counts_a_users_images_beyond_what_retention_removes(tmp_pat
     StoreQuota(store, 0, keep=2).check("2", 1000)  # 0 = no quota
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="the store is root's")
+def test_store_quota_counts_file_pins_and_copies_of_a_users_jobs(tmp_path):
+    """Pins keep a deleted shared file's blocks alive outside any image: they count, each
+    inode once; pins the next commit prunes (not named by a kept image) do not."""
+    from slurm_mm.agent.quota import StoreQuota
+    from slurm_mm.agent.store_usage import usage_by_owner
+    from slurm_mm.store import ImageStore
+
+    store = ImageStore(tmp_path / "store", keep=2)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "pages-1.img").write_bytes(os.urandom(4096))
+    (src / "mmfile-0").write_bytes(os.urandom(1 << 20))  # a copy of a node-local file
+    store.prepare_job("7", 1000, 1000)
+    for pins in ("a", "b"):
+        store.commit("7", src, epoch=0, uid=1000, gid=1000, node="n1", trigger="periodic",
+                     criu_version="4.2.1", extra={"files": {"pins": pins}})
+    images = store.images("7")
+    assert sum(f.size for f in images[0].manifest.files if f.name.startswith("mmfile-")) == 1 << 20
+    stored = sum(i.manifest.stored_size for i in images)
+    assert stored > 2 << 20, "copies are part of each image's stored size"
+    big = tmp_path / "shared.dat"
+    big.write_bytes(os.urandom(8 << 20))
+    pin_root = store.root / "7" / ".pins"
+    for name in ("a", "b"):
+        (pin_root / name).mkdir(parents=True)
+        os.link(big, pin_root / name / "0")  # both images pin the same inode
+    big.unlink()
+    pinned = os.stat(pin_root / "a" / "0").st_blocks * 512
+    quota = StoreQuota(store, 1, keep=2)
+    assert quota.usage(1000) == stored + pinned
+    assert quota.usage(1001) == 0
+    # The next commit keeps only the newest image ("b"): its pin still counts.
+    assert quota.usage(1000, leaving="7") == images[0].manifest.stored_size + pinned
+    os.unlink(pin_root / "b" / "0")
+    assert quota.usage(1000, leaving="7") == images[0].manifest.stored_size, "pin 'a' goes with the next commit"
+    assert quota.usage(1000) == stored + pinned, "until then it is held"
+    assert usage_by_owner(store)[0] == {1000: stored + pinned}
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping a bounding-set bit needs root")
 def test_owner_check_refuses_a_task_whose_bounding_set_is_wider_than_the_checkers():
     import ctypes
