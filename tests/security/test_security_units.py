@@ -231,6 +231,44 @@ def test_store_quota_counts_file_pins_and_copies_of_a_users_jobs(tmp_path):
     assert usage_by_owner(store)[0] == {1000: stored + pinned}
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="the store is root's")
+def test_store_sweep_removes_only_jobs_slurm_says_ended_for_good(tmp_path):
+    from dataclasses import replace
+
+    from slurm_mm.agent.store_sweep import sweep
+    from slurm_mm.errors import JobGone, SlurmError
+    from slurm_mm.slurm.model import Job
+    from slurm_mm.store import ImageStore
+
+    store = ImageStore(tmp_path / "store", keep=2)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "pages-1.img").write_bytes(b"x" * 100)
+    answers = {"1": "CANCELLED", "2": "PENDING", "3": "NODE_FAIL", "4": None, "5": "error", "6": "COMPLETED",
+               "7": "FAILED", "8": "RUNNING", "9": "PREEMPTED"}
+    for job in answers:
+        store.prepare_job(job, 1000, 1000)
+        store.commit(job, src, epoch=0, uid=1000, gid=1000, node="n2" if job == "6" else "n1",
+                     trigger="periodic", criu_version="4.2.1", extra={})
+    store.prepare_job("10", 1000, 1000)  # no image yet: any node judges it
+    answers["10"] = "TIMEOUT"
+    base = Job("0", 1000, 1000, "", "", 0, 0, 0, "", "", True, None, "")
+
+    class Slurm:
+        def job(self, job_id):
+            state = answers[job_id]
+            if state is None:
+                raise JobGone(f"job {job_id} not found")
+            if state == "error":
+                raise SlurmError("squeue failed: Unable to contact slurm controller")
+            return replace(base, job_id=job_id, state=state)
+
+    assert sweep(store, Slurm(), "n1") == ["1", "10", "4", "7"]
+    left = sorted(p.name for p in store.root.iterdir() if p.name.isdigit())
+    assert left == ["2", "3", "5", "6", "8", "9"], "n2 wrote job 6's image: n1 leaves it to n2's agent"
+    assert sweep(store, Slurm(), None) == ["6"], "slurm-mm gc judges every job"
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping a bounding-set bit needs root")
 def test_owner_check_refuses_a_task_whose_bounding_set_is_wider_than_the_checkers():
     import ctypes
