@@ -269,6 +269,30 @@ def test_store_sweep_removes_only_jobs_slurm_says_ended_for_good(tmp_path):
     assert sweep(store, Slurm(), None) == ["6"], "slurm-mm gc judges every job"
 
 
+def test_slurm_says_a_job_is_gone_only_when_it_answered():
+    from slurm_mm.errors import JobGone, SlurmError
+    from slurm_mm.slurm.commands import CommandClient
+
+    class Client(CommandClient):
+        def __init__(self, answer):
+            self.answer = answer
+
+        def _run(self, *argv):
+            if isinstance(self.answer, Exception):
+                raise self.answer
+            return self.answer
+
+    invalid = SlurmError("'squeue --json --states=all' failed: slurm_load_jobs error: Invalid job id specified")
+    for answer in (invalid, '{"jobs": []}'):
+        with pytest.raises(JobGone):
+            Client(answer).job("42")
+    down = SlurmError("'squeue --json --states=all' failed: Unable to contact slurm controller (connect failure)")
+    for answer in (down, '{"jobs": [], "errors": [{"error": "Unable to contact slurm controller"}]}'):
+        with pytest.raises(SlurmError) as caught:
+            Client(answer).job("42")
+        assert not isinstance(caught.value, JobGone)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping a bounding-set bit needs root")
 def test_owner_check_refuses_a_task_whose_bounding_set_is_wider_than_the_checkers():
     import ctypes
