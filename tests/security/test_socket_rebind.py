@@ -53,3 +53,21 @@ def test_criu_binds_a_restored_socket_only_where_its_owner_could(workload, tmp_p
     assert (after.st_ino, after.st_uid) == (before.st_ino, 0) and stat.S_ISSOCK(after.st_mode), \
         "root CRIU unlinked a root service's socket and bound the job's in its place"
     assert os.listdir(empty) == [], "root CRIU created the job's socket in a root-only directory"
+
+
+def test_a_restored_socket_is_bound_again_as_its_owner(workload, tmp_path):  # noqa: F811
+    """The same restore without a swap: both sockets come back at their paths, the job's
+    own, and accept connections."""
+    w = workload("unix_listener.py")
+    paths = [w.dir / "a" / "s", w.dir / "b" / "s"]
+    w.args = [str(p) for p in paths]
+    w.start()
+    w.checkpoint(tmp_path / "img", leave_running=False)
+    assert w.tree.wait(10) == 137
+    restored = w.restore(tmp_path / "img")
+    for p in paths:
+        st = os.lstat(p)
+        assert stat.S_ISSOCK(st.st_mode) and st.st_uid == w.env.user.pw_uid, p
+    w.go()
+    assert restored.wait(30) == 0
+    assert "PASS: 2 sockets listen at their paths" in w.text("restored.log"), w.text("restored.log")
