@@ -8,7 +8,8 @@
 #
 # --prepare only makes the root and runs contrib/install-deps.sh in it (apt, the CRIU
 # build, `make install`), in PID and mount namespaces of its own: it starts and stops
-# nothing outside the root, so it needs no lock. --demo-only runs the demo, no tests.
+# nothing outside the root, so it needs no lock. --demo-only runs the demo, no tests;
+# --tests-only the tests, no demo.
 # The root's test cluster uses the same ports, node names and cgroups as the host's:
 # hold the cluster lock for everything else. The root is kept (default
 # /var/tmp/slurm_mm-<suite>, or $SLURM_MM_ROOT_DIR) so a second run skips debootstrap; the checkout is copied
@@ -27,9 +28,11 @@ while [ $# -gt 0 ]; do
         --suite) SUITE=${2:?--suite needs a name}; shift 2 ;;
         --prepare) MODE=prepare; shift ;;
         --demo-only) MODE=demo; shift ;;
+        --tests-only) MODE=tests; shift ;;
         *) break ;;
     esac
 done
+[ "${SLURM_MM_TRIXIE_DEMO:-1}" != 0 ] || MODE=tests  # the older spelling of --tests-only
 case "$SUITE" in bookworm|trixie) ;; *) echo "debian-root: error: unknown suite '$SUITE' (bookworm or trixie)" >&2; exit 2 ;; esac
 ROOT=${SLURM_MM_ROOT_DIR:-${SLURM_MM_TRIXIE_ROOT:-/var/tmp/slurm_mm-$SUITE}}
 [ "$SUITE" = trixie ] || ROOT=${SLURM_MM_ROOT_DIR:-/var/tmp/slurm_mm-$SUITE}
@@ -110,9 +113,12 @@ exec /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbi
         rm -rf "/root/$SUITE-logs/$1"; mkdir -p "/root/$SUITE-logs/$1"
         cp -r "$2"/log/. "/root/$SUITE-logs/$1/" 2>/dev/null || true
     }
-    bash contrib/demo.sh; demo=$?
-    keep_logs demo /tmp/slurm_mm-demo
-    echo "== demo exit $demo"
+    demo=0
+    if [ "$MODE" != tests ]; then
+        bash contrib/demo.sh; demo=$?
+        keep_logs demo /tmp/slurm_mm-demo
+        echo "== demo exit $demo"
+    fi
     [ "$MODE" != demo ] || exit $demo
     echo "== slurm $(dpkg-query -W -f="\${Version}" slurmd), $(/opt/slurm_mm/criu/sbin/criu --version | head -1)"
     bash contrib/run-tests.sh "$@"; tests=$?
