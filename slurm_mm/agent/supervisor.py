@@ -24,6 +24,7 @@ from slurm_mm.agent import dump_deadline, enrollment, job_comment, job_records, 
 from slurm_mm.agent.job_record import REQUEUED_EXIT, CheckpointProgress, JobRecord, JobState, LaunchRequest
 from slurm_mm.agent.preemption import PreemptNotice
 from slurm_mm.agent.services import NodeServices
+from slurm_mm.agent.step_launch import steps_gpu_inventory
 from slurm_mm.agent.steps import StepGuard
 from slurm_mm.checkpointer import ProcessTree, RestoreTarget
 from slurm_mm.config import RESTORE_POLICIES
@@ -284,7 +285,8 @@ class JobSupervisor:
             try:
                 quota.check(self.services.config, self.checkpointer.store, self.job_id, self.req.uid)
                 staging, mode = self.checkpointer.dump_staging(
-                    self.job_id, f"dump-{int(time.time() * 1000)}", tree_pids(self.tree.init_pid))
+                    self.job_id, f"dump-{int(time.time() * 1000)}",
+                    tree_pids(self.tree.init_pid) + self.steps.jobsteps.task_pids())
                 self.record.progress.mode = mode
                 image = self._dump_and_commit(staging, trigger, stopping)
             except SlurmMMError as exc:
@@ -339,6 +341,7 @@ class JobSupervisor:
         for note in dumped.extra.get("files", {}).get("notes", []):
             self.tell(note)
         dumped.extra["steps"] = self.steps.dump_steps(staging, stopping)
+        dumped.gpu_inventory = dumped.gpu_inventory or steps_gpu_inventory(dumped.extra["steps"])
         try:
             self.record.progress.phase = "writing"
             return self.checkpointer.commit(self.job_id, dumped, epoch=self.epoch, owner=self.req.owner,
