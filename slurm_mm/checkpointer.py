@@ -165,6 +165,11 @@ class JobCheckpointer:
         """A fresh root-only directory on node-local staging space (or its free name)."""
         return root_only_dir(self.cfg.staging_dir / job_id / name, create=create)
 
+    def staging_beside(self, staging: Path, name: str) -> Path:
+        """A fresh root-only directory next to `staging`, on its filesystem (a GPU job's
+        staging is on tmpfs): what is made there joins `staging` by rename."""
+        return root_only_dir(staging.parent / name)
+
     def dump_staging(self, job_id: str, name: str, pids: list[int]) -> tuple[Path, str]:
         """Node-local staging when the tree's memory fits there ("async": the store commits
         while the job runs on), else a root-only directory on the shared store ("direct")."""

@@ -21,7 +21,8 @@ class Checkpointer:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
 
-    def staging(self, job_id: str, name: str) -> Path:
+    def staging_beside(self, near: Path, name: str) -> Path:
+        assert near.parent == self.tmp, "beside the image's staging: same filesystem"
         path = self.tmp / name
         path.mkdir()
         return path

@@ -31,7 +31,6 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ from slurm_mm.engine.restore import RestoredTree
 from slurm_mm.config import agent_socket
 from slurm_mm.engine.proctree import tree_pids
 from slurm_mm.engine import filestate
-from slurm_mm.errors import FileStateRefused, PermissionDenied, SlurmMMError
+from slurm_mm.errors import CheckpointFailed, FileStateRefused, PermissionDenied, SlurmMMError
 from slurm_mm.store import Trigger
 
 log = logging.getLogger(__name__)
@@ -303,14 +302,18 @@ class JobSteps:
         for step, tasks in steps:
             meta = {**step.meta(), "ranks": sorted(tasks), "files": {}}  # a stopping dump ends the tasks
             for rank, task in sorted(tasks.items()):
-                scratch = checkpointer.staging(self.sup.job_id, f"step-{step.token}-{rank}-{int(time.time() * 1000)}")
+                # Beside the image's staging (a GPU job's is on tmpfs): its files move there by rename.
+                scratch = checkpointer.staging_beside(staging, f"{staging.name}@step-{step.token}-{rank}")
                 req = task.req or self.sup.req
                 files = checkpointer.file_spec(self.sup.job_id, req.owner, env=req.env, script=req.argv[0],
                                                pin_name=f"{staging.name}@{step.token}@{rank}")
                 try:
                     dumped = checkpointer.dump(task.tree.init_pid, scratch, leave_running=leave_running, files=files)
                     for path in scratch.iterdir():
-                        os.rename(path, staging / f"{FILE_PREFIX}{step.token}@{rank}@{path.name}")
+                        try:
+                            os.rename(path, staging / f"{FILE_PREFIX}{step.token}@{rank}@{path.name}")
+                        except OSError as exc:
+                            raise CheckpointFailed(f"task {rank}'s image cannot join the job's: {exc}") from None
                 finally:
                     shutil.rmtree(scratch, ignore_errors=True)
                 summary = dumped.extra.get("files", {})
@@ -340,7 +343,7 @@ class JobSteps:
             images: dict[int, Path] = {}
             self.unpacked[str(token)] = images
             for rank in meta.get("ranks", []):
-                kept = checkpointer.staging(self.sup.job_id, f"restore-step-{token}-{int(rank)}")
+                kept = checkpointer.staging_beside(staging, f"{staging.name}@step-{token}-{int(rank)}")
                 images[int(rank)] = kept
                 prefix = f"{FILE_PREFIX}{token}@{int(rank)}@"
                 for path in staging.iterdir():

@@ -233,7 +233,10 @@ class JobSupervisor:
 
     def _periodic(self) -> None:
         while not self.stopped.wait(self.req.interval):
-            self.checkpoint(Trigger.PERIODIC)
+            try:
+                self.checkpoint(Trigger.PERIODIC)
+            except Exception:  # noqa: BLE001 - one failed image must not end the job's periodic ones
+                log.exception("job %s: periodic checkpoint failed", self.job_id)
 
     def on_signal(self, signum: int) -> None:
         """A signal Slurm sent the batch task, relayed by slurm-mm-run: a preemption notice
