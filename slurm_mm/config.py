@@ -58,6 +58,9 @@ class Config:
     # page cache) or "device" (O_DIRECT writes and read-back from the storage: about half
     # the CPU per GB, but a second pass over the disk).
     commit_read_back: str = "cache"
+    # Where periodic commits run: "spare" (CPUs no job is bound to, else the idle ones) or
+    # "any" (wherever the scheduler puts them). Stopping commits always run anywhere.
+    commit_cpus: str = d.COMMIT_CPUS
     log_level: str = d.LOG_LEVEL
     # Jobs get their own mount namespace and /proc: needed for CUDA in a PID namespace
     # (docs/gpu-validation.md). auto = on nodes with GPU checkpointing.
@@ -176,6 +179,10 @@ def _value(key: str, raw: Any, default: Any, source: str) -> Any:
     if key == "commit_read_back":
         if raw not in ("cache", "device"):
             raise ConfigError(f"{source}: 'commit_read_back' must be cache or device, got {raw!r}")
+        return raw
+    if key == "commit_cpus":
+        if raw not in ("spare", "any"):
+            raise ConfigError(f"{source}: 'commit_cpus' must be spare or any, got {raw!r}")
         return raw
     if key == "job_mount_namespace":
         if raw not in ("auto", "always", "never"):

@@ -40,6 +40,8 @@ MIN_INTERVAL = 60
 KEEP_IMAGES = 3
 COMPRESSION_LEVEL = 1  # level 3 cost 30-50% more time for no better ratio (benchmarks)
 LOG_LEVEL = "info"
+# Where periodic commits run: on CPUs no job uses ("spare"), or anywhere ("any").
+COMMIT_CPUS = "spare"
 # A job's file state (engine/filestate.py): where node-local files live, how many bytes of
 # file copies an image may carry, and what a requeued run does when no image restores.
 NODE_LOCAL_PATHS = ("/tmp", "/var/tmp", "/dev/shm")

@@ -116,7 +116,7 @@ class FakeCheckpointer:
             next(t for t in self.trees if t.init_pid == init_pid and not t.ended.is_set()).end(137)
         return SimpleNamespace(staging=staging, gpu_inventory=None, criu_version="4.2", extra={})
 
-    def commit(self, job_id, dumped, *, epoch, owner, trigger, progress=None):
+    def commit(self, job_id, dumped, *, epoch, owner, trigger, progress=None, cpus=None):
         self.calls.append(("commit", str(trigger)))
         if "commit" in self.fail:
             raise self.fail["commit"]

@@ -259,9 +259,11 @@ class ImageStore:
 
     def commit(self, job_id: str, source_dir: Path | str, *, epoch: int, uid: int, gid: int, node: str,
                trigger: str, gpu: dict[str, Any] | None = None, criu_version: str = "",
-               extra: dict[str, Any] | None = None, progress: Progress | None = None) -> Image:
+               extra: dict[str, Any] | None = None, progress: Progress | None = None,
+               cpus: frozenset[int] | None = None) -> Image:
         """Store the files of `source_dir` (regular files, in subdirectories too) as the job's
-        newest image.
+        newest image. cpus: the CPUs a periodic commit's threads run on (the node's CPUs no
+        job uses: agent/commit_cpus.py); None: wherever the scheduler puts them.
 
         Atomic: the image becomes visible only once written, synced and read back equal.
         A periodic commit (BACKGROUND_TRIGGERS) runs its threads at idle priority, so the
@@ -287,7 +289,8 @@ class ImageStore:
         # Store what a later reader will parse back (tuples become lists, keys strings).
         meta["gpu"], meta["extra"] = json.loads(json.dumps([gpu, meta["extra"]]))
         source = Path(source_dir)
-        priority = Priority(background=trigger in BACKGROUND_TRIGGERS, cpu_share=self.background_cpus)
+        priority = Priority(background=trigger in BACKGROUND_TRIGGERS, cpu_share=self.background_cpus,
+                            cpus=cpus)
         with self._active_lock:
             self._active.setdefault(job_id, []).append(priority)
         try:

@@ -256,17 +256,19 @@ def write_files(sizes: list[int], *, zst_modes: list[bool], open_source: Callabl
         errors.check()
         state.lowered = priority.check(getattr(state, "lowered", False))
         buf = buffers.get()
-        started = time.thread_time()
         try:
-            view = memoryview(buf)[:length]
-            if _pread_full(src, view, offset) != length:
-                raise Mismatch("shrank while it was being stored")
-            pieces, chunk = encoder.encode(view, zst=zst, single=single)
+            with priority.slot():
+                started = time.thread_time()
+                try:
+                    view = memoryview(buf)[:length]
+                    if _pread_full(src, view, offset) != length:
+                        raise Mismatch("shrank while it was being stored")
+                    pieces, chunk = encoder.encode(view, zst=zst, single=single)
+                finally:
+                    priority.spend(time.thread_time() - started)
         except BaseException:
             buffers.put(buf)
             raise
-        finally:
-            priority.spend(time.thread_time() - started)
         if chunk.compressed and chunk.stored_size < length:
             buffers.put(buf)  # the compressed copy is all the writer needs
             return pieces, chunk, None
