@@ -37,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from slurm_mm.store import ImageStore  # noqa: E402
+from slurm_mm.store import ImageStore, pipeline  # noqa: E402
 
 GB = 1e9
 BLOCK = 2 << 20
@@ -307,6 +307,28 @@ def one_round(args, content: str, src_dir: Path, size: int, read_back: str, rep:
         row["extract_s"], row["extract_cpu"], _ = timed(lambda: store.extract(image, dest))
         assert (dest / "pages-1.img").stat().st_size == size
         shutil.rmtree(dest)
+        # the extract's own floor here: writing the raw bytes into fresh tmpfs
+        fill = staging / "fill"
+        row["tmpfs_fill_s"], _ = run_tool(["dd", "if=/dev/zero", f"of={fill}", "bs=4M",
+                                           f"count={-(-size // (4 << 20))}"])
+        os.unlink(fill)
+        for threads, io in ((t, io) for t in args.read_threads for io in args.read_io):
+            variant = ImageStore(shared / "store", level=args.level, threads=threads, keep=1,
+                                 chunk_size=args.chunk_mib << 20, read_back=read_back)
+            real = pipeline.set_direct
+            if io == "buffered":
+                pipeline.set_direct = lambda fd, on: (not on) and real(fd, on)
+            try:
+                drop_caches()
+                vs, vc, _ = timed(lambda: variant.verify(image))
+                drop_caches()
+                es, ec, _ = timed(lambda: variant.extract(image, dest))
+            finally:
+                pipeline.set_direct = real
+            shutil.rmtree(dest)
+            row.setdefault("read_variants", []).append(
+                {"threads": threads, "io": io, "verify_s": vs, "verify_cpu": vc, "extract_s": es,
+                 "extract_cpu": ec, "verify_vs_cat": row["cat_s"] / vs, "extract_vs_cat": row["cat_s"] / es})
         row.update({"verify_vs_cat": row["cat_s"] / row["verify_s"],
                     "extract_vs_cat": row["cat_s"] / row["extract_s"],
                     "verify_cpu_per_gb": row["verify_cpu"] / sgb,
@@ -330,13 +352,13 @@ def bench_content(args, content: str, results: dict) -> None:
             rows.append(one_round(args, content, src_dir, size, read_back, rep, full=n == 0))
     for threads in args.job_threads if args.pin else []:
         store = ImageStore(shared / "store", level=args.level, threads=args.threads, keep=1,
-                           chunk_size=args.chunk_mib << 20, read_back=args.read_back[0],
+                           chunk_size=args.chunk_mib << 20, read_back=args.job_read_back,
                            background_cpus=args.background_cpus)
         cpus = sorted(os.sched_getaffinity(0))
         job_cpu = None if args.job_unbound else cpus[0]
         commits = {kind: placed_commit(args, store, src_dir, kind) for kind in args.job_kinds}
         series = slowdown_series(threads, commits, args.job_reps, job_cpu)
-        row = {"content": content, "job_threads": threads, "job_cpu": job_cpu, "read_back": args.read_back[0],
+        row = {"content": content, "job_threads": threads, "job_cpu": job_cpu, "read_back": args.job_read_back,
                "background_cpus": args.background_cpus, **series}
         print(json.dumps({k: v for k, v in row.items() if k not in ("alone_rates", "job_cpu_steal")}), flush=True)
         for kind, d in series["kinds"].items():
@@ -394,8 +416,11 @@ def main() -> int:
     ap.add_argument("--pin", action="store_true",
                     help="job bound to the first CPU, --job-reps rounds of each --job-kinds, mean and spread")
     ap.add_argument("--job-kinds", default="raw,any,spare,preempt", help="with --pin: see placed_commit()")
+    ap.add_argument("--job-read-back", default="auto", help="with --pin: the store's read_back")
     ap.add_argument("--job-unbound", action="store_true", help="with --pin: leave the job unbound")
     ap.add_argument("--no-sha", action="store_true", help="skip the cold sha256sum (the old store's reference)")
+    ap.add_argument("--read-threads", default="", help="e.g. 2,4,8: also verify and extract with these threads")
+    ap.add_argument("--read-io", default="direct", help="with --read-threads: direct, buffered or both")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -405,6 +430,8 @@ def main() -> int:
     args.job_threads = [int(x) for x in args.job_threads.split(",") if x]
     args.job_triggers = args.job_triggers.split(",")
     args.job_kinds = args.job_kinds.split(",")
+    args.read_threads = [int(x) for x in args.read_threads.split(",") if x]
+    args.read_io = args.read_io.split(",")
     for d in (args.staging, args.shared):
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True, mode=0o711)
