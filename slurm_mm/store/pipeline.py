@@ -546,7 +546,7 @@ def read_files(files: list[ReadFile], *, workers: int, on_bytes: Callable[[int],
     errors.raise_first()
 
 
-def _spans(files: list[ReadFile], work: list[tuple[int, tuple[int, int, int, Chunk, int]]]) -> list[tuple[int, list]]:
+def _spans(work: list[tuple[int, tuple[int, int, int, Chunk, int]]]) -> list[tuple[int, list]]:
     """Runs of consecutive chunks of one file (each starting where the last ended), up to
     SPAN_BYTES (a larger chunk alone), in file order."""
     spans: list[tuple[int, list]] = []
@@ -563,7 +563,7 @@ def _spans(files: list[ReadFile], work: list[tuple[int, tuple[int, int, int, Chu
 
 
 def _read_sequential(files, work, direct, workers, errors, read, process, guarded) -> None:
-    spans = _spans(files, work)
+    spans = _spans(work)
     biggest = max(items[-1][2] + items[-1][3].stored_size - items[0][2] for _, items in spans)
     pool_size = workers + READERS
     buffers: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
