@@ -315,9 +315,12 @@ def one_round(args, content: str, src_dir: Path, size: int, read_back: str, rep:
         for threads, io in ((t, io) for t in args.read_threads for io in args.read_io):
             variant = ImageStore(shared / "store", level=args.level, threads=threads, keep=1,
                                  chunk_size=args.chunk_mib << 20, read_back=read_back)
-            real, real_seq = pipeline.set_direct, pipeline.SEQUENTIAL_READS
-            pipeline.SEQUENTIAL_READS = io in ("seq", "seqbuf")  # else each worker reads its chunk
-            if io in ("buffered", "seqbuf"):
+            real, real_seq, real_readers = pipeline.set_direct, pipeline.SEQUENTIAL_READS, pipeline.READERS
+            kind = io.rstrip("0123456789")
+            pipeline.SEQUENTIAL_READS = kind in ("seq", "seqbuf")  # else each worker reads its chunk
+            if io != kind:  # seq4: four reader threads
+                pipeline.READERS = int(io[len(kind):])
+            if kind in ("buffered", "seqbuf"):
                 pipeline.set_direct = lambda fd, on: (not on) and real(fd, on)
             try:
                 drop_caches()
@@ -325,7 +328,7 @@ def one_round(args, content: str, src_dir: Path, size: int, read_back: str, rep:
                 drop_caches()
                 es, ec, _ = timed(lambda: variant.extract(image, dest))
             finally:
-                pipeline.set_direct, pipeline.SEQUENTIAL_READS = real, real_seq
+                pipeline.set_direct, pipeline.SEQUENTIAL_READS, pipeline.READERS = real, real_seq, real_readers
             shutil.rmtree(dest)
             row.setdefault("read_variants", []).append(
                 {"threads": threads, "io": io, "verify_s": vs, "verify_cpu": vc, "extract_s": es,
@@ -422,7 +425,8 @@ def main() -> int:
     ap.add_argument("--no-sha", action="store_true", help="skip the cold sha256sum (the old store's reference)")
     ap.add_argument("--read-threads", default="", help="e.g. 2,4,8: also verify and extract with these threads")
     ap.add_argument("--read-io", default="direct", help="with --read-threads: seq (spans read in order, the default),"
-                    " direct (each worker reads its chunk), buffered, seqbuf (seq through the page cache)")
+                    " direct (each worker reads its chunk), buffered, seqbuf (seq through the page cache);"
+                    " seqN/seqbufN: with N reader threads")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if os.geteuid() != 0:
