@@ -424,8 +424,8 @@ def main() -> int:
     ap.add_argument("--job-unbound", action="store_true", help="with --pin: leave the job unbound")
     ap.add_argument("--no-sha", action="store_true", help="skip the cold sha256sum (the old store's reference)")
     ap.add_argument("--read-threads", default="", help="e.g. 2,4,8: also verify and extract with these threads")
-    ap.add_argument("--read-io", default="direct", help="with --read-threads: seq (spans read in order, the default),"
-                    " direct (each worker reads its chunk), buffered, seqbuf (seq through the page cache);"
+    ap.add_argument("--read-io", default="direct", help="with --read-threads: seq (spans read in order),"
+                    " direct (each worker reads its chunk, the default), buffered, seqbuf (seq through the page cache);"
                     " seqN/seqbufN: with N reader threads")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()

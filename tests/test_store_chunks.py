@@ -396,6 +396,7 @@ def test_extract_and_verify_read_files_front_to_back_in_spans_and_check_every_ch
     """Spans never cross files or gaps and stay within SPAN_BYTES (one larger chunk alone);
     with spans of a few chunks, many reads in flight, a damaged chunk is still named."""
     monkeypatch.setattr(pipeline, "SPAN_BYTES", 3 * CHUNK)
+    monkeypatch.setattr(pipeline, "SEQUENTIAL_READS", True)
     store = ImageStore(base / "ckpt", threads=4, chunk_size=CHUNK)
     data = mixed(20)
     image = commit(store, JOB, source(base, {"pages-1.img": data, "b.img": os.urandom(5 * CHUNK + 9)}))

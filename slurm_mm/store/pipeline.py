@@ -460,11 +460,13 @@ class ChunkError(Exception):
 
 
 SPAN_BYTES = 16 << 20
-"""Sequential reads (read_files): stored bytes are read in spans of consecutive chunks up to
-this size, in file order, by READERS threads, and checked or decoded by the workers."""
 READERS = 2
-SEQUENTIAL_READS = True
-"""False: every worker reads its own chunk (the first chunked reader; kept to compare)."""
+SEQUENTIAL_READS = False
+"""True: read_files reads each file front to back in spans of consecutive chunks up to
+SPAN_BYTES, by READERS threads, and leaves the checking to the workers (the pattern of
+`cat`). Measured on a 2-vCPU VM's virtio disk it was no faster than every worker reading
+its own chunk (verify 0.47-0.83x of a cold cat against 0.71-0.84x), so it is off; it is kept
+for measuring other storage (store_bench.py --read-io seq2)."""
 
 
 def read_files(files: list[ReadFile], *, workers: int, on_bytes: Callable[[int], None] | None = None,
@@ -472,10 +474,7 @@ def read_files(files: list[ReadFile], *, workers: int, on_bytes: Callable[[int],
     """Check (and write out, where out_fd is set) every chunk of `files`, in parallel.
     Raises ChunkError for the first bad chunk; the caller owns and closes the fds.
     Stored files are read with O_DIRECT where their filesystem takes it (the caller's
-    fds are switched: they are used by nothing else meanwhile). With SEQUENTIAL_READS the
-    reading is done apart from the checking: READERS threads read each file front to back
-    in large spans (the pattern of `cat`, which a disk, a virtual disk's host and a network
-    filesystem all read ahead for), while the workers check and decode what was read."""
+    fds are switched: they are used by nothing else meanwhile). See SEQUENTIAL_READS."""
     errors = _Errors()
     local = threading.local()
     direct = [set_direct(f.stored_fd, True) for f in files]
