@@ -3,9 +3,9 @@
 A periodic commit runs while its job (and the node's other jobs) compute. At idle
 priority it still took 10-20% from a CPU-bound job on a 2-vCPU VM when the scheduler was
 free to place its threads, and 0-3% when it ran on the other CPU only (measured,
-docs/benchmarks.md). Slurm binds jobs to the CPUs it allocated (task/affinity, cgroup
-cpusets): a job's affinity, which the kernel keeps within its cpuset, says which CPUs
-are taken. Where jobs are not bound (every CPU is in some job's affinity), the CPUs that
+docs/benchmarks.md). A job's tree lives in its Slurm step cgroups; with ConstrainCores=yes
+their cpuset limits its processes' affinity to the CPUs Slurm allocated, so the affinity
+of each job's init says which CPUs are taken. Where jobs are not bound (every CPU is in some job's affinity), the CPUs that
 were mostly idle over a short look are taken as free; where none is, the least busy one,
 so the commit never runs more threads than there are CPUs it may use.
 Stopping commits (preemption, drain) do not come here: they run anywhere, at full speed.
