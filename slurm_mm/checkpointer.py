@@ -258,11 +258,13 @@ class JobCheckpointer:
                        "gpu_pids": result.gpu_pids, "files": result.files})
 
     def commit(self, job_id: str, dumped: Dumped, *, epoch: int, owner: Owner, trigger: str,
-               progress: Progress | None = None) -> Image:
-        """The dump as the job's newest durable image; then retention and unused pins go."""
+               progress: Progress | None = None, cpus: frozenset[int] | None = None) -> Image:
+        """The dump as the job's newest durable image; then retention and unused pins go.
+        cpus: where a periodic commit's threads run (None: anywhere)."""
         image = self.store.commit(job_id, dumped.staging, epoch=epoch, uid=owner.uid, gid=owner.gid,
                                   node=self.node, trigger=trigger, gpu=dumped.gpu_inventory,
-                                  criu_version=dumped.criu_version, extra=dumped.extra, progress=progress)
+                                  criu_version=dumped.criu_version, extra=dumped.extra, progress=progress,
+                                  cpus=cpus)
         self.store.gc(job_id)
         filestate.prune_pins(self.pin_root(job_id), {pin for img in self.store.images(job_id)
                                                      for pin in image_pins(img.manifest.extra)})

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from slurm_mm.agent import dump_deadline, enrollment, job_comment, job_records, metrics, protocol, quota
+from slurm_mm.agent import commit_cpus, dump_deadline, enrollment, job_comment, job_records, metrics, protocol, quota
 from slurm_mm.agent.job_record import REQUEUED_EXIT, CheckpointProgress, JobRecord, JobState, LaunchRequest
 from slurm_mm.agent.preemption import PreemptNotice
 from slurm_mm.agent.services import NodeServices
@@ -348,11 +348,20 @@ class JobSupervisor:
         try:
             self.record.progress.phase = "writing"
             return self.checkpointer.commit(self.job_id, dumped, epoch=self.epoch, owner=self.req.owner,
-                                            trigger=trigger, progress=self._progress)
+                                            trigger=trigger, progress=self._progress,
+                                            cpus=self._background_cpus(trigger))
         except SlurmMMError as exc:
             if stopping:  # the dump ended the tree: bring it back from the local image
                 self._restore_in_place(staging, dumped.gpu_inventory, exc)
             raise
+
+    def _background_cpus(self, trigger: Trigger) -> frozenset[int] | None:
+        """Where a periodic commit runs: off the CPUs of the node's jobs (commit_cpus.py)."""
+        if trigger != Trigger.PERIODIC or self.services.config.commit_cpus != "spare":
+            return None
+        pids = [tree.init_pid for _, sup in self.services.jobs.items()
+                if (tree := getattr(sup, "tree", None)) is not None]
+        return commit_cpus.spare_cpus(pids)
 
     def _restore_in_place(self, staging: Path, gpu: dict[str, Any] | None, cause: SlurmMMError) -> None:
         """Nothing lost when the store refuses an image: the job resumes here from it, once
