@@ -84,7 +84,7 @@ def test_srun_step_piped_into_the_script_resumes_whole_after_preemption(cluster,
 
 
 def test_srun_step_piped_into_the_script_resumes_whole_from_a_periodic_image(cluster, job_dir):
-    job = submit_stream(cluster, job_dir, interval="4s")
+    job = submit_stream(cluster, job_dir, interval="5s")
     node = tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)["BatchHost"]
     tc.wait_for(lambda: len(image_names(cluster, job)) >= 2 and consumed(job_dir) >= 2000, 60,
                 "periodic images with the stream under way")
