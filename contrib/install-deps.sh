@@ -27,7 +27,7 @@ APT_PKGS=(munge slurmctld slurmd slurm-client libslurm-dev slurm-wlm-basic-plugi
           protobuf-c-compiler libprotobuf-c-dev libnl-3-dev libnet1-dev libcap-dev
           libbsd-dev uuid-dev protobuf-compiler libprotobuf-dev python3-protobuf)
 # Real applications the test suite runs as users' jobs (tests/test_real_apps.py).
-APT_PKGS+=(gromacs velvet bwa samtools)
+APT_PKGS+=(gromacs velvet bwa samtools lammps)
 missing=()
 for p in "${APT_PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
