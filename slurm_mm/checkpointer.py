@@ -239,16 +239,22 @@ class JobCheckpointer:
                                      scratch=scratch)
 
     def dump(self, init_pid: int, staging: Path, *, leave_running: bool,
-             files: filestate.CaptureSpec | None = None, deadline: float | None = None) -> Dumped:
+             files: filestate.CaptureSpec | None = None, deadline: float | None = None,
+             leave_stopped: bool = False) -> Dumped:
         """CRIU (and the GPU's state) of the tree into `staging`; stopping dumps go first.
-        `deadline`: wall-clock time by which a hung criu is killed (a preempted job's grace end)."""
-        with self.criu_lock.hold(urgent=not leave_running):
+        `deadline`: wall-clock time by which a hung criu is killed (a preempted job's grace end).
+        `leave_stopped`: the tree stays SIGSTOPped after the dump (not a stopping dump: the
+        caller resumes it)."""
+        leave_running = leave_running and not leave_stopped
+        keeps_tree = leave_running or leave_stopped
+        with self.criu_lock.hold(urgent=not keeps_tree):
             timeout = dump_deadline.timeout(deadline, self.cfg.timeouts.checkpoint)
             # An ordinary dump gives way to a stopping one that waits (agent/criu_yield.py).
-            watch = yields_to_urgent(self.criu_lock, self.criu.binary, init_pid) if leave_running else nullcontext()
+            watch = yields_to_urgent(self.criu_lock, self.criu.binary, init_pid) if keeps_tree else nullcontext()
             with watch:
                 result = checkpoint_tree(init_pid, staging, leave_running=leave_running, gpu=self.gpu,
-                                         criu=self.criu, timeout=timeout, files=files)
+                                         criu=self.criu, timeout=timeout, files=files,
+                                         leave_stopped=leave_stopped)
         inventory = None
         if result.gpu_pids:
             found = gpu_inventory.read_inventory()

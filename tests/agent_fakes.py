@@ -109,7 +109,7 @@ class FakeCheckpointer:
     def file_spec(self, job_id, owner, *, env, script, pin_name):
         return None
 
-    def dump(self, init_pid, staging, *, leave_running, files=None, deadline=None):
+    def dump(self, init_pid, staging, *, leave_running, files=None, deadline=None, leave_stopped=False):
         self.calls.append(("dump", leave_running))
         if "dump" in self.fail:
             raise self.fail["dump"]

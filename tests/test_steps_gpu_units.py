@@ -30,7 +30,7 @@ class Checkpointer:
     def file_spec(self, job_id, owner, *, env, script, pin_name):
         return None
 
-    def dump(self, init_pid, staging, *, leave_running, files=None):
+    def dump(self, init_pid, staging, *, leave_running, files=None, leave_stopped=False):
         (staging / "pages-1.img").write_bytes(b"x")
         return SimpleNamespace(gpu_inventory=INVENTORY if init_pid == 100 else None, extra={"files": {}})
 

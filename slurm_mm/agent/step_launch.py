@@ -63,6 +63,7 @@ class StepTask:
     rank: int
     tree: ProcessTree
     req: LaunchRequest | None = None  # what a dump records of the task's files comes from it
+    stdio: list[int] = field(default_factory=list)  # the task's fds from slurmstepd, until it ends
 
 
 @dataclass
@@ -95,6 +96,8 @@ class JobSteps:
         self.steps: dict[str, Step] = {}
         self.stopping = False  # a stopping dump is ending the steps: their exits mean nothing
         self.unpacked: dict[str, dict[int, Path]] = {}  # token -> rank -> image, for a restore
+        self.dumped_tasks = 0  # task trees the last dump() went through
+        self.held: list[int] = []  # processes a leave-stopped dump left stopped, for resume()
 
     # -------------------------------------------------------- paths
 
@@ -162,8 +165,9 @@ class JobSteps:
     def _wait_srun(self, step: Step, exit_file: Path) -> None:
         rc = step.proc.wait()
         code = rc if rc >= 0 else 128 - rc
-        with self.lock:
-            self.steps.pop(step.token, None)
+        with self.lock:  # a step relaunched in place after a refused commit has the same token
+            if self.steps.get(step.token) is step:
+                del self.steps[step.token]
         for path in step.restoring.values():
             shutil.rmtree(path, ignore_errors=True)
         missing = sorted(set(step.restoring) - step.restored)
@@ -217,7 +221,7 @@ class JobSteps:
                 self.sup.tell(f"file {line} (task {rank})")
         else:
             tree = checkpointer.launch(task_req)
-        task = StepTask(rank, tree, task_req)
+        task = StepTask(rank, tree, task_req, list(fds))
         with self.lock:
             step.ntasks = max(step.ntasks, ntasks)
             step.tasks[rank] = task
@@ -235,7 +239,11 @@ class JobSteps:
             with self.lock:
                 if step.tasks.get(rank) is task:
                     del step.tasks[rank]
-            send({"op": "exit", "status": status})
+                task.stdio = []
+                stopping = self.stopping
+            # A stopping dump ended the task: its srun's exit is nobody's, and an error line
+            # from it would land in the job's output inside the batch tree's image.
+            send({"op": "exit", "status": 0 if stopping else status})
             for fd in fds:
                 os.close(fd)
 
@@ -289,8 +297,30 @@ class JobSteps:
             inits = [task.tree.init_pid for step in self.steps.values() for task in step.tasks.values()]
         return [pid for init in inits for pid in tree_pids(init)]
 
-    def dump(self, staging: Path, leave_running: bool) -> dict[str, Any]:
-        """Dump every step task into `staging` (after the batch tree); the manifest's record.
+    def sruns(self) -> list[subprocess.Popen]:
+        """The real `srun` of each running step."""
+        with self.lock:
+            return [s.proc for s in self.steps.values() if s.proc is not None]
+
+    def task_output_fds(self) -> list[int]:
+        """stdout/stderr of every running task, as slurmstepd gave them (for their fill)."""
+        with self.lock:
+            return [fd for s in self.steps.values() for t in s.tasks.values() for fd in t.stdio[1:3]]
+
+    def resume(self) -> None:
+        """Let the tasks a leave-stopped dump left stopped run again."""
+        held, self.held = self.held, []
+        for pid in held:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+    def dump(self, staging: Path, leave_running: bool = False, leave_stopped: bool = False) -> dict[str, Any]:
+        """Dump every step task into `staging` (before the batch tree); the manifest's record.
+        Without `leave_running` or `leave_stopped` the dumps end the tasks; with
+        `leave_stopped` the tasks stay stopped until resume() (processes that were stopped
+        already stay so). `dumped_tasks` counts the trees done, also when one fails.
         Each task's files are captured with it as the batch tree's are (engine.filestate,
         at CRIU's post-dump action), pinned under the job's pin root as
         `<image's dump>@<token>@<rank>`; `files` keeps each task's summary. A task's GPU
@@ -299,6 +329,7 @@ class JobSteps:
         with self.lock:
             steps = [(s, dict(s.tasks)) for s in self.steps.values()]
         checkpointer, record = self.services.checkpointer, {}
+        self.dumped_tasks = 0
         for step, tasks in steps:
             meta = {**step.meta(), "ranks": sorted(tasks), "files": {}}  # a stopping dump ends the tasks
             for rank, task in sorted(tasks.items()):
@@ -308,7 +339,12 @@ class JobSteps:
                 files = checkpointer.file_spec(self.sup.job_id, req.owner, env=req.env, script=req.argv[0],
                                                pin_name=f"{staging.name}@{step.token}@{rank}")
                 try:
-                    dumped = checkpointer.dump(task.tree.init_pid, scratch, leave_running=leave_running, files=files)
+                    before = _stopped(tree_pids(task.tree.init_pid)) if leave_stopped else set()
+                    dumped = checkpointer.dump(task.tree.init_pid, scratch, leave_running=leave_running,
+                                               leave_stopped=leave_stopped, files=files)
+                    self.dumped_tasks += 1
+                    if leave_stopped:
+                        self.held += [p for p in tree_pids(task.tree.init_pid) if p not in before]
                     for path in scratch.iterdir():
                         try:
                             os.rename(path, staging / f"{FILE_PREFIX}{step.token}@{rank}@{path.name}")
@@ -463,6 +499,19 @@ def handle_task_start(services: NodeServices, conn: socket.socket, pid: int, uid
 
 
 # ---------------------------------------------------------------- helpers
+
+def _stopped(pids: list[int]) -> set[int]:
+    """Those of `pids` in a stopped state (T) now: a resume must not wake them."""
+    found = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                    found.add(pid)
+        except (OSError, IndexError):
+            pass
+    return found
+
 
 def _ns_pid(pid: int) -> int:
     try:

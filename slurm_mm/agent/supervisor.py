@@ -339,11 +339,11 @@ class JobSupervisor:
         files = self.checkpointer.file_spec(self.job_id, self.req.owner, env=self.req.env,
                                             script=self.req.argv[0], pin_name=staging.name)
         deadline = dump_deadline.grace_end(self.services.slurm, self.job_id) if trigger == Trigger.PREEMPT else None
-        dumped = self.checkpointer.dump(self.tree.init_pid, staging, deadline=deadline,
-                                        leave_running=not stopping or self.steps.holds_steps(), files=files)
+        tree = self.tree
+        dumped = self.steps.dump(staging, trigger, stopping, deadline, lambda leave_running: self.checkpointer.dump(
+            tree.init_pid, staging, deadline=deadline, leave_running=leave_running, files=files))
         for note in dumped.extra.get("files", {}).get("notes", []):
             self.tell(note)
-        dumped.extra["steps"] = self.steps.dump_steps(staging, stopping)
         dumped.gpu_inventory = dumped.gpu_inventory or steps_gpu_inventory(dumped.extra["steps"])
         try:
             self.record.progress.phase = "writing"
@@ -352,7 +352,7 @@ class JobSupervisor:
                                             cpus=self._background_cpus(trigger))
         except SlurmMMError as exc:
             if stopping:  # the dump ended the tree: bring it back from the local image
-                self._restore_in_place(staging, dumped.gpu_inventory, exc)
+                self._restore_in_place(staging, dumped.gpu_inventory, exc, dumped.extra)
             raise
 
     def _background_cpus(self, trigger: Trigger) -> frozenset[int] | None:
@@ -363,14 +363,21 @@ class JobSupervisor:
                 if (tree := getattr(sup, "tree", None)) is not None]
         return commit_cpus.spare_cpus(pids)
 
-    def _restore_in_place(self, staging: Path, gpu: dict[str, Any] | None, cause: SlurmMMError) -> None:
-        """Nothing lost when the store refuses an image: the job resumes here from it, once
-        the dumped tree is gone (never two copies of the job at once)."""
+    def _restore_in_place(self, staging: Path, gpu: dict[str, Any] | None, cause: SlurmMMError,
+                          extra: dict[str, Any]) -> None:
+        """Nothing lost when the store refuses an image: the job resumes here from it, its
+        steps too, once the dumped tree is gone (never two copies of the job at once)."""
         try:
             if not self.stopped.wait(OLD_TREE_GONE_SECONDS):
                 raise RestoreFailed(f"the dumped tree is still there after {OLD_TREE_GONE_SECONDS:.0f} s")
-            self.tree = self.checkpointer.restore(staging, RestoreTarget.of(self.req), gpu,
-                                                  pin_root=self.pin_root(), job_id=self.job_id)
+            self.steps.unpack(staging, extra)
+            try:
+                self.tree = self.checkpointer.restore(staging, RestoreTarget.of(self.req), gpu,
+                                                      pin_root=self.pin_root(), job_id=self.job_id)
+            except SlurmMMError:
+                self.steps.discard_unpacked()
+                raise
+            self.steps.restored(self.tree, extra)
         except SlurmMMError as exc:
             self.tell(f"could not store the image ({cause}) nor resume the job here ({exc}); "
                       "requeueing it to resume from its last stored image")
