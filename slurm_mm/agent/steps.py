@@ -3,9 +3,10 @@
 An image holds the job's batch tree on its batch host and nothing else. Work outside
 that tree would be lost by a restore without anyone noticing:
 - a job allocated more than one node (its tasks on the other nodes are not in the image);
-- an `srun` step: the batch tree holds only the `srun` client, the step's tasks run under
-  their own slurmstepd. A restored client finds its step gone and may exit 0, which
-  turns lost work into a COMPLETED job.
+- MPI (agent/mpi.py): ranks hold links to their process manager and to each other;
+- an `srun` step not run through slurm_mm's stand-in: the batch tree holds only the
+  `srun` client, the step's tasks run under their own slurmstepd. A restored client
+  finds its step gone and may exit 0, which turns lost work into a COMPLETED job.
 Such a checkpoint is refused with one line in the job's stderr (and in `slurm-mm
 status`). A stopping trigger (preemption, drain, requeue) then requeues the job without
 an image: it reruns from its last whole image, or from the start, as Slurm would rerun it.
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from slurm_mm.agent.job_record import REQUEUED_EXIT, JobState
+from slurm_mm.agent.mpi import mpi_processes, mpi_reason
 from slurm_mm.agent.services import SupervisedJob
 from slurm_mm.agent.step_launch import JobSteps
 from slurm_mm.engine.proctree import tree_pids
@@ -158,7 +160,11 @@ class StepGuard:
         if self.job_reason:
             return self.job_reason
         tree = self.sup.tree
-        clients = step_clients(tree_pids(tree.init_pid)) if tree is not None else []
+        pids = tree_pids(tree.init_pid) if tree is not None else []
+        mpi = mpi_processes([*pids, *self._task_pids()])
+        if mpi:
+            return mpi_reason(mpi)
+        clients = step_clients(pids)
         if clients:
             return steps_reason(clients)
         deadline = time.monotonic() + (STOPPING_SETTLE_SECONDS if stopping else 0)
@@ -167,6 +173,11 @@ class StepGuard:
             if unsettled is None or time.monotonic() >= deadline:
                 return None if unsettled is None else f"not checkpointed now: {unsettled}"
             time.sleep(0.2)
+
+    def _task_pids(self) -> list[int]:
+        with self.jobsteps.lock:
+            inits = [task.tree.init_pid for step in self.jobsteps.steps.values() for task in step.tasks.values()]
+        return [pid for init in inits for pid in tree_pids(init)]
 
     def holds_steps(self) -> bool:
         return self.jobsteps.active()

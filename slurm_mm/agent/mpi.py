@@ -1,0 +1,142 @@
+"""MPI in an enrolled job: found before any dump, and refused, never imaged.
+
+MPI ranks hold state no image can carry: connections to their process manager (the
+step's slurmstepd through PMI/PMIx, or `mpirun`'s daemon), shared-memory segments and
+sockets between ranks, and a rank count the restored job would have to match. Measured
+on the test cluster (OpenMPI 4.1, Slurm 22.05): ranks of `srun --mpi=pmix -n2` started
+under slurm_mm each in their own PID namespace crashed in OpenMPI's shared-memory
+transport, without any checkpoint. So:
+- an `srun` that asks for an MPI plugin (`--mpi=X`, `SLURM_MPI_TYPE`, or the cluster's
+  `MpiDefault`, other than `none`) is run by Slurm's own `srun` in the job's tree, its
+  tasks as Slurm starts them;
+- a job tree holding an MPI launcher (`mpirun`, `mpiexec`, their daemons) or a process
+  that has an MPI or PMI library mapped is refused checkpoints while it runs, with one
+  line; a stopping trigger falls back to Slurm's requeue (agent/steps.py).
+
+Trusts: /proc of the job's own processes (exe, maps), and the step's srun argv and
+environment only to decide to refuse (a false "MPI" costs the job its checkpoints, never
+anything else). Never reads or acts on a process outside the pids it is given.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+# Launchers and their per-node daemons (OpenMPI/PRRTE, MPICH/Hydra, Intel MPI).
+MPI_LAUNCHERS = frozenset({
+    "mpirun", "mpiexec", "orterun", "orted", "prterun", "prted", "prte", "prun",
+    "mpiexec.hydra", "mpiexec.openmpi", "mpirun.openmpi", "mpiexec.mpich", "mpirun.mpich",
+    "hydra_pmi_proxy", "pmi_proxy",
+})
+# libmpi*.so (OpenMPI, MPICH, Intel), libpmix, libpmi, libpmi2: a rank or a PMI client.
+_MPI_LIBRARY = re.compile(r"/lib(?:mpi|mpich|pmix|pmi2?)(?:[_.-][^/]*)?\.so[^/]*$")
+
+
+@dataclass(frozen=True)
+class MpiProcess:
+    """A process of the job that is part of an MPI run, and what shows it."""
+
+    pid: int
+    program: str
+    evidence: str
+
+    def __str__(self) -> str:
+        return f"`{self.program}` ({self.evidence})"
+
+
+def _program(pid: int) -> str:
+    try:
+        return os.path.basename(os.readlink(f"/proc/{pid}/exe")).removesuffix(" (deleted)")
+    except OSError:
+        return ""
+
+
+def _mpi_library(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                path = line.rstrip("\n").split(None, 5)[-1] if line.count(" ") >= 5 else ""
+                if path.startswith("/") and _MPI_LIBRARY.search(path.removesuffix(" (deleted)")):
+                    return os.path.basename(path)
+    except OSError:
+        pass
+    return None
+
+
+def _words(path: str) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            return [w.decode(errors="replace") for w in f.read().split(b"\0") if w]
+    except OSError:
+        return []
+
+
+def _srun_mpi(pid: int) -> str | None:
+    """The MPI plugin a running `srun` client asked for, or None."""
+    env = dict(w.partition("=")[::2] for w in _words(f"/proc/{pid}/environ"))
+    kind = srun_mpi_type(_words(f"/proc/{pid}/cmdline")[1:], env, slurm_mpi_default())
+    return None if kind.strip().lower() in ("none", "") else kind
+
+
+def mpi_processes(pids: Iterable[int]) -> list[MpiProcess]:
+    """The processes among `pids` that launch MPI or are MPI ranks (a vanished process is
+    none), in pid order."""
+    found = []
+    for pid in sorted(set(pids)):
+        program = _program(pid)
+        if not program:
+            continue
+        if program in MPI_LAUNCHERS:
+            found.append(MpiProcess(pid, program, "an MPI launcher"))
+            continue
+        if program == "srun" and (kind := _srun_mpi(pid)):
+            found.append(MpiProcess(pid, program, f"--mpi={kind}"))
+            continue
+        library = _mpi_library(pid)
+        if library:
+            found.append(MpiProcess(pid, program, f"uses {library}"))
+    return found
+
+
+def mpi_reason(processes: Sequence[MpiProcess]) -> str:
+    """One line naming the first MPI process (a launcher starts before its ranks), so the
+    line stays the same while the run goes on: it is told once."""
+    return (f"not checkpointed: MPI runs in this job ({processes[0]}); slurm_mm cannot checkpoint "
+            "MPI ranks (their links to the MPI process manager and to each other cannot be restored), "
+            "so it writes no images while MPI runs")
+
+
+def srun_mpi_type(argv: Sequence[str], env: Mapping[str, str], default: str | None = None) -> str:
+    """The MPI plugin an `srun ARGV` asks for: `--mpi`, else SLURM_MPI_TYPE, else the
+    cluster's MpiDefault ('none' when nothing asks for one)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--mpi="):
+            return arg.partition("=")[2] or "none"
+        if arg == "--mpi" and i + 1 < len(argv):
+            return argv[i + 1]
+    return env.get("SLURM_MPI_TYPE") or default or "none"
+
+
+def is_mpi_step(argv: Sequence[str], env: Mapping[str, str]) -> bool:
+    """True: Slurm's own srun must start this step (its tasks are MPI ranks)."""
+    return srun_mpi_type(argv, env, slurm_mpi_default()).strip().lower() not in ("none", "")
+
+
+@functools.lru_cache(maxsize=1)
+def slurm_mpi_default() -> str | None:
+    """The cluster's MpiDefault (read once per agent); None when Slurm cannot say."""
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == "MpiDefault":
+            return value.strip()
+    return None
