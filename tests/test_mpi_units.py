@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_mm.agent.mpi import mpi_processes, mpi_reason, srun_mpi_type
+from slurm_mm.agent.mpi import mpi_processes, mpi_reason, requested_mpi, srun_mpi_type
 
 
 @pytest.mark.parametrize("argv, env, default, kind", [
@@ -69,3 +69,8 @@ def test_rank_is_found_by_the_mpi_library_it_maps(tmp_path):
 
 def test_plain_processes_are_not_mpi():
     assert mpi_processes([os.getpid()]) == []
+
+
+def test_a_step_that_names_no_mpi_plugin_leaves_it_to_the_cluster():
+    assert requested_mpi(["-n4", "./app", "--mpi=x"], {}) == "x"  # conservative: a false MPI only costs images
+    assert requested_mpi(["-n4", "./app"], {}) is None

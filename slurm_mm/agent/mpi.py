@@ -79,8 +79,10 @@ def _words(path: str) -> list[str]:
 def _srun_mpi(pid: int) -> str | None:
     """The MPI plugin a running `srun` client asked for, or None."""
     env = dict(w.partition("=")[::2] for w in _words(f"/proc/{pid}/environ"))
-    kind = srun_mpi_type(_words(f"/proc/{pid}/cmdline")[1:], env, slurm_mpi_default())
-    return None if kind.strip().lower() in ("none", "") else kind
+    kind = requested_mpi(_words(f"/proc/{pid}/cmdline")[1:], env)
+    if kind is None:
+        kind = slurm_mpi_default() or "none"
+    return kind if _is_mpi(kind) else None
 
 
 def mpi_processes(pids: Iterable[int]) -> list[MpiProcess]:
@@ -103,28 +105,42 @@ def mpi_processes(pids: Iterable[int]) -> list[MpiProcess]:
     return found
 
 
+REFUSAL_PREFIX = "not checkpointed: MPI runs in this job"
+
+
 def mpi_reason(processes: Sequence[MpiProcess]) -> str:
     """One line naming the first MPI process (a launcher starts before its ranks), so the
     line stays the same while the run goes on: it is told once."""
-    return (f"not checkpointed: MPI runs in this job ({processes[0]}); slurm_mm cannot checkpoint "
+    return (f"{REFUSAL_PREFIX} ({processes[0]}); slurm_mm cannot checkpoint "
             "MPI ranks (their links to the MPI process manager and to each other cannot be restored), "
             "so it writes no images while MPI runs")
 
 
-def srun_mpi_type(argv: Sequence[str], env: Mapping[str, str], default: str | None = None) -> str:
-    """The MPI plugin an `srun ARGV` asks for: `--mpi`, else SLURM_MPI_TYPE, else the
-    cluster's MpiDefault ('none' when nothing asks for one)."""
+def requested_mpi(argv: Sequence[str], env: Mapping[str, str]) -> str | None:
+    """The MPI plugin an `srun ARGV` names itself (`--mpi`, else SLURM_MPI_TYPE), or None."""
     for i, arg in enumerate(argv):
         if arg.startswith("--mpi="):
             return arg.partition("=")[2] or "none"
         if arg == "--mpi" and i + 1 < len(argv):
             return argv[i + 1]
-    return env.get("SLURM_MPI_TYPE") or default or "none"
+    return env.get("SLURM_MPI_TYPE") or None
+
+
+def srun_mpi_type(argv: Sequence[str], env: Mapping[str, str], default: str | None = None) -> str:
+    """The MPI plugin an `srun ARGV` runs with: its own request, else the cluster's
+    MpiDefault ('none' when nothing asks for one)."""
+    return requested_mpi(argv, env) or default or "none"
+
+
+def _is_mpi(kind: str) -> bool:
+    return kind.strip().lower() not in ("none", "")
 
 
 def is_mpi_step(argv: Sequence[str], env: Mapping[str, str]) -> bool:
-    """True: Slurm's own srun must start this step (its tasks are MPI ranks)."""
-    return srun_mpi_type(argv, env, slurm_mpi_default()).strip().lower() not in ("none", "")
+    """True: Slurm's own srun must start this step (its tasks are MPI ranks). Slurm is
+    asked for MpiDefault only when the step does not say."""
+    kind = requested_mpi(argv, env)
+    return _is_mpi(kind if kind is not None else slurm_mpi_default() or "none")
 
 
 @functools.lru_cache(maxsize=1)
@@ -132,7 +148,7 @@ def slurm_mpi_default() -> str | None:
     """The cluster's MpiDefault (read once per agent); None when Slurm cannot say."""
     try:
         out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True,
-                             timeout=30, check=True).stdout
+                             timeout=10, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     for line in out.splitlines():

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from slurm_mm.agent.job_record import REQUEUED_EXIT, JobState
-from slurm_mm.agent.mpi import mpi_processes, mpi_reason
+from slurm_mm.agent.mpi import REFUSAL_PREFIX as MPI_REFUSAL, mpi_processes, mpi_reason
 from slurm_mm.agent.services import SupervisedJob
 from slurm_mm.agent.step_launch import JobSteps
 from slurm_mm.engine.proctree import tree_pids
@@ -224,7 +224,9 @@ class StepGuard:
         if not stopping:
             if reason == self.job_reason:
                 return  # told at start
-            self._tell_once(reason + "; periodic checkpoints resume once no step runs")
+            if not reason.startswith(MPI_REFUSAL):
+                reason += "; periodic checkpoints resume once no step runs"
+            self._tell_once(reason)
             return
         last = sup.record.last_image.get("name") or _stored_latest(sup)
         where = f"its last whole image {last}" if last else "the beginning (no whole image exists)"
