@@ -217,17 +217,21 @@ class JobCheckpointer:
     def file_spec(self, job_id: str, owner: Owner, *, env: dict[str, str], script: str,
                   pin_name: str) -> filestate.CaptureSpec:
         """What a dump of this job records of its files (engine.filestate): node-local
-        paths are the site's, the job's $TMPDIR, and slurmd's spool dir of its script."""
+        paths are the site's, the job's $TMPDIR, and slurmd's spool dir of its script;
+        closed files count in $TMPDIR and node-local working directories (scratch_files)."""
         local = list(self.cfg.node_local_paths)
         tmpdir = env.get("TMPDIR", "")
+        scratch = []
         if tmpdir.startswith("/") and ".." not in tmpdir.split("/"):
             local.append(tmpdir)
+            scratch.append(tmpdir)  # walked only if the owner owns it (a per-job $TMPDIR, not /tmp)
         if os.path.basename(script) == "slurm_script":  # <SlurmdSpoolDir>/jobNNNNN/slurm_script
             local.append(os.path.dirname(os.path.dirname(script)))
         return filestate.CaptureSpec(init_pid=0, images_dir="", node=self.node, owner_uid=owner.uid,
                                      owner_gids=list(owner.groups), node_local=local,
                                      budget=self.cfg.file_state_budget,
-                                     pin_root=str(self.pin_root(job_id)), pin_name=pin_name)
+                                     pin_root=str(self.pin_root(job_id)), pin_name=pin_name,
+                                     scratch=scratch)
 
     def dump(self, init_pid: int, staging: Path, *, leave_running: bool,
              files: filestate.CaptureSpec | None = None, deadline: float | None = None) -> Dumped:

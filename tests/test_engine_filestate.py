@@ -101,6 +101,25 @@ def test_node_local_file_is_recreated_on_a_node_without_it(workload, tmp_path):
     assert (scratch / "work.dat").stat().st_uid == w.env.user.pw_uid
 
 
+def test_closed_scratch_files_come_back_on_a_node_without_them(workload, tmp_path):
+    # A script's `app1 > stage/a.out; app2 stage/a.out` in its node-local working directory:
+    # nothing holds a.out at the image, yet the next step needs it on the new node.
+    w = workload("file_state.py", "scratch")
+    scratch = w.dir / "scratch"
+    scratch.mkdir()
+    os.chown(scratch, w.env.user.pw_uid, w.env.user.pw_gid)
+    w.args.append(str(scratch))
+    w.start()
+    result = w.checkpoint(tmp_path / "img", leave_running=False, files=spec(w, node_local=[scratch]))
+    w.tree.wait(10)
+    assert result.files["saved_bytes"] >= 1 << 20
+    shutil.rmtree(scratch)  # the next node never had it
+    code, out, report = restore_with_files(w, tmp_path / "img", tmp_path, node="n2")
+    assert code == 0 and "PASS" in out, out
+    assert any("stage/a.out: node-local file recreated" in line for line in report), report
+    assert (scratch / "stage" / "a.out").stat().st_uid == w.env.user.pw_uid
+
+
 def test_file_the_owner_cannot_create_is_handed_over_at_its_offset(workload, tmp_path, engine_env):
     # Like the batch script in slurmd's spool dir of another node: root-owned directory.
     spool = engine_env.base / f"spool-{os.getpid()}-{time.monotonic_ns()}"

@@ -42,6 +42,7 @@ from typing import Any, Iterable, Sequence
 if __name__ == "__main__":  # run by CRIU as a script: use the package this file is part of
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from slurm_mm.engine.scratch_files import MAX_ENTRIES, ClosedFile, closed_files  # noqa: E402
 from slurm_mm.errors import FileStateRefused, ImageCorrupt  # noqa: E402
 
 STATE_FILE = "filestate.json"
@@ -81,6 +82,7 @@ class FileRecord:
     saved: str | None = None  # mmfile-N: a copy of its content in the image
     sha256: str | None = None  # of the saved copy
     pin: str | None = None  # name of the hard link under the pin directory
+    held: bool = True  # False: a closed file of the job's node-local scratch (scratch_files.py)
 
     @classmethod
     def from_json(cls, d: Any) -> FileRecord:
@@ -108,6 +110,7 @@ class FileState:
     node: str
     records: list[FileRecord] = field(default_factory=list)
     dirs: list[str] = field(default_factory=list)  # node-local directories the tree needs (cwd, parents)
+    dir_modes: dict[str, int] = field(default_factory=dict)  # their permission bits (CRIU checks a cwd's)
     pins: str | None = None  # the pin directory's name (under the job's pin root)
     saved_bytes: int = 0
     same_node_only: bool = False
@@ -132,6 +135,9 @@ class FileState:
         dirs = data.get("dirs", [])
         if not isinstance(dirs, list) or not all(isinstance(d, str) and d.startswith("/") for d in dirs):
             raise ImageCorrupt(f"{path}: bad dirs")
+        modes = data.get("dir_modes", {})
+        if not isinstance(modes, dict) or not all(isinstance(m, int) and 0 <= m <= 0o7777 for m in modes.values()):
+            raise ImageCorrupt(f"{path}: bad dir_modes")
         pins = data.get("pins")
         if pins is not None and (not isinstance(pins, str) or "/" in pins or pins.startswith(".")):
             raise ImageCorrupt(f"{path}: bad pins name {str(pins)[:60]!r}")
@@ -140,7 +146,7 @@ class FileState:
             raise ImageCorrupt(f"{path}: bad sockets")
         return cls(node=str(data.get("node", "")), sockets=sockets,
                    records=[FileRecord.from_json(r) for r in data.get("records", [])],
-                   dirs=dirs, pins=pins, saved_bytes=int(data.get("saved_bytes", 0)),
+                   dirs=dirs, dir_modes={str(k): v for k, v in modes.items()}, pins=pins, saved_bytes=int(data.get("saved_bytes", 0)),
                    same_node_only=bool(data.get("same_node_only")),
                    notes=[str(n) for n in data.get("notes", [])])
 
@@ -160,6 +166,7 @@ class CaptureSpec:
     budget: int  # bytes of copies an image may carry
     pin_root: str | None  # the job's pin root (same filesystem as the store), or None
     pin_name: str | None
+    scratch: list[str] = field(default_factory=list)  # node-local dirs whose closed files count ($TMPDIR)
 
 
 def _under(path: str, prefixes: Iterable[str]) -> bool:
@@ -269,7 +276,7 @@ def capture(spec: CaptureSpec, pids: Sequence[int]) -> FileState:
     state = FileState(node=spec.node, pins=spec.pin_name)
     by_inode: dict[tuple[int, int], FileRecord] = {}
     handles: dict[tuple[int, int], str] = {}
-    dirs: set[str] = set()
+    dirs: dict[str, int] = {}  # node-local directory -> its permission bits
 
     def note(kernel_path: str, handle: str, flags: int | None, pos: int) -> None:
         path, deleted = _strip_deleted(kernel_path)
@@ -305,6 +312,7 @@ def capture(spec: CaptureSpec, pids: Sequence[int]) -> FileState:
                     rec.read_write = True
 
     sockets: set[str] = set()
+    roots = [(d, d) for d in spec.scratch if _under(d, spec.node_local)]
     for pid in pids:
         for path, handle, flags, pos in _open_files(pid):
             note(path, handle, flags, pos)
@@ -314,20 +322,63 @@ def capture(spec: CaptureSpec, pids: Sequence[int]) -> FileState:
         try:
             cwd, gone = _strip_deleted(os.readlink(f"/proc/{pid}/cwd"))
             if not gone and _under(cwd, spec.node_local):
-                dirs.add(cwd)
+                dirs[cwd] = _dir_mode(f"/proc/{pid}/cwd")
+                roots.append((cwd, f"/proc/{pid}/cwd"))
         except OSError:
             pass
 
-    for key in _stdio_inodes(spec.init_pid):
+    stdio = _stdio_inodes(spec.init_pid)
+    for key in stdio:
         by_inode.pop(key, None)  # the job's stdio: the restorer hands the new run's in its place
+    with closed_files(roots, spec.owner_uid, set(by_inode) | stdio) as (closed, cut_short):
+        for found in closed:
+            key = (found.st.st_dev, found.st.st_ino)
+            by_inode[key] = _closed_record(found)
+            handles[key] = found.handle
+        if cut_short:
+            state.same_node_only = True
+            state.notes.append(f"the job's node-local scratch directories hold more than {MAX_ENTRIES} "
+                               f"entries: the image can resume the job on {spec.node} only")
+        _save_and_pin(spec, state, by_inode, handles, dirs, images)
+    state.records = [by_inode[k] for k in sorted(by_inode, key=lambda k: by_inode[k].path)]
+    state.dirs = sorted(dirs)
+    state.dir_modes = dict(sorted(dirs.items()))
+    state.sockets = sorted(sockets)
+    if state.pins is not None and not any(r.pin for r in state.records):
+        os.rmdir(os.path.join(str(spec.pin_root), state.pins))
+        state.pins = None
+    _write_json(images / STATE_FILE, state.to_json())
+    return state
+
+
+def _dir_mode(path: str) -> int:
+    """Permission bits of a directory (set-id and sticky bits never recreated); 0o700 if gone."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode) & 0o777
+    except OSError:
+        return 0o700
+
+
+def _closed_record(found: ClosedFile) -> FileRecord:
+    st = found.st
+    return FileRecord(path=found.path, dev=st.st_dev, ino=st.st_ino, size=st.st_size,
+                      mtime_ns=st.st_mtime_ns, mode=st.st_mode, uid=st.st_uid, node_local=True,
+                      writer=True, append_only=False, held=False)
+
+
+def _save_and_pin(spec: CaptureSpec, state: FileState, by_inode: dict[tuple[int, int], FileRecord],
+                  handles: dict[tuple[int, int], str], dirs: dict[str, int], images: Path) -> None:
+    """Copy what the image must carry (node-local and rewritten-in-place files, the held
+    ones first, smallest first, within the budget) and pin shared files."""
     pin_dir = _make_pin_dir(spec)
     budget = spec.budget
     numbered = {key: n for n, key in enumerate(sorted(by_inode, key=lambda k: by_inode[k].path))}
-    # Smallest first: a budget that cannot hold everything keeps as many files as it can.
-    for key in sorted(by_inode, key=lambda k: (by_inode[k].size, by_inode[k].path)):
+    # Held files first, then smallest first: a budget that cannot hold everything keeps as many as it can.
+    for key in sorted(by_inode, key=lambda k: (not by_inode[k].held, by_inode[k].size, by_inode[k].path)):
         rec, n = by_inode[key], numbered[key]
         if rec.node_local:
-            dirs.add(os.path.dirname(rec.path))
+            parent = os.path.dirname(rec.path)
+            dirs.setdefault(parent, _dir_mode(parent))
         if rec.deleted:
             continue  # CRIU keeps its content (ghost file); only its directory must exist
         readable = owner_can_read(os.stat(handles[key]), spec.owner_uid, spec.owner_gids)
@@ -348,14 +399,8 @@ def capture(spec: CaptureSpec, pids: Sequence[int]) -> FileState:
                 rec.pin = str(n)
             except OSError:
                 pass  # e.g. a filesystem without hard links: change detection still holds
-    state.records = [by_inode[k] for k in sorted(by_inode, key=lambda k: by_inode[k].path)]
-    state.dirs = sorted(dirs)
-    state.sockets = sorted(sockets)
-    if pin_dir is not None and not any(r.pin for r in state.records):
-        os.rmdir(pin_dir)
+    if pin_dir is None:
         state.pins = None
-    _write_json(images / STATE_FILE, state.to_json())
-    return state
 
 
 def _stdio_inodes(init_pid: int) -> set[tuple[int, int]]:
@@ -562,7 +607,7 @@ def plan(state: FileState, images_dir: Path, *, node: str, uid: int, gids: Seque
     seen = _probe([r.path for r in live], uid, gids, hashes)
     for d in state.dirs + sorted({os.path.dirname(r.path) for r in state.records if r.deleted or r.node_local}):
         if not any(a.op == "mkdir" and a.path == d for a in out.actions):
-            out.actions.append(Action("mkdir", d, mode=0o700, why="directory the job had"))
+            out.actions.append(Action("mkdir", d, mode=state.dir_modes.get(d, 0o700), why="directory the job had"))
     for rec in live:
         now = seen.get(rec.path) or {}
         if rec.node_local:
@@ -682,7 +727,7 @@ def prepare(images_dir: Path, *, node: str, uid: int, gids: Sequence[int], pin_r
                 prepared.report.append(f"{action.path}: {action.why}")
             continue
         rec = by_path.get(action.path)
-        if action.op == "write" and rec is not None and rec.node_local and result.get("errno") in (
+        if action.op == "write" and rec is not None and rec.node_local and rec.held and result.get("errno") in (
                 errno.EACCES, errno.EPERM, errno.ENOENT, errno.EROFS, errno.ENOTDIR):
             fd = _stand_in(rec, images_dir, uid, gids, work)
             prepared.inherit[fd] = rec.path.lstrip("/")

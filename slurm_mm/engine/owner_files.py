@@ -114,8 +114,10 @@ def link(path: str, source_fd: int, size: int, mode: int, mtime_ns: int) -> None
 
 def apply(action: dict[str, Any]) -> None:
     op, path = action["op"], action["path"]
-    if op == "mkdir":
-        os.makedirs(path, mode=0o700, exist_ok=True)
+    if op == "mkdir":  # only a directory made here gets the image's mode (CRIU compares a cwd's)
+        if not os.path.isdir(path):
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            os.chmod(path, action["mode"] & 0o777)
     elif op == "write":
         write(path, action["source_fd"], action["size"], action["mode"], action["mtime_ns"])
     elif op == "link":

@@ -5,6 +5,8 @@
     file_state.py intermediate  a file written, reopened read-only, deleted after the image
     file_state.py reader        an input file held open read-only
     file_state.py rewriter [mmap]  a counter rewritten in place (O_RDWR, or a shared mapping)
+    file_state.py scratch DIR   works in node-local DIR: files written and closed before the image,
+                                read in a later step (as a script's `app1 > a; app2 a`)
 
 Prints READY once set up; where the harness lets the world move on after the image it
 waits for STEP1, makes its progress, prints MOVED; then waits for GO, checks that what it
@@ -47,6 +49,23 @@ def local(directory: str, fd_only: bool = False) -> int:
     with open(path, "rb") as again:  # the path itself is back, not only the fd
         whole = again.read()
     return verdict(first + rest == BLOCK and whole == BLOCK, f"{len(first)}+{len(rest)} {len(whole)}")
+
+
+def scratch(directory: str) -> int:
+    home = os.getcwd()  # where the harness puts GO
+    os.chdir(directory)
+    os.makedirs("stage", exist_ok=True)
+    with open("stage/a.out", "wb") as f:
+        f.write(BLOCK)
+    with open("b.txt", "w") as f:
+        f.write("stage two\n")
+    say("READY")
+    wait(os.path.join(home, "GO"))
+    with open("stage/a.out", "rb") as f:
+        a = f.read()
+    with open("b.txt") as f:
+        b = f.read()
+    return verdict(a == BLOCK and b == "stage two\n", f"{len(a)} bytes, {b!r}")
 
 
 def writer() -> int:
@@ -127,6 +146,8 @@ def main() -> int:
     mode = sys.argv[1]
     if mode == "local":
         return local(sys.argv[2], sys.argv[3:] == ["fd-only"])
+    if mode == "scratch":
+        return scratch(sys.argv[2])
     if mode == "rewriter":
         return rewriter(sys.argv[2:] == ["mmap"])
     if mode == "reader":
