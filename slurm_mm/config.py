@@ -72,6 +72,9 @@ class Config:
     restore_policy: str = d.RESTORE_POLICY
     # Bytes of images one user may hold in the store (all their jobs); 0 = no limit.
     store_quota_per_user: int = d.STORE_QUOTA_PER_USER
+    # Seconds between two sweeps that remove images of jobs that ended with no Epilog
+    # (requeued, then cancelled while pending); 0 = never.
+    store_sweep_interval: int = d.STORE_SWEEP_INTERVAL
     # When the store's filesystem has no POSIX ACLs: refuse, or group (user private groups).
     no_acl_fallback: str = d.NO_ACL_FALLBACK
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -208,6 +211,7 @@ _RANGES = {
     "min_interval": (1, 365 * 86400),
     "file_state_budget": (0, 1 << 50),
     "store_quota_per_user": (0, 1 << 60),
+    "store_sweep_interval": (0, 7 * 86400),
 }
 
 

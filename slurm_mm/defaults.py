@@ -48,6 +48,8 @@ RESTORE_POLICY = "rerun"
 # Bytes of images one user may hold in the store (images are root's: filesystem quotas
 # do not see them). 0 = no limit.
 STORE_QUOTA_PER_USER = 0
+# Seconds between two sweeps of the store for jobs that ended with no Epilog.
+STORE_SWEEP_INTERVAL = 300
 # Where the store's filesystem refuses POSIX ACLs: "refuse" (the agent and `config check`
 # stop), or "group" (the site gives every user a private primary group, so images
 # readable by the job's group are readable by its owner alone).

@@ -157,6 +157,10 @@ class SlurmError(SlurmMMError):
     exit_code = 10
 
 
+class JobGone(SlurmError):
+    """Slurm answered and does not know the job (it ended and was purged, or never was)."""
+
+
 def by_kind(kind: object, message: str) -> SlurmMMError:
     """The error a node agent reported as `kind` (a class name of this module) and text:
     error kinds cross the agent's socket as data, never guessed from the message."""

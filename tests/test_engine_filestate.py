@@ -79,9 +79,9 @@ def test_deleted_intermediate_is_brought_back_from_its_pin(workload, tmp_path, p
     assert not (w.dir / "inter.dat").exists(), "the restored job deleted it again, as it did the first time"
 
 
-def started_with_scratch(workload):
-    """The `local` workload with its node-local scratch directory (owned by the user)."""
-    w = workload("file_state.py", "local")
+def started_with_scratch(workload, mode: str = "local"):
+    """A workload with its node-local scratch directory (owned by the user)."""
+    w = workload("file_state.py", mode)
     scratch = w.dir / "scratch"
     scratch.mkdir()
     os.chown(scratch, w.env.user.pw_uid, w.env.user.pw_gid)
@@ -90,32 +90,27 @@ def started_with_scratch(workload):
     return w, scratch
 
 
-def test_node_local_file_is_recreated_on_a_node_without_it(workload, tmp_path):
-    w, scratch = started_with_scratch(workload)
+def moved_to_a_node_without_scratch(workload, tmp_path, mode: str):
+    """Stopping image of a workload with node-local scratch, restored where the scratch is gone."""
+    w, scratch = started_with_scratch(workload, mode)
     result = w.checkpoint(tmp_path / "img", leave_running=False, files=spec(w, node_local=[scratch]))
     w.tree.wait(10)
     assert result.files["saved_bytes"] >= 1 << 20
     shutil.rmtree(scratch)  # the next node never had it
     code, out, report = restore_with_files(w, tmp_path / "img", tmp_path, node="n2")
     assert code == 0 and "PASS" in out, out
+    return w, scratch, report
+
+
+def test_node_local_file_is_recreated_on_a_node_without_it(workload, tmp_path):
+    w, scratch, _ = moved_to_a_node_without_scratch(workload, tmp_path, "local")
     assert (scratch / "work.dat").stat().st_uid == w.env.user.pw_uid
 
 
 def test_closed_scratch_files_come_back_on_a_node_without_them(workload, tmp_path):
     # A script's `app1 > stage/a.out; app2 stage/a.out` in its node-local working directory:
     # nothing holds a.out at the image, yet the next step needs it on the new node.
-    w = workload("file_state.py", "scratch")
-    scratch = w.dir / "scratch"
-    scratch.mkdir()
-    os.chown(scratch, w.env.user.pw_uid, w.env.user.pw_gid)
-    w.args.append(str(scratch))
-    w.start()
-    result = w.checkpoint(tmp_path / "img", leave_running=False, files=spec(w, node_local=[scratch]))
-    w.tree.wait(10)
-    assert result.files["saved_bytes"] >= 1 << 20
-    shutil.rmtree(scratch)  # the next node never had it
-    code, out, report = restore_with_files(w, tmp_path / "img", tmp_path, node="n2")
-    assert code == 0 and "PASS" in out, out
+    w, scratch, report = moved_to_a_node_without_scratch(workload, tmp_path, "scratch")
     assert any("stage/a.out: node-local file recreated" in line for line in report), report
     assert (scratch / "stage" / "a.out").stat().st_uid == w.env.user.pw_uid
 

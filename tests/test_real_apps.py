@@ -112,6 +112,16 @@ def preempt(cluster, job: AppJob, node: str) -> str:
                                "-o", "/dev/null", cwd=job.dir))
 
 
+def preempt_to_another_node(cluster, job: AppJob, node: str) -> str:
+    """Preempt `job` off `node`; returns the node it runs on again."""
+    urgent = preempt(cluster, job, node)
+    try:
+        job.wait_restarts(1)
+        return job.wait_running(node_not=node)
+    finally:
+        subprocess.run(["scancel", urgent], env=cluster.env())
+
+
 def md_steps_logged(job: AppJob) -> int:
     log = job.dir / "md.log"
     return log.read_text(errors="replace").count("           Step           Time") if log.exists() else 0
@@ -122,12 +132,7 @@ def test_gromacs_job_preempted_then_drained_equals_uninterrupted_run(cluster, jo
     job = AppJob(cluster, job_dir, "md", interval="10m", options=("-p", "low"))
     node = job.wait_running()
     tc.wait_for(lambda: md_steps_logged(job) >= 4, 90, "mdrun under way")
-    urgent = preempt(cluster, job, node)
-    try:
-        job.wait_restarts(1)
-        second = job.wait_running(node_not=node)
-    finally:
-        subprocess.run(["scancel", urgent], env=cluster.env())
+    second = preempt_to_another_node(cluster, job, node)
     at_restore = md_steps_logged(job)
     tc.wait_for(lambda: md_steps_logged(job) >= at_restore + 3, 90, "mdrun under way again")
     try:
@@ -148,12 +153,7 @@ def test_velvet_job_with_srun_steps_preempted_equals_uninterrupted_run(cluster, 
     job = AppJob(cluster, job_dir, "assembly", interval="10m", options=("-p", "low"))
     node = job.wait_running()
     tc.wait_for(lambda: job.exists("asm/PreGraph"), 90, "velvetg under way")
-    urgent = preempt(cluster, job, node)
-    try:
-        job.wait_restarts(1)
-        job.wait_running(node_not=node)
-    finally:
-        subprocess.run(["scancel", urgent], env=cluster.env())
+    preempt_to_another_node(cluster, job, node)
     job.finish()
     out = job.output()
     assert "for preempt" in out and "restored from ckpt-" in out, out
@@ -177,3 +177,25 @@ def test_bwa_samtools_job_on_killed_node_resumes_from_periodic_image(cluster, jo
         resume_node(cluster, node)
     assert "restored from ckpt-" in job.output()
     job.assert_same_as_uninterrupted(reference, lost_work=True)
+
+
+def lj_steps_logged(job: AppJob) -> int:
+    log = job.dir / "log.lammps"
+    if not log.exists():
+        return 0
+    rows = [line.split() for line in log.read_text(errors="replace").splitlines()]
+    return max((int(r[0]) for r in rows if len(r) == 6 and r[0].isdigit()), default=0)
+
+
+def test_lammps_job_preempted_equals_uninterrupted_run(cluster, job_dir, tmp_path):
+    # An MPI-linked app run as a plain child: OpenMPI's singleton starts an `orted`
+    # helper and TCP listeners, all inside the job's tree.
+    reference = uninterrupted("lj", tmp_path / "reference")
+    job = AppJob(cluster, job_dir, "lj", interval="10m", options=("-p", "low"))
+    node = job.wait_running()
+    tc.wait_for(lambda: lj_steps_logged(job) >= 800, 90, "lammps under way")
+    preempt_to_another_node(cluster, job, node)
+    job.finish()
+    out = job.output()
+    assert "for preempt" in out and "restored from ckpt-" in out, out
+    job.assert_same_as_uninterrupted(reference)

@@ -62,3 +62,13 @@ def test_held_files_are_skipped_and_a_huge_directory_cuts_the_walk_short(tmp_pat
     with closed_files([(str(root), str(root))], OWNER, {(held.st_dev, held.st_ino)}) as (found, cut_short):
         assert [f.path for f in found] == [str(root / "f1"), str(root / "f2")]
     assert cut_short
+
+
+def test_a_root_path_through_a_link_is_not_walked(tmp_path):
+    real = owned_dir(tmp_path / "real")
+    make(real / "a.out")
+    os.symlink(real, tmp_path / "via-link")
+    with closed_files([(str(tmp_path / "via-link"), str(tmp_path / "via-link"))], OWNER, set()) as (found, _):
+        assert found == []
+    with closed_files([(str(real), str(real))], OWNER, set()) as (found, _):
+        assert [f.path for f in found] == [str(real / "a.out")]

@@ -10,8 +10,8 @@
 # (git archive of HEAD plus the working tree's changes) into the root's /root/slurm_mm,
 # a 0700 directory, as a newcomer's clone would be. Inside, the README's two commands
 # run: contrib/demo.sh, then contrib/run-tests.sh with the given pytest arguments
-# (default: the chosen cluster tests below). Output: $ROOT/root/trixie-run.log, the
-# clusters' logs in $ROOT/root/trixie-logs/.
+# (default: the chosen cluster tests below); SLURM_MM_TRIXIE_DEMO=0 skips the demo.
+# Output: $ROOT/root/trixie-run.log, the clusters' logs in $ROOT/root/trixie-logs/.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
@@ -57,9 +57,10 @@ log "running the demo and tests in the root (log: $logfile)"
 # ("No parent found for mountpoint"), as under a plain chroot. Everything mounted here,
 # and the test cluster's daemons (stopped at the end, inside), live in that namespace.
 set +e
-unshare --mount --propagation private /bin/bash -s "$ROOT" "${tests[@]}" <<'INNER' 2>&1 | tee "$logfile"
+unshare --mount --propagation private /bin/bash -s "$ROOT" "${SLURM_MM_TRIXIE_DEMO:-1}" "${tests[@]}" \
+    <<'INNER' 2>&1 | tee "$logfile"
 set -e
-root=$1; shift
+root=$1; want_demo=$2; shift 2
 mount --bind "$root" "$root"
 mount -t proc proc "$root/proc"
 mount --rbind /sys "$root/sys"
@@ -84,14 +85,18 @@ exec /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbi
         rm -rf "/root/trixie-logs/$1"; mkdir -p "/root/trixie-logs/$1"
         cp -r "$2"/log/. "/root/trixie-logs/$1/" 2>/dev/null || true
     }
-    bash contrib/demo.sh; demo=$?
-    keep_logs demo /tmp/slurm_mm-demo
-    echo "== demo exit $demo"
+    want_demo=$1; shift
+    demo=0
+    if [ "$want_demo" != 0 ]; then
+        bash contrib/demo.sh; demo=$?
+        keep_logs demo /tmp/slurm_mm-demo
+        echo "== demo exit $demo"
+    fi
     echo "== slurm $(dpkg-query -W -f="\${Version}" slurmd), $(/opt/slurm_mm/criu/sbin/criu --version | head -1)"
     bash contrib/run-tests.sh "$@"; tests=$?
     keep_logs tests /tmp/slurm_mm-test-cluster
     echo "== tests exit $tests"
-    [ $demo = 0 ] && [ $tests = 0 ]' trixie "$@"
+    [ $demo = 0 ] && [ $tests = 0 ]' trixie "$want_demo" "$@"
 INNER
 rc=${PIPESTATUS[0]}
 set -e

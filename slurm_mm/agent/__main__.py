@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     from slurm_mm.agent import store_usage  # noqa: PLC0415
 
     store_usage.start(checkpointer.store, metrics.registry, agent.stopping)
+    from slurm_mm.agent import store_sweep  # noqa: PLC0415
+
+    store_sweep.start(checkpointer.store, agent.slurm, args.node, cfg.store_sweep_interval, agent.stopping)
     agent.serve(args.socket or config.agent_socket(cfg, args.node))
     return 0
 

@@ -2,7 +2,7 @@
 
 Every few minutes the agent reads the manifests of the images in the shared store and
 sets `slurm_mm_store_usage_bytes{uid}` (stored bytes of complete images, by the uid
-recorded in each manifest) and `slurm_mm_store_images{uid}`. The value is the whole
+recorded in each manifest, plus the job's file pins, as store_quota_per_user counts them) and `slurm_mm_store_images{uid}`. The value is the whole
 store's, so every agent reports the same: aggregate with max() by uid, not sum().
 Reads manifests only, never image data; runs at idle I/O cost once per interval.
 """
@@ -14,7 +14,10 @@ import os
 import threading
 from collections import defaultdict
 
+from pathlib import Path
+
 from slurm_mm.agent.metrics import Metrics
+from slurm_mm.agent.quota import PIN_DIR, pin_bytes
 from slurm_mm.store import ImageStore
 
 log = logging.getLogger(__name__)
@@ -25,6 +28,7 @@ def usage_by_owner(store: ImageStore) -> tuple[dict[int, int], dict[int, int]]:
     """(stored bytes, image count) per owner uid, over every job in the store."""
     used: dict[int, int] = defaultdict(int)
     count: dict[int, int] = defaultdict(int)
+    pinned: dict[int, set[tuple[int, int]]] = defaultdict(set)
     try:
         names = [e.name for e in os.scandir(store.root) if e.name.isdigit() and e.is_dir(follow_symlinks=False)]
     except OSError as exc:
@@ -40,6 +44,9 @@ def usage_by_owner(store: ImageStore) -> tuple[dict[int, int], dict[int, int]]:
             uid = int(image.manifest.uid)
             used[uid] += image.manifest.stored_size
             count[uid] += 1
+        if images:
+            uid = int(images[0].manifest.uid)
+            used[uid] += pin_bytes(Path(store.root) / job_id / PIN_DIR, None, pinned[uid])
     return dict(used), dict(count)
 
 

@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--detach", action="store_true", help="do not wait for the restored tree")
     r.set_defaults(func=run_restore)
 
-    g = sub.add_parser("gc", help="apply retention and remove partial images (root)")
+    g = sub.add_parser("gc", help="apply retention and remove partial images; with no job, also the images "
+                                  "of jobs Slurm says ended for good (root)")
     g.add_argument("job", nargs="?", help="job id or job directory (default: every job)")
     g.set_defaults(func=run_gc)
 
@@ -86,16 +87,24 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_gc(args: argparse.Namespace) -> int:
+    ended: set[str] = set()
     if args.job:
         store, job = store_and_job(args.job)
         jobs = [job]
     else:
         store = open_store(config.load())
         jobs = sorted(p.name for p in store.root.iterdir() if p.name.isdigit()) if store.root.is_dir() else []
+        from slurm_mm.agent.store_sweep import sweep  # noqa: PLC0415
+        from slurm_mm.slurm.client import connect  # noqa: PLC0415
+
+        ended = set(sweep(store, connect(), None))
+        for job in sorted(ended):
+            print(f"removed {store.root / job} (the job ended for good)")
+        jobs = [job for job in jobs if job not in ended]
     removed = [p for job in jobs for p in store.gc(job)]
     for path in removed:
         print(f"removed {path}")
-    print(f"{len(removed)} removed")
+    print(f"{len(removed) + len(ended)} removed")
     return 0
 
 

@@ -16,7 +16,11 @@ Flags and why (docs/design.md, measured facts):
 - restore with `-d --restore-sibling --pidfile F`: the restored init is a child of
   the caller, whose waitpid() then gets the job's real exit status.
 - `dump` runs with LD_PRELOAD=libmm_prlimit.so where root lacks CAP_SYS_RESOURCE
-  (some VMs); restore needs nothing extra.
+  (some VMs).
+- a restore for a job's owner runs with LD_PRELOAD=libmm_unixsk.so and
+  MM_SOCKET_OWNER=uid:gid:groups: CRIU unlinks, binds, connects and chowns unix socket
+  paths with the owner's filesystem credentials, so a path the owner swapped for a
+  symlink reaches nothing the owner could not reach (native/unixsk_shim.c).
 - A tree with its own mount namespace (mm-init --private-proc, for GPU jobs: CUDA needs a
   /proc of its PID namespace) shares every mount with the host's but /proc:
   dump with `--external mnt[]:sm` (each such mount is external, resolved on restore by
@@ -44,7 +48,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from slurm_mm.engine import cgroups, native
-from slurm_mm.errors import CheckpointFailed, NodeIncompatible, RestoreFailed
+from slurm_mm.errors import CheckpointFailed, ConfigError, NodeIncompatible, RestoreFailed
 
 DEFAULT_CRIU = Path("/opt/slurm_mm/criu/sbin/criu")
 MIN_VERSION = (4, 2)  # 3.17 fails `criu check` (vDSO), 4.1.1 cannot dump TCP
@@ -57,6 +61,7 @@ COMMON_FLAGS = (
     "--ext-unix-sk",
     "--manage-cgroups=ignore",
 )
+SocketOwner = tuple[int, int, Sequence[int]]  # uid, gid, supplementary groups
 # A tree in its own mount namespace (see the module docstring).
 MNTNS_DUMP_FLAGS = ("--external", "mnt[]:sm")
 MNTNS_RESTORE_FLAGS = ("--ext-mount-map", "auto", "--root", "/")
@@ -113,6 +118,8 @@ class Criu:
     `env`: extra environment for criu (e.g. LD_LIBRARY_PATH for a carried CRIU).
     `timeout`: seconds any criu command may take before it is killed.
     `mntns_compat_mode`: restore mount namespaces with CRIU's old mount engine.
+    `socket_shim`: libmm_unixsk.so for restores with a socket owner ("auto": found
+    beside mm-init).
     """
 
     def __init__(
@@ -124,6 +131,7 @@ class Criu:
         env: Mapping[str, str] | None = None,
         timeout: float = 900.0,
         mntns_compat_mode: bool = False,
+        socket_shim: str | os.PathLike = "auto",
     ) -> None:
         self.binary = Path(binary)
         self.timeout = timeout
@@ -133,20 +141,32 @@ class Criu:
             self.prlimit_shim = None if native.has_cap_sys_resource() else native.find(native.PRLIMIT_SHIM, libexec)
         else:
             self.prlimit_shim = Path(prlimit_shim) if prlimit_shim else None
+        self.libexec = libexec
+        self._socket_shim = socket_shim
         self._version: str | None = None
 
-    def _env(self, *, preload: bool) -> dict[str, str]:
+    def socket_shim(self) -> Path:
+        """libmm_unixsk.so; ConfigError if it is not installed (no restore for an owner without it)."""
+        if self._socket_shim == "auto":
+            return native.find(native.UNIXSK_SHIM, self.libexec)
+        return Path(self._socket_shim)
+
+    def _env(self, *, preload: bool, socket_owner: SocketOwner | None = None) -> dict[str, str]:
         env = {"PATH": SAFE_PATH, "LANG": "C"}
         env.update(self.extra_env)
         if preload and self.prlimit_shim:
             env["LD_PRELOAD"] = str(self.prlimit_shim)
+        if socket_owner is not None:
+            uid, gid, groups = socket_owner
+            env["LD_PRELOAD"] = str(self.socket_shim())
+            env["MM_SOCKET_OWNER"] = f"{int(uid)}:{int(gid)}:{','.join(str(int(g)) for g in groups)}"
         return env
 
     def _run(self, args: Sequence[str], *, preload: bool = False, timeout: float | None = None,
-             **kw) -> subprocess.CompletedProcess:
+             socket_owner: SocketOwner | None = None, **kw) -> subprocess.CompletedProcess:
         return subprocess.run(
             [str(self.binary), *args],
-            env=self._env(preload=preload),
+            env=self._env(preload=preload, socket_owner=socket_owner),
             cwd="/",
             stdin=subprocess.DEVNULL,
             capture_output=True,
@@ -255,6 +275,7 @@ class Criu:
         timeout: float | None = None,
         keeper: Sequence[str] = (),
         keeper_fds: Sequence[int] = (),
+        socket_owner: SocketOwner | None = None,
     ) -> int | tuple[int, subprocess.Popen]:
         """Restore the tree in `images_dir`; returns the host PID of its root.
 
@@ -267,9 +288,16 @@ class Criu:
         `keeper`: a command line (mm-init --keep ... --pid-fd) that runs criu as its child
         and stays the restored root's parent; `keeper_fds` are passed to it. Then the
         result is (root PID, the keeper's Popen): wait for the keeper, not the root.
+        `socket_owner`: (uid, gid, groups) whose filesystem credentials CRIU's unix
+        socket path operations use (see the module docstring).
         """
         images_dir = Path(images_dir)
         fds = dict(inherit_fds or {})
+        if socket_owner is not None:
+            try:
+                self.socket_shim()
+            except ConfigError as exc:
+                raise RestoreFailed(f"no restore for a job's owner on this node: {exc}") from None
         with tempfile.TemporaryDirectory(prefix="slurm_mm-restore-") as work:
             pidfile = Path(work) / "root.pid"
             log_path = Path(log_path) if log_path else images_dir / "restore.log"
@@ -287,10 +315,10 @@ class Criu:
             args.extend(extra_args)
             if keeper:
                 kept = self._run_kept(keeper, args, timeout, tuple(fds) + tuple(keeper_fds), join_cgroups,
-                                      images_dir, log_path)
+                                      images_dir, log_path, socket_owner)
                 return self._root_pid(pidfile, images_dir, log_path), kept
             try:
-                res = self._run(args, timeout=timeout, pass_fds=tuple(fds),
+                res = self._run(args, timeout=timeout, pass_fds=tuple(fds), socket_owner=socket_owner,
                                 preexec_fn=cgroups.joiner(join_cgroups) if join_cgroups else None)
             except subprocess.TimeoutExpired:
                 raise RestoreFailed(
@@ -316,7 +344,7 @@ class Criu:
 
     def _run_kept(self, keeper: Sequence[str], args: Sequence[str], timeout: float | None,
                   pass_fds: tuple[int, ...], join_cgroups: Sequence[str | os.PathLike], images_dir: Path,
-                  log_path: Path) -> subprocess.Popen:
+                  log_path: Path, socket_owner: SocketOwner | None = None) -> subprocess.Popen:
         """criu under a keeper (see restore()): the keeper's Popen once criu has ended well.
         The keeper reports criu's exit code on a pipe (its --pid-fd) and keeps running."""
         rfd, wfd = os.pipe2(os.O_CLOEXEC)
@@ -324,7 +352,8 @@ class Criu:
         try:
             try:
                 proc = subprocess.Popen(
-                    [*keeper, str(wfd), "--", str(self.binary), *args], env=self._env(preload=False),
+                    [*keeper, str(wfd), "--", str(self.binary), *args],
+                    env=self._env(preload=False, socket_owner=socket_owner),
                     cwd="/", stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                     pass_fds=(*pass_fds, wfd), start_new_session=True,  # not the agent's signals
                     preexec_fn=cgroups.joiner(join_cgroups) if join_cgroups else None)

@@ -1,4 +1,4 @@
-"""Where the engine's native programs are: mm-init and libmm_prlimit.so.
+"""Where the engine's native programs are: mm-init, libmm_prlimit.so and libmm_unixsk.so.
 
 Root runs these, so they are looked up only in root-controlled places: the installed
 libexec directory, then the package's own build directory (a development checkout,
@@ -17,6 +17,7 @@ BUILD_DIR = Path(__file__).resolve().parent.parent / "native"
 
 MM_INIT = "mm-init"
 PRLIMIT_SHIM = "libmm_prlimit.so"
+UNIXSK_SHIM = "libmm_unixsk.so"
 
 # CAP_SYS_RESOURCE: without it, root cannot read a user process's rlimits.
 CAP_SYS_RESOURCE = 24

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shlex
 import signal
 import subprocess
@@ -179,6 +180,15 @@ def _owner_gids(uid: int, gids: Sequence[int] | None) -> list[int]:
         raise RestoreFailed(f"owner uid {uid} has no passwd entry: pass its gids") from None
 
 
+def _primary_gid(uid: int, gids: Sequence[int]) -> int:
+    """The owner's primary group when it is among `gids` (new socket files get it), else the first."""
+    try:
+        primary = pwd.getpwuid(uid).pw_gid
+    except KeyError:
+        primary = None
+    return primary if primary in gids or not gids else gids[0]
+
+
 def _owner_script(work: Path, uid: int, gids: Sequence[int], given: Sequence[int] = (),
                   libexec: str | os.PathLike | None = None) -> tuple[str, Path]:
     """An action script for criu (it execs the path, no shell) and its verdict file.
@@ -305,6 +315,10 @@ def _criu_restore(criu: Criu, images_dir: Path, meta: dict, inherit: dict[int, s
         if owner_uid is not None:
             action, verdict_path = _owner_script(work, owner_uid, _owner_gids(owner_uid, owner_gids),
                                                  list(inherit), libexec)
+        socket_owner = None
+        if owner_uid is not None:
+            gids = _owner_gids(owner_uid, owner_gids)
+            socket_owner = (owner_uid, _primary_gid(owner_uid, gids), gids)
         keeper_argv: list[str] = []
         if status_fd is not None:
             keeper_argv = [str(native.find(native.MM_INIT, libexec)), "--keep", "--status-fd", str(status_fd),
@@ -314,7 +328,8 @@ def _criu_restore(criu: Criu, images_dir: Path, meta: dict, inherit: dict[int, s
                                log_path=log_path, action_script=action,
                                mount_ns=bool(meta.get("mount_ns")),
                                extra_args=extra_criu_args, timeout=timeout,
-                               keeper=keeper_argv, keeper_fds=() if status_fd is None else (status_fd,))
+                               keeper=keeper_argv, keeper_fds=() if status_fd is None else (status_fd,),
+                               socket_owner=socket_owner)
         except RestoreFailed as exc:
             _check_verdict(verdict_path, cause=exc)
             raise

@@ -48,6 +48,20 @@ def _open_dir(name: str, dir_fd: int | None, follow: bool = False) -> int | None
         return None
 
 
+def _open_no_links(path: str) -> int | None:
+    """The directory at absolute `path`, refused if any component of it is a symlink."""
+    if not path.startswith("/"):
+        return None
+    fd = _open_dir("/", None, follow=True)
+    for part in [p for p in path.split("/") if p]:
+        if fd is None:
+            return None
+        sub = _open_dir(part, fd) if part not in (".", "..") else None
+        os.close(fd)
+        fd = sub
+    return fd
+
+
 def _walk(walk: _Walk, dir_fd: int, path: str, depth: int) -> None:
     try:
         names = sorted(os.listdir(dir_fd))
@@ -100,7 +114,9 @@ def closed_files(roots: Iterable[tuple[str, str]], uid: int,
     seen_roots: set[tuple[int, int]] = set()
     try:
         for path, handle in roots:
-            fd = _open_dir(handle, None, follow=handle.startswith("/proc/"))  # /proc/PID/cwd is a magic link
+            # /proc/PID/cwd is the exact directory the task is in; a path from the job's
+            # environment is walked from / one component at a time, never through a link.
+            fd = _open_dir(handle, None, follow=True) if handle.startswith("/proc/") else _open_no_links(path)
             if fd is None:
                 continue
             try:

@@ -14,7 +14,7 @@ import logging
 import subprocess
 from typing import Any
 
-from slurm_mm.errors import SlurmError
+from slurm_mm.errors import JobGone, SlurmError
 from slurm_mm.slurm.model import COMMAND_TIMEOUT, Job, Node
 
 log = logging.getLogger(__name__)
@@ -127,12 +127,19 @@ class CommandClient:
     def job(self, job_id: str) -> Job:
         if not job_id.isdigit():
             raise SlurmError(f"invalid job id '{job_id}'")
-        data = self._json("squeue", "--json", "--states=all", "-j", job_id)
+        try:
+            data = self._json("squeue", "--json", "--states=all", "-j", job_id)
+        except SlurmError as exc:
+            if "Invalid job id" in str(exc):  # 22.05 and 24.11: the controller does not know it
+                raise JobGone(f"job {job_id} not found") from None
+            raise
+        if data.get("errors"):  # 24.11 may report a failure inside JSON
+            raise SlurmError(f"squeue about job {job_id}: {str(data['errors'])[:200]}")
         jobs = [job_from_json(j) for j in data.get("jobs", [])]
         for job in jobs:
             if job.job_id == job_id:
                 return job
-        raise SlurmError(f"job {job_id} not found")
+        raise JobGone(f"job {job_id} not found")
 
     def jobs(self, node: str | None = None) -> list[Job]:
         argv = ["squeue", "--json"]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build, on the Debian 12 machine, everything the GPU machine (Ubuntu 24.04, no Slurm, no
 # network) needs to run slurm_mm's test cluster: Debian 12's Slurm + munge packages and
-# the libraries they need, CRIU (stripped), mm-init + libmm_prlimit.so, the SPANK plugin
+# the libraries they need, CRIU (stripped), mm-init + libmm_prlimit.so + libmm_unixsk.so, the SPANK plugin
 # built against the same Slurm's headers, Python wheels, and this checkout.
 #   bash tests/gpu/make_bundle.sh DIR      (DIR: an ignored folder the device run carries)
 # run_under_slurm.sh unpacks it there. Keep it under the 64 MiB a device call may carry.
@@ -33,7 +33,7 @@ fi
 
 strip -o "$DIR/criu" "$PREFIX/criu/sbin/criu"
 make -s -C "$REPO/slurm_mm/native"
-cp "$REPO/slurm_mm/native/mm-init" "$REPO/slurm_mm/native/libmm_prlimit.so" "$DIR/libexec/"
+cp "$REPO/slurm_mm/native/mm-init" "$REPO/slurm_mm/native/libmm_prlimit.so" "$REPO/slurm_mm/native/libmm_unixsk.so" "$DIR/libexec/"
 make -s -C "$REPO/spank"
 
 # This checkout (tracked and new files) and the built plugin, as the job's users will see it.

@@ -28,7 +28,7 @@ cp -a --update=none "$ROOT/slurm/usr/." /usr/
 for d in slurmctld slurmd slurmstepd; do [ -e "/usr/sbin/$d" ] || ln -s "$d-wlm" "/usr/sbin/$d"; done
 mkdir -p "$PREFIX/criu/sbin" "$PREFIX/libexec" "$PREFIX/src" /usr/local/lib/slurm_mm-deps
 install -m 0755 "$BUNDLE/criu" "$PREFIX/criu/sbin/criu"
-install -m 0755 "$BUNDLE/libexec/mm-init" "$BUNDLE/libexec/libmm_prlimit.so" "$PREFIX/libexec/"
+install -m 0755 "$BUNDLE/libexec/mm-init" "$BUNDLE/libexec/libmm_prlimit.so" "$BUNDLE/libexec/libmm_unixsk.so" "$PREFIX/libexec/"
 echo /usr/local/lib/slurm_mm-deps > /etc/ld.so.conf.d/zz-slurm_mm-deps.conf
 
 # Libraries: only sonames the machine lacks, found by ldd on what was installed.

@@ -191,6 +191,108 @@ def test_store_quota_counts_a_users_images_beyond_what_retention_removes(tmp_pat
     StoreQuota(store, 0, keep=2).check("2", 1000)  # 0 = no quota
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="the store is root's")
+def test_store_quota_counts_file_pins_and_copies_of_a_users_jobs(tmp_path):
+    """Pins keep a deleted shared file's blocks alive outside any image: they count, each
+    inode once; pins the next commit prunes (not named by a kept image) do not."""
+    from slurm_mm.agent.quota import StoreQuota
+    from slurm_mm.agent.store_usage import usage_by_owner
+    from slurm_mm.store import ImageStore
+
+    store = ImageStore(tmp_path / "store", keep=2)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "pages-1.img").write_bytes(os.urandom(4096))
+    (src / "mmfile-0").write_bytes(os.urandom(1 << 20))  # a copy of a node-local file
+    store.prepare_job("7", 1000, 1000)
+    for pins in ("a", "b"):
+        store.commit("7", src, epoch=0, uid=1000, gid=1000, node="n1", trigger="periodic",
+                     criu_version="4.2.1", extra={"files": {"pins": pins}})
+    images = store.images("7")
+    assert sum(f.size for f in images[0].manifest.files if f.name.startswith("mmfile-")) == 1 << 20
+    stored = sum(i.manifest.stored_size for i in images)
+    assert stored > 2 << 20, "copies are part of each image's stored size"
+    big = tmp_path / "shared.dat"
+    big.write_bytes(os.urandom(8 << 20))
+    pin_root = store.root / "7" / ".pins"
+    for name in ("a", "b"):
+        (pin_root / name).mkdir(parents=True)
+        os.link(big, pin_root / name / "0")  # both images pin the same inode
+    big.unlink()
+    pinned = os.stat(pin_root / "a" / "0").st_blocks * 512
+    quota = StoreQuota(store, 1, keep=2)
+    assert quota.usage(1000) == stored + pinned
+    assert quota.usage(1001) == 0
+    # The next commit keeps only the newest image ("b"): its pin still counts.
+    assert quota.usage(1000, leaving="7") == images[0].manifest.stored_size + pinned
+    os.unlink(pin_root / "b" / "0")
+    assert quota.usage(1000, leaving="7") == images[0].manifest.stored_size, "pin 'a' goes with the next commit"
+    assert quota.usage(1000) == stored + pinned, "until then it is held"
+    assert usage_by_owner(store)[0] == {1000: stored + pinned}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the store is root's")
+def test_store_sweep_removes_only_jobs_slurm_says_ended_for_good(tmp_path):
+    from dataclasses import replace
+
+    from slurm_mm.agent.store_sweep import sweep
+    from slurm_mm.errors import JobGone, SlurmError
+    from slurm_mm.slurm.model import Job
+    from slurm_mm.store import ImageStore
+
+    store = ImageStore(tmp_path / "store", keep=2)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "pages-1.img").write_bytes(b"x" * 100)
+    answers = {"1": "CANCELLED", "2": "PENDING", "3": "NODE_FAIL", "4": None, "5": "error", "6": "COMPLETED",
+               "7": "FAILED", "8": "RUNNING", "9": "PREEMPTED"}
+    for job in answers:
+        store.prepare_job(job, 1000, 1000)
+        store.commit(job, src, epoch=0, uid=1000, gid=1000, node="n2" if job == "6" else "n1",
+                     trigger="periodic", criu_version="4.2.1", extra={})
+    store.prepare_job("10", 1000, 1000)  # no image yet: any node judges it
+    answers["10"] = "TIMEOUT"
+    base = Job("0", 1000, 1000, "", "", 0, 0, 0, "", "", True, None, "")
+
+    class Slurm:
+        def job(self, job_id):
+            state = answers[job_id]
+            if state is None:
+                raise JobGone(f"job {job_id} not found")
+            if state == "error":
+                raise SlurmError("squeue failed: Unable to contact slurm controller")
+            return replace(base, job_id=job_id, state=state)
+
+    assert sweep(store, Slurm(), "n1") == ["1", "10", "4", "7"]
+    left = sorted(p.name for p in store.root.iterdir() if p.name.isdigit())
+    assert left == ["2", "3", "5", "6", "8", "9"], "n2 wrote job 6's image: n1 leaves it to n2's agent"
+    assert sweep(store, Slurm(), None) == ["6"], "slurm-mm gc judges every job"
+
+
+def test_slurm_says_a_job_is_gone_only_when_it_answered():
+    from slurm_mm.errors import JobGone, SlurmError
+    from slurm_mm.slurm.commands import CommandClient
+
+    class Client(CommandClient):
+        def __init__(self, answer):
+            self.answer = answer
+
+        def _run(self, *argv):
+            if isinstance(self.answer, Exception):
+                raise self.answer
+            return self.answer
+
+    invalid = SlurmError("'squeue --json --states=all' failed: slurm_load_jobs error: Invalid job id specified")
+    for answer in (invalid, '{"jobs": []}'):
+        with pytest.raises(JobGone):
+            Client(answer).job("42")
+    down = SlurmError("'squeue --json --states=all' failed: Unable to contact slurm controller (connect failure)")
+    for answer in (down, '{"jobs": [], "errors": [{"error": "Unable to contact slurm controller"}]}'):
+        with pytest.raises(SlurmError) as caught:
+            Client(answer).job("42")
+        assert not isinstance(caught.value, JobGone)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping a bounding-set bit needs root")
 def test_owner_check_refuses_a_task_whose_bounding_set_is_wider_than_the_checkers():
     import ctypes

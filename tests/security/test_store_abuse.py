@@ -10,6 +10,7 @@ import os
 import pwd
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -81,7 +82,10 @@ def test_images_go_when_a_job_ends_for_good_and_stay_when_it_is_requeued(cluster
     for job in (failed, cancelled):
         tc.wait_for(lambda j=job: len(image_names(cluster, j)) >= 1, 40, f"an image of {job}")
     tc.wait_for(lambda: len(logged_steps(dirs["requeued"])) >= 4, 40, "progress of the requeued job")
-    assert as_user(cluster, "slurm-mm", "checkpoint", requeued, "--requeue").returncode == 0
+    # The owner's own Slurm requeue (the agent leaves no marker): the Epilog keeps the
+    # images on Slurm's restart count alone.
+    assert as_user(cluster, "slurm-mm", "checkpoint", requeued).returncode == 0
+    assert as_user(cluster, "scontrol", "requeue", requeued).returncode == 0
     subprocess.run(["scancel", cancelled], env=cluster.env(), check=True)
     tc.wait_job(cluster, failed, {"FAILED"}, timeout=60)
     tc.wait_job(cluster, cancelled, {"CANCELLED"}, timeout=60)
@@ -97,3 +101,25 @@ def test_images_go_when_a_job_ends_for_good_and_stay_when_it_is_requeued(cluster
     assert "restored from ckpt-" in output(dirs["requeued"]), output(dirs["requeued"])
     assert_correct_result(dirs["requeued"], 60)
     tc.wait_for(lambda: not (cluster.checkpoint_root / requeued).exists(), 30, "the completed job's images to go")
+
+
+def test_a_job_cancelled_while_pending_after_a_requeue_loses_its_images(cluster, user_home):
+    """No Epilog sees such a job end: the agents' store sweep removes its images, while a
+    held (pending) job keeps them."""
+    tc.set_agent_config(cluster, "store_sweep_interval", "5")
+    try:
+        job_dir = _fresh_dir(user_home, "store_end_pending")
+        job = submit_chain(cluster, job_dir, 400, 0.25, "--open-mode=append", interval="10m")
+        tc.wait_for(lambda: len(logged_steps(job_dir)) >= 4, 40, "progress of the job")
+        assert as_user(cluster, "slurm-mm", "checkpoint", job, "--requeue").returncode == 0
+        tc.wait_for(lambda: as_user(cluster, "scontrol", "hold", job).returncode == 0, 20, "a hold on the job")
+        tc.wait_job(cluster, job, {"PENDING"}, timeout=30)
+        assert len(image_names(cluster, job)) == 1
+        time.sleep(12)  # two sweeps or more: a held job can still run
+        assert len(image_names(cluster, job)) == 1, "the sweep removed a pending job's image"
+        subprocess.run(["scancel", job], env=cluster.env(), check=True)
+        tc.wait_job(cluster, job, {"CANCELLED"}, timeout=30)
+        tc.wait_for(lambda: not (cluster.checkpoint_root / job).exists(), 20,
+                    "the store sweep to remove the cancelled job's images")
+    finally:
+        tc.set_agent_config(cluster, "store_sweep_interval", "300")

@@ -12,6 +12,9 @@ output bytes, minus lines that carry a date, a path or a timing).
   md.cpt, renames the previous one to md_prev.cpt) and reports its final energies.
 - assembly: velvet assembles reads of a synthetic genome: `velveth` then `velvetg`,
   each through `srun`; large intermediates (Sequences, Roadmaps, PreGraph, Graph2).
+- lj: LAMMPS (an MPI-linked build run as a plain child: OpenMPI's singleton mode, which
+  starts an `orted` helper process and listens on TCP) runs a Lennard-Jones melt of
+  13500 atoms, dumping positions every 500 steps, then writes its final data file.
 - align: `bwa index`, then `bwa mem -t 2 | samtools sort` (a pipe between two children
   of bash; samtools writes ~20 temporary BAMs and deletes them), then `samtools index`.
 """
@@ -23,8 +26,8 @@ import random
 import re
 from pathlib import Path
 
-APT_PACKAGES = ("gromacs", "velvet", "bwa", "samtools")
-TOOLS = ("gmx", "velveth", "velvetg", "bwa", "samtools")
+APT_PACKAGES = ("gromacs", "velvet", "bwa", "samtools", "lammps")
+TOOLS = ("gmx", "velveth", "velvetg", "bwa", "samtools", "lmp")
 
 _DATE = re.compile(r"^\w{3} \w{3} +\d+ \d\d:\d\d:\d\d \d{4}$")
 _START = 'echo "start ${SLURM_JOB_ID:-reference} ${SLURMD_NODENAME:-local}" >> starts.txt\n'
@@ -45,6 +48,12 @@ srun -n1 velveth asm 31 -fastq -short reads.fq > velveth.out
 srun -n1 velvetg asm -cov_cutoff auto -exp_cov auto > velvetg.out
 grep -c '>' asm/contigs.fa > contig-count.txt
 echo "assembly done"
+""",
+    "lj": "#!/bin/bash\n" + _START + """\
+set -e
+lmp -in in.lj -log log.lammps > lmp.out
+grep -B1 '^Loop time' log.lammps | head -1 > last-thermo.txt
+echo "lj done"
 """,
     "align": "#!/bin/bash\n" + _START + """\
 set -e -o pipefail
@@ -70,6 +79,7 @@ SCRIPTS["align-srunfile"] = SCRIPTS["align"].replace(
 RESULT_FILES = {
     "md": ("md.gro", "md.xtc", "md.edr", "final-energies.txt"),
     "assembly": ("asm/contigs.fa", "asm/stats.txt", "asm/Sequences", "asm/LastGraph", "contig-count.txt"),
+    "lj": ("final.data", "dump.lj", "last-thermo.txt"),
     "align": ("aln.bam", "aln.bam.bai", "idxstats.txt", "ref.fa.bwt", "ref.fa.sa"),
 }
 
@@ -93,6 +103,26 @@ gen-temp      = 300
 gen-seed      = 1234
 ld-seed       = 1234
 constraints   = h-bonds
+"""
+
+_LJ = """\
+units lj
+atom_style atomic
+lattice fcc 0.8442
+region box block 0 15 0 15 0 15
+create_box 1 box
+create_atoms 1 box
+mass 1 1.0
+velocity all create 3.0 87287 loop geom
+pair_style lj/cut 2.5
+pair_coeff 1 1 1.0 1.0 2.5
+neighbor 0.3 bin
+neigh_modify delay 0 every 20 check no
+fix 1 all nve
+thermo 100
+dump 1 all custom 500 dump.lj id x y z vx vy vz
+run {steps}
+write_data final.data
 """
 
 _TOP = """\
@@ -133,6 +163,8 @@ def prepare(app: str, directory: Path, scale: float = 1.0) -> str:
         (directory / "topol.top").write_text(_TOP)
     elif kind == "assembly":
         _genome_and_reads(directory, int(1_000_000 * scale), 30, seed=7)
+    elif kind == "lj":
+        (directory / "in.lj").write_text(_LJ.format(steps=int(4000 * scale)))
     elif kind == "align":
         _genome_and_reads(directory, int(2_000_000 * scale), 40, seed=11)
     else:
