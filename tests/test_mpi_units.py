@@ -48,21 +48,23 @@ def test_mpi_launcher_is_found_by_its_executable(tmp_path):
         proc.wait()
 
 
-def test_rank_is_found_by_the_mpi_library_it_maps(tmp_path):
-    # Any shared object named like Open MPI's library stands in for it.
+def test_an_mpi_program_started_plainly_is_not_refused(tmp_path):
+    # A singleton (an MPI-linked program run as a plain child, its own `orted` beside it)
+    # lives wholly in the job's tree: it is checkpointed like any program.
     lib = tmp_path / "libmpi.so.40"
     shutil.copy("/usr/lib/x86_64-linux-gnu/libz.so.1", lib)
+    orted = tmp_path / "orted"
+    shutil.copy("/bin/sleep", orted)
     ready = tmp_path / "ready"
     proc = subprocess.Popen([sys.executable, "-c", f"import ctypes, time; ctypes.CDLL({str(lib)!r}); "
                              f"open({str(ready)!r}, 'w').close(); time.sleep(30)"])
-    plain = subprocess.Popen(["sleep", "30"])
+    helper = subprocess.Popen([str(orted), "30"])
     try:
         _wait_until(ready.exists)
-        found = mpi_processes([proc.pid, plain.pid, 999999999])
-        assert [p.pid for p in found] == [proc.pid]
-        assert found[0].evidence == "uses libmpi.so.40"
+        _wait_until(lambda: Path(f"/proc/{helper.pid}/exe").resolve() == orted.resolve())
+        assert mpi_processes([proc.pid, helper.pid, 999999999]) == []
     finally:
-        for p in (proc, plain):
+        for p in (proc, helper):
             p.kill()
             p.wait()
 

@@ -9,11 +9,12 @@ transport, without any checkpoint. So:
 - an `srun` that asks for an MPI plugin (`--mpi=X`, `SLURM_MPI_TYPE`, or the cluster's
   `MpiDefault`, other than `none`) is run by Slurm's own `srun` in the job's tree, its
   tasks as Slurm starts them;
-- a job tree holding an MPI launcher (`mpirun`, `mpiexec`, their daemons) or a process
-  that has an MPI or PMI library mapped is refused checkpoints while it runs, with one
-  line; a stopping trigger falls back to Slurm's requeue (agent/steps.py).
+- a job tree holding an MPI launcher (`mpirun`, `mpiexec`) or such an `srun` is refused
+  checkpoints while it runs, with one line; a stopping trigger falls back to Slurm's
+  requeue (agent/steps.py). A single MPI process started as a plain program (singleton,
+  with its own `orted`) is all inside the tree and is checkpointed like any program.
 
-Trusts: /proc of the job's own processes (exe, maps), and the step's srun argv and
+Trusts: /proc of the job's own processes (exe, cmdline, environ of an srun), and the step's srun argv and
 environment only to decide to refuse (a false "MPI" costs the job its checkpoints, never
 anything else). Never reads or acts on a process outside the pids it is given.
 """
@@ -22,19 +23,19 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 import subprocess
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
-# Launchers and their per-node daemons (OpenMPI/PRRTE, MPICH/Hydra, Intel MPI).
+# Launchers of several ranks (Open MPI 4 `mpirun` is `orterun`, 5 is `prterun`; MPICH and
+# Intel MPI use Hydra). Not `orted`/`prted` alone: an MPI program started as a plain
+# process (singleton) starts one beside itself, and that whole tree checkpoints and
+# restores on another node (tests/test_real_apps.py, LAMMPS).
 MPI_LAUNCHERS = frozenset({
-    "mpirun", "mpiexec", "orterun", "orted", "prterun", "prted", "prte", "prun",
+    "mpirun", "mpiexec", "orterun", "prterun", "prte", "prun",
     "mpiexec.hydra", "mpiexec.openmpi", "mpirun.openmpi", "mpiexec.mpich", "mpirun.mpich",
     "hydra_pmi_proxy", "pmi_proxy",
 })
-# libmpi*.so (OpenMPI, MPICH, Intel), libpmix, libpmi, libpmi2: a rank or a PMI client.
-_MPI_LIBRARY = re.compile(r"/lib(?:mpi|mpich|pmix|pmi2?)(?:[_.-][^/]*)?\.so[^/]*$")
 
 
 @dataclass(frozen=True)
@@ -56,18 +57,6 @@ def _program(pid: int) -> str:
         return ""
 
 
-def _mpi_library(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                path = line.rstrip("\n").split(None, 5)[-1] if line.count(" ") >= 5 else ""
-                if path.startswith("/") and _MPI_LIBRARY.search(path.removesuffix(" (deleted)")):
-                    return os.path.basename(path)
-    except OSError:
-        pass
-    return None
-
-
 def _words(path: str) -> list[str]:
     try:
         with open(path, "rb") as f:
@@ -86,8 +75,8 @@ def _srun_mpi(pid: int) -> str | None:
 
 
 def mpi_processes(pids: Iterable[int]) -> list[MpiProcess]:
-    """The processes among `pids` that launch MPI or are MPI ranks (a vanished process is
-    none), in pid order."""
+    """The processes among `pids` that launch MPI ranks: a launcher, or an `srun` with an
+    MPI plugin (a vanished process is none), in pid order."""
     found = []
     for pid in sorted(set(pids)):
         program = _program(pid)
@@ -98,10 +87,6 @@ def mpi_processes(pids: Iterable[int]) -> list[MpiProcess]:
             continue
         if program == "srun" and (kind := _srun_mpi(pid)):
             found.append(MpiProcess(pid, program, f"--mpi={kind}"))
-            continue
-        library = _mpi_library(pid)
-        if library:
-            found.append(MpiProcess(pid, program, f"uses {library}"))
     return found
 
 
