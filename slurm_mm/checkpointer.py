@@ -165,6 +165,11 @@ class JobCheckpointer:
         """A fresh root-only directory on node-local staging space (or its free name)."""
         return root_only_dir(self.cfg.staging_dir / job_id / name, create=create)
 
+    def staging_beside(self, staging: Path, name: str) -> Path:
+        """A fresh root-only directory next to `staging`, on its filesystem (a GPU job's
+        staging is on tmpfs): what is made there joins `staging` by rename."""
+        return root_only_dir(staging.parent / name)
+
     def dump_staging(self, job_id: str, name: str, pids: list[int]) -> tuple[Path, str]:
         """Node-local staging when the tree's memory fits there ("async": the store commits
         while the job runs on), else a root-only directory on the shared store ("direct")."""
@@ -253,11 +258,13 @@ class JobCheckpointer:
                        "gpu_pids": result.gpu_pids, "files": result.files})
 
     def commit(self, job_id: str, dumped: Dumped, *, epoch: int, owner: Owner, trigger: str,
-               progress: Progress | None = None) -> Image:
-        """The dump as the job's newest durable image; then retention and unused pins go."""
+               progress: Progress | None = None, cpus: frozenset[int] | None = None) -> Image:
+        """The dump as the job's newest durable image; then retention and unused pins go.
+        cpus: where a periodic commit's threads run (None: anywhere)."""
         image = self.store.commit(job_id, dumped.staging, epoch=epoch, uid=owner.uid, gid=owner.gid,
                                   node=self.node, trigger=trigger, gpu=dumped.gpu_inventory,
-                                  criu_version=dumped.criu_version, extra=dumped.extra, progress=progress)
+                                  criu_version=dumped.criu_version, extra=dumped.extra, progress=progress,
+                                  cpus=cpus)
         self.store.gc(job_id)
         filestate.prune_pins(self.pin_root(job_id), {pin for img in self.store.images(job_id)
                                                      for pin in image_pins(img.manifest.extra)})

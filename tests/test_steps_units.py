@@ -109,7 +109,8 @@ def test_step_task_whose_files_cannot_come_back_refuses_the_image_before_anythin
         made[-1].mkdir()
         return made[-1]
 
-    checkpointer = SimpleNamespace(staging=staging_dir, pin_root=lambda job: tmp_path / "pins")
+    checkpointer = SimpleNamespace(staging_beside=lambda near, name: staging_dir("7", name),
+                                   pin_root=lambda job: tmp_path / "pins")
     sup = SimpleNamespace(job_id="7", services=SimpleNamespace(checkpointer=checkpointer, node="n2"),
                           req=SimpleNamespace(owner=Owner(owner.pw_uid, owner.pw_gid, (owner.pw_gid,))))
     steps = JobSteps(sup)

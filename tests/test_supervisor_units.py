@@ -200,6 +200,15 @@ def test_suspend_moves_gpu_state_out_and_back_and_no_image_is_taken_meanwhile(ha
     assert h.sup.checkpoint(Trigger.PERIODIC) is not None
 
 
+def test_only_a_periodic_commit_is_placed_on_spare_cpus(harness):
+    h = harness()
+    h.sup.start()
+    assert h.sup.checkpoint(Trigger.PERIODIC) is not None
+    assert h.sup.checkpoint(Trigger.MANUAL) is not None
+    cpus = h.checkpointer.commit_cpus
+    assert len(cpus) == 2 and cpus[0] and cpus[0] <= os.sched_getaffinity(0) and cpus[1] is None
+
+
 # ---------------------------------------------------------------- checkpoints that fail
 
 def test_a_failed_dump_leaves_the_job_running(harness):

@@ -31,7 +31,6 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,7 @@ from slurm_mm.engine.restore import RestoredTree
 from slurm_mm.config import agent_socket
 from slurm_mm.engine.proctree import tree_pids
 from slurm_mm.engine import filestate
-from slurm_mm.errors import FileStateRefused, PermissionDenied, SlurmMMError
+from slurm_mm.errors import CheckpointFailed, FileStateRefused, PermissionDenied, SlurmMMError
 from slurm_mm.store import Trigger
 
 log = logging.getLogger(__name__)
@@ -81,6 +80,7 @@ class Step:
     proc: subprocess.Popen | None = None
     restoring: dict[int, Path] = field(default_factory=dict)  # rank -> image dir
     restored: set[int] = field(default_factory=set)
+    gpu: dict[int, dict[str, Any]] = field(default_factory=dict)  # rank -> GPU inventory of its image
 
     def meta(self) -> dict[str, Any]:
         return {"argv": self.argv, "env": self.env, "cwd": self.cwd, "standin_ns_pid": self.standin_ns_pid,
@@ -120,10 +120,12 @@ class JobSteps:
         env["SLURM_MM_STEPS_SOCKET"] = str(agent_socket(self.services.config, self.services.node))
 
     def start_srun(self, argv: list[str], env: dict[str, str], cwd: str, fds: list[int], ns_pid: int,
-                   token: str | None = None, restoring: dict[int, Path] | None = None) -> Path:
-        """Run the real srun for the job; returns the exit file the stand-in waits on."""
+                   token: str | None = None, restoring: dict[int, Path] | None = None,
+                   gpu: dict[int, dict[str, Any]] | None = None) -> Path:
+        """Run the real srun for the job; returns the exit file the stand-in waits on.
+        `gpu`: per rank being restored, the GPU inventory its image was dumped with."""
         token = token or secrets.token_hex(8)
-        step = Step(token, argv, env, cwd, ns_pid, restoring=restoring or {})
+        step = Step(token, argv, env, cwd, ns_pid, restoring=restoring or {}, gpu=gpu or {})
         exit_file = self.exit_dir() / token
         self.exit_dir().mkdir(parents=True, exist_ok=True, mode=0o755)
         exit_file.unlink(missing_ok=True)
@@ -205,7 +207,7 @@ class JobSteps:
         checkpointer = self.services.checkpointer
         if image is not None:
             try:
-                tree = checkpointer.restore(image, RestoreTarget.of(task_req), None,
+                tree = checkpointer.restore(image, RestoreTarget.of(task_req), step.gpu.get(rank),
                                             pin_root=checkpointer.pin_root(self.sup.job_id))
             except SlurmMMError as exc:
                 self.fail_job(f"cannot restore task {rank} of step `srun {' '.join(step.argv)[:80]}`: {exc}")
@@ -282,29 +284,43 @@ class JobSteps:
         with self.lock:
             return bool(self.steps)
 
+    def task_pids(self) -> list[int]:
+        """Host PIDs of every running step task's tree (what a dump of them must fit)."""
+        with self.lock:
+            inits = [task.tree.init_pid for step in self.steps.values() for task in step.tasks.values()]
+        return [pid for init in inits for pid in tree_pids(init)]
+
     def dump(self, staging: Path, leave_running: bool) -> dict[str, Any]:
         """Dump every step task into `staging` (after the batch tree); the manifest's record.
         Each task's files are captured with it as the batch tree's are (engine.filestate,
         at CRIU's post-dump action), pinned under the job's pin root as
-        `<image's dump>@<token>@<rank>`; `files` keeps each task's summary."""
+        `<image's dump>@<token>@<rank>`; `files` keeps each task's summary. A task's GPU
+        state goes through the same CUDA checkpoint as the batch tree's (checkpointer.dump);
+        `gpu` keeps, per rank that had any, the inventory its restore must be given."""
         with self.lock:
             steps = [(s, dict(s.tasks)) for s in self.steps.values()]
         checkpointer, record = self.services.checkpointer, {}
         for step, tasks in steps:
             meta = {**step.meta(), "ranks": sorted(tasks), "files": {}}  # a stopping dump ends the tasks
             for rank, task in sorted(tasks.items()):
-                scratch = checkpointer.staging(self.sup.job_id, f"step-{step.token}-{rank}-{int(time.time() * 1000)}")
+                # Beside the image's staging (a GPU job's is on tmpfs): its files move there by rename.
+                scratch = checkpointer.staging_beside(staging, f"{staging.name}@step-{step.token}-{rank}")
                 req = task.req or self.sup.req
                 files = checkpointer.file_spec(self.sup.job_id, req.owner, env=req.env, script=req.argv[0],
                                                pin_name=f"{staging.name}@{step.token}@{rank}")
                 try:
                     dumped = checkpointer.dump(task.tree.init_pid, scratch, leave_running=leave_running, files=files)
                     for path in scratch.iterdir():
-                        os.rename(path, staging / f"{FILE_PREFIX}{step.token}@{rank}@{path.name}")
+                        try:
+                            os.rename(path, staging / f"{FILE_PREFIX}{step.token}@{rank}@{path.name}")
+                        except OSError as exc:
+                            raise CheckpointFailed(f"task {rank}'s image cannot join the job's: {exc}") from None
                 finally:
                     shutil.rmtree(scratch, ignore_errors=True)
                 summary = dumped.extra.get("files", {})
                 meta["files"][str(rank)] = summary
+                if dumped.gpu_inventory:
+                    meta.setdefault("gpu", {})[str(rank)] = dumped.gpu_inventory
                 for note in summary.get("notes", []):
                     self.sup.tell(f"task {rank} of step `srun {' '.join(step.argv)[:60]}`: {note}")
             record[step.token] = meta
@@ -328,7 +344,7 @@ class JobSteps:
             images: dict[int, Path] = {}
             self.unpacked[str(token)] = images
             for rank in meta.get("ranks", []):
-                kept = checkpointer.staging(self.sup.job_id, f"restore-step-{token}-{int(rank)}")
+                kept = checkpointer.staging_beside(staging, f"{staging.name}@step-{token}-{int(rank)}")
                 images[int(rank)] = kept
                 prefix = f"{FILE_PREFIX}{token}@{int(rank)}@"
                 for path in staging.iterdir():
@@ -364,7 +380,7 @@ class JobSteps:
             try:
                 self.start_srun(list(meta["argv"]), dict(meta["env"]), str(meta["cwd"]),
                                 fds or self.sup.req.stdio, int(meta.get("standin_ns_pid", 0)),
-                                token=str(token), restoring=images)
+                                token=str(token), restoring=images, gpu=_rank_gpu(meta))
             except (SlurmMMError, KeyError, TypeError, ValueError) as exc:
                 for path in images.values():
                     shutil.rmtree(path, ignore_errors=True)
@@ -378,6 +394,23 @@ class JobSteps:
 
     def cleanup(self) -> None:
         shutil.rmtree(self.exit_dir(), ignore_errors=True)
+
+
+def steps_gpu_inventory(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The GPU inventory of a step task in a dump's step record (None: no task had GPU
+    state): the image's manifest records it when the batch tree itself has none."""
+    for meta in record.values():
+        for inventory in (meta.get("gpu") or {}).values() if isinstance(meta, dict) else ():
+            if isinstance(inventory, dict):
+                return inventory
+    return None
+
+
+def _rank_gpu(meta: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    gpu = meta.get("gpu")
+    if not isinstance(gpu, dict):
+        return {}
+    return {int(rank): inv for rank, inv in gpu.items() if str(rank).isdigit() and isinstance(inv, dict)}
 
 
 # ---------------------------------------------------------------- agent entry points

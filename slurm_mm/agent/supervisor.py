@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from slurm_mm.agent import dump_deadline, enrollment, job_comment, job_records, metrics, protocol, quota
+from slurm_mm.agent import commit_cpus, dump_deadline, enrollment, job_comment, job_records, metrics, protocol, quota
 from slurm_mm.agent.job_record import REQUEUED_EXIT, CheckpointProgress, JobRecord, JobState, LaunchRequest
 from slurm_mm.agent.preemption import PreemptNotice
 from slurm_mm.agent.services import NodeServices
+from slurm_mm.agent.step_launch import steps_gpu_inventory
 from slurm_mm.agent.steps import StepGuard
 from slurm_mm.checkpointer import ProcessTree, RestoreTarget
 from slurm_mm.config import RESTORE_POLICIES
@@ -232,7 +233,10 @@ class JobSupervisor:
 
     def _periodic(self) -> None:
         while not self.stopped.wait(self.req.interval):
-            self.checkpoint(Trigger.PERIODIC)
+            try:
+                self.checkpoint(Trigger.PERIODIC)
+            except Exception:  # noqa: BLE001 - one failed image must not end the job's periodic ones
+                log.exception("job %s: periodic checkpoint failed", self.job_id)
 
     def on_signal(self, signum: int) -> None:
         """A signal Slurm sent the batch task, relayed by slurm-mm-run: a preemption notice
@@ -284,7 +288,8 @@ class JobSupervisor:
             try:
                 quota.check(self.services.config, self.checkpointer.store, self.job_id, self.req.uid)
                 staging, mode = self.checkpointer.dump_staging(
-                    self.job_id, f"dump-{int(time.time() * 1000)}", tree_pids(self.tree.init_pid))
+                    self.job_id, f"dump-{int(time.time() * 1000)}",
+                    tree_pids(self.tree.init_pid) + self.steps.jobsteps.task_pids())
                 self.record.progress.mode = mode
                 image = self._dump_and_commit(staging, trigger, stopping)
             except SlurmMMError as exc:
@@ -339,14 +344,24 @@ class JobSupervisor:
         for note in dumped.extra.get("files", {}).get("notes", []):
             self.tell(note)
         dumped.extra["steps"] = self.steps.dump_steps(staging, stopping)
+        dumped.gpu_inventory = dumped.gpu_inventory or steps_gpu_inventory(dumped.extra["steps"])
         try:
             self.record.progress.phase = "writing"
             return self.checkpointer.commit(self.job_id, dumped, epoch=self.epoch, owner=self.req.owner,
-                                            trigger=trigger, progress=self._progress)
+                                            trigger=trigger, progress=self._progress,
+                                            cpus=self._background_cpus(trigger))
         except SlurmMMError as exc:
             if stopping:  # the dump ended the tree: bring it back from the local image
                 self._restore_in_place(staging, dumped.gpu_inventory, exc)
             raise
+
+    def _background_cpus(self, trigger: Trigger) -> frozenset[int] | None:
+        """Where a periodic commit runs: off the CPUs of the node's jobs (commit_cpus.py)."""
+        if trigger != Trigger.PERIODIC or self.services.config.commit_cpus != "spare":
+            return None
+        pids = [tree.init_pid for _, sup in self.services.jobs.items()
+                if (tree := getattr(sup, "tree", None)) is not None]
+        return commit_cpus.spare_cpus(pids)
 
     def _restore_in_place(self, staging: Path, gpu: dict[str, Any] | None, cause: SlurmMMError) -> None:
         """Nothing lost when the store refuses an image: the job resumes here from it, once
