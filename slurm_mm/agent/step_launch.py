@@ -38,6 +38,7 @@ from typing import Any
 from slurm_mm.agent import protocol
 from slurm_mm.agent.cgroups import step_cgroup_procs
 from slurm_mm.agent.job_record import ACTIVE, LaunchRequest
+from slurm_mm.agent.mpi import is_mpi_step
 from slurm_mm.agent.services import NodeServices, SupervisedJob
 from slurm_mm.checkpointer import ProcessTree, RestoreTarget
 from slurm_mm.engine.restore import RestoredTree
@@ -466,6 +467,9 @@ def handle_srun(services: NodeServices, conn: socket.socket, pid: int, uid: int,
             and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
             and isinstance(cwd, str) and len(fds) == 3):
         protocol.send(conn, {"op": "error", "message": "malformed srun request"})
+        return
+    if is_mpi_step(argv, env):  # Slurm starts MPI ranks itself; the job is refused checkpoints meanwhile
+        protocol.send(conn, {"op": "unprotected"})
         return
     exit_file = sup.steps.jobsteps.start_srun(argv, env, cwd, fds, _ns_pid(pid))
     protocol.send(conn, {"op": "srun-started", "exit_file": str(exit_file)})

@@ -3,9 +3,10 @@
 An image holds the job's batch tree on its batch host and nothing else. Work outside
 that tree would be lost by a restore without anyone noticing:
 - a job allocated more than one node (its tasks on the other nodes are not in the image);
-- an `srun` step: the batch tree holds only the `srun` client, the step's tasks run under
-  their own slurmstepd. A restored client finds its step gone and may exit 0, which
-  turns lost work into a COMPLETED job.
+- MPI (agent/mpi.py): ranks hold links to their process manager and to each other;
+- an `srun` step not run through slurm_mm's stand-in: the batch tree holds only the
+  `srun` client, the step's tasks run under their own slurmstepd. A restored client
+  finds its step gone and may exit 0, which turns lost work into a COMPLETED job.
 Such a checkpoint is refused with one line in the job's stderr (and in `slurm-mm
 status`). A stopping trigger (preemption, drain, requeue) then requeues the job without
 an image: it reruns from its last whole image, or from the start, as Slurm would rerun it.
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from slurm_mm.agent import dump_deadline, step_drain
 from slurm_mm.agent.job_record import REQUEUED_EXIT, JobState
+from slurm_mm.agent.mpi import REFUSAL_PREFIX as MPI_REFUSAL, mpi_processes, mpi_reason
 from slurm_mm.agent.services import SupervisedJob
 from slurm_mm.agent.step_launch import JobSteps
 from slurm_mm.engine.proctree import tree_pids
@@ -164,7 +166,11 @@ class StepGuard:
         if self.job_reason:
             return self.job_reason
         tree = self.sup.tree
-        clients = step_clients(tree_pids(tree.init_pid)) if tree is not None else []
+        pids = tree_pids(tree.init_pid) if tree is not None else []
+        mpi = mpi_processes([*pids, *self.jobsteps.task_pids()])
+        if mpi:
+            return mpi_reason(mpi)
+        clients = step_clients(pids)
         if clients:
             return steps_reason(clients)
         deadline = time.monotonic() + (STOPPING_SETTLE_SECONDS if stopping else 0)
@@ -260,7 +266,9 @@ class StepGuard:
         if not stopping:
             if reason == self.job_reason:
                 return  # told at start
-            self._tell_once(reason + "; periodic checkpoints resume once no step runs")
+            if not reason.startswith(MPI_REFUSAL):
+                reason += "; periodic checkpoints resume once no step runs"
+            self._tell_once(reason)
             return
         last = sup.record.last_image.get("name") or _stored_latest(sup)
         where = f"its last whole image {last}" if last else "the beginning (no whole image exists)"
