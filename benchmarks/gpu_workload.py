@@ -12,6 +12,10 @@ CLOCK_MONOTONIC end times, and writes the same text stats format (app.read_stats
 every 50 ms, by rename: no file stays open across a dump. SIGUSR1 asks it to check its
 data (sum of the GPU tensor vs the sum taken at start) and write `data_ok 1` (intact)
 or `data_ok 2` (changed), and counts `checks`.
+With SLURM_MM_BENCH_TRACE=FILE set, each iteration's start, launch-done and sync-done
+times (CLOCK_MONOTONIC ns) are kept for the last few iterations; after a stall of more
+than a second (a restore) they and those of the next 20 iterations go to FILE, to tell
+where a slow first iteration goes (host-side launch or waiting for the GPU).
 """
 
 from __future__ import annotations
@@ -64,6 +68,9 @@ def main() -> int:
     check = {"requested": False}
     signal.signal(signal.SIGUSR1, lambda *_: check.__setitem__("requested", True))
 
+    trace_path = os.environ.get("SLURM_MM_BENCH_TRACE")
+    trace: list[tuple[int, int, int, int]] = []  # (iteration, start, launched, synced)
+    trace_left = 0
     stalls: list[tuple[int, int]] = []
     iters, max_gap, typ = 0, 0, 0
     data_ok = 0  # 0: not checked yet, 1: intact, 2: changed
@@ -71,10 +78,23 @@ def main() -> int:
     prev = time.monotonic_ns()
     last_write = 0
     while True:
+        t_start = time.monotonic_ns()
         work.mul_(0.999).add_(1.0)
+        t_launched = time.monotonic_ns()
         sync()
         iters += 1
         now = time.monotonic_ns()
+        if trace_path:
+            trace.append((iters, t_start, t_launched, now))
+            if trace_left == 0:
+                del trace[:-5]
+            if now - prev > 1_000_000_000 and trace_left == 0:
+                trace_left = 20
+            elif trace_left:
+                trace_left -= 1
+                if trace_left == 0:
+                    with open(trace_path, "a") as f:
+                        f.write("".join(f"{i} {a} {b} {c}\n" for i, a, b, c in trace) + "--\n")
         gap = now - prev
         prev = now
         threshold = max(2_000_000, 5 * typ) if iters > 100 else 1 << 62

@@ -9,7 +9,8 @@ blocked for, per variant, split into GPU checkpoint, dump and GPU restore); with
 (store_bench.py JSON) store_vs_raw.png (commit vs dd, verify and extract vs cold cat, and
 CPU seconds per GB stored), with --targets (gpu_targets.py JSON) gpu_targets.png (freeze,
 durable and restore of one GPU job by stage, against the goals and the raw tools' floors).
-The RESULTS files may be left out when only --store/--targets are given. Needs matplotlib, which
+With --job (store_bench.py --pin JSON) job_slowdown.png (a CPU-bound job's slowdown
+during each kind of commit). The RESULTS files may be left out when only --store/--targets/--job are given. Needs matplotlib, which
 slurm_mm itself does not: /opt/slurm_mm/venv/bin/pip install matplotlib
 """
 
@@ -226,12 +227,46 @@ def targets_plot(plt, files: list[Path], out: Path) -> Path:
     return path
 
 
+def job_plot(plt, files: list[Path], out: Path) -> Path:
+    """A CPU-bound job's slowdown during each kind of commit (store_bench.py --pin): mean
+    and 95% interval per run, against the 5% goal."""
+    runs = [(f.stem, row) for f in files for row in json.loads(f.read_text()).get("job", []) if "kinds" in row]
+    kinds = list(dict.fromkeys(k for _, row in runs for k in row["kinds"]))
+    fig, ax = plt.subplots(figsize=(9, 0.8 + 0.45 * len(kinds) * len(runs)))
+    y, ticks, labels = 0, [], []
+    for kind in kinds:
+        for name, row in runs:
+            d = row["kinds"].get(kind)
+            if d is None:
+                continue
+            sd = d["slowdown"]
+            lo, hi = sd["ci95"]
+            ax.barh(y, sd["mean"] * 100, color="#1f77b4" if kind in ("spare", "hand") else "#aaaaaa")
+            ax.plot([lo * 100, hi * 100], [y, y], color="k", lw=1.5)
+            ticks.append(y)
+            labels.append(f"{kind} ({name}, {row.get('read_back', '')}, n={sd['n']}, commit {d['commit_s']['mean']:.1f} s)")
+            y += 1
+        y += 0.5
+    ax.axvline(5, color="r", lw=1.2)
+    ax.axvline(0, color="k", lw=0.6)
+    ax.set_yticks(ticks, labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("job slowed during the commit, % (mean, 95% interval); red: goal 5%")
+    ax.set_title("CPU-bound job bound to CPU 0 beside a 1 GiB commit, 2-vCPU VM", fontsize=9)
+    fig.tight_layout()
+    path = out / "job_slowdown.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", type=Path, nargs="*", help="run_benchmarks.py JSON file(s), merged in order")
     p.add_argument("--store", type=Path, nargs="+", default=[], help="store_bench.py JSON file(s)")
     p.add_argument("--targets", type=Path, nargs="+", default=[], help="gpu_targets.py JSON file(s)")
     p.add_argument("--gpu", type=Path, default=None, help="gpu_bench.py JSON")
+    p.add_argument("--job", type=Path, nargs="+", default=[], help="store_bench.py --pin JSON file(s)")
     p.add_argument("--out", type=Path, default=HERE.parent / "docs" / "img")
     args = p.parse_args(argv)
     try:
@@ -251,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         paths.append(store_plot(plt, args.store, args.out))
     if args.targets:
         paths.append(targets_plot(plt, args.targets, args.out))
+    if args.job:
+        paths.append(job_plot(plt, args.job, args.out))
     if gpu:
         paths.append(gpu_plot(plt, gpu, args.out))
     for path in paths:

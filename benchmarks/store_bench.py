@@ -37,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from slurm_mm.store import ImageStore  # noqa: E402
+from slurm_mm.store import ImageStore, pipeline  # noqa: E402
 
 GB = 1e9
 BLOCK = 2 << 20
@@ -147,20 +147,22 @@ def _busy_pinned(stop, counter, cpu) -> None:
     _busy(stop, counter)
 
 
-def slowdown_series(threads: int, commit, reps: int, job_cpu: int | None, commit_cpus: set[int] | None,
+def slowdown_series(threads: int, commits: dict, reps: int, job_cpu: int | None,
                     alone_s: float = 4.0, max_window: float = 60.0) -> dict:
-    """A CPU-bound job (`threads` busy processes, pinned to `job_cpu` if given) runs through
-    `reps` rounds of: alone for alone_s, then during one commit() (run in a thread pinned
-    to `commit_cpus`; the store's threads inherit that). The job stays up throughout, so
-    every window compares the same processes. Slowdown per round = 1 - rate during the
-    commit / mean rate of the windows alone before and after it; the spread of the alone
-    windows themselves is the noise floor."""
+    """A CPU-bound job (`threads` busy processes, bound to `job_cpu` if given, as Slurm
+    binds a job to the CPUs it allocated) runs through `reps` rounds; each round runs every
+    entry of `commits` (name -> fn(job_pids) -> cpus it was pinned to or None) once, in
+    turn, each after a window of alone_s with the job alone. The job stays up throughout,
+    so every window compares the same processes. Slowdown = 1 - rate during the commit /
+    mean rate of the windows alone before and after it; the spread of the alone windows
+    themselves is the noise floor."""
     ctx = multiprocessing.get_context("fork")
     stop = ctx.Event()
     counter = ctx.Value("q", 0)
     procs = [ctx.Process(target=_busy_pinned, args=(stop, counter, job_cpu)) for _ in range(threads)]
     for p in procs:
         p.start()
+    pids = [p.pid for p in procs]
 
     steal: list[float] = []  # share of the job's CPU the hypervisor took, per window
 
@@ -172,13 +174,14 @@ def slowdown_series(threads: int, commit, reps: int, job_cpu: int | None, commit
                 return int(f[8]) / os.sysconf("SC_CLK_TCK")
         return 0.0
 
-    def window(during=None) -> tuple[float, float]:
+    def window(during=None) -> tuple[float, float, object]:
         s0 = cpu_steal()
         n0, t0 = counter.value, time.monotonic()
+        out: dict = {}
         if during is None:
             time.sleep(alone_s)
         else:
-            th = threading.Thread(target=during)
+            th = threading.Thread(target=lambda: out.setdefault("r", during(pids)))
             th.start()
             th.join(max_window)
         t = time.monotonic() - t0
@@ -186,37 +189,77 @@ def slowdown_series(threads: int, commit, reps: int, job_cpu: int | None, commit
         steal.append((cpu_steal() - s0) / t)
         if during is not None:
             th.join()
-        return rate, t
+        return rate, t, out.get("r")
 
-    def pinned_commit() -> None:
-        if commit_cpus:
-            os.sched_setaffinity(0, commit_cpus)  # this thread; the store's threads inherit it
-        commit()
-
+    per: dict = {name: {"during": [], "before": [], "after": [], "commit_s": [], "cpus": None} for name in commits}
+    alone: list[float] = []
     try:
         time.sleep(1.0)  # warm up
-        alone = [window()[0]]
-        during, commit_s = [], []
+        last = window()[0]
+        alone.append(last)
         for _ in range(reps):
-            rate, t = window(pinned_commit)
-            during.append(rate)
-            commit_s.append(t)
-            alone.append(window()[0])
+            for name, fn in commits.items():
+                rate, t, cpus = window(fn)
+                after = window()[0]
+                alone.append(after)
+                d = per[name]
+                d["during"].append(rate)
+                d["before"].append(last)
+                d["after"].append(after)
+                d["commit_s"].append(t)
+                d["cpus"] = sorted(cpus) if cpus else None
+                last = after
     finally:
         stop.set()
         for p in procs:
             p.join()
-    slow = [1 - d / ((a + b) / 2) for d, a, b in zip(during, alone, alone[1:])]
-    noise = [1 - b / a for a, b in zip(alone, alone[1:])]
 
     def stats(xs: list[float]) -> dict:
         m = sum(xs) / len(xs)
         sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
-        return {"mean": m, "sd": sd, "min": min(xs), "max": max(xs), "n": len(xs)}
+        half = 2.0 * sd / len(xs) ** 0.5 if len(xs) > 1 else 0.0  # ~95% (t, n >= 10)
+        return {"mean": m, "sd": sd, "min": min(xs), "max": max(xs), "n": len(xs),
+                "ci95": [m - half, m + half]}
 
-    return {"slowdown": stats(slow), "alone_to_alone": stats(noise), "samples": slow,
-            "alone_rates": alone, "during_rates": during, "commit_s": stats(commit_s),
-            "job_cpu_steal": steal}
+    result: dict = {"alone_to_alone": stats([1 - b / a for a, b in zip(alone, alone[1:])]),
+                    "alone_rates": alone, "job_cpu_steal": steal, "kinds": {}}
+    for name, d in per.items():
+        slow = [1 - r / ((a + b) / 2) for r, a, b in zip(d["during"], d["before"], d["after"])]
+        result["kinds"][name] = {"slowdown": stats(slow), "samples": slow, "commit_s": stats(d["commit_s"]),
+                                 "during_rates": d["during"], "commit_cpus": d["cpus"]}
+    return result
+
+
+def placed_commit(args, store: ImageStore, src_dir: Path, kind: str):
+    """One way of doing the commit beside the job, as fn(job_pids) -> CPUs it was put on:
+    raw      `dd bs=4M conv=fsync` of the source to the store's disk (the raw tool; normal
+             priority, anywhere)
+    any      a periodic commit, idle priority, wherever the scheduler puts its threads
+             (the store before it was given CPUs)
+    spare    a periodic commit on the CPUs the agent picks (agent/commit_cpus.py, from the
+             job's processes, exactly as the supervisor calls it)
+    hand     a periodic commit pinned by hand to every CPU but the first
+    preempt  a stopping commit: normal priority, anywhere (its time is what GraceTime needs)"""
+    from slurm_mm.agent import commit_cpus  # noqa: PLC0415
+
+    def fn(pids: list[int]):
+        cpus = None
+        if kind == "raw":
+            out = args.shared / "dd.out"
+            run_tool(["dd", f"if={src_dir / 'pages-1.img'}", f"of={out}", "bs=4M", "conv=fsync"])
+            os.unlink(out)
+            return None
+        if kind == "spare":
+            cpus = commit_cpus.spare_cpus(pids)
+        elif kind == "hand":
+            cpus = frozenset(sorted(os.sched_getaffinity(0))[1:])
+            os.sched_setaffinity(0, cpus)  # this thread; the store's threads inherit it
+        trigger = "preempt" if kind == "preempt" else "periodic"
+        store.commit("bench", src_dir, epoch=0, uid=0, gid=0, node=platform.node(), trigger=trigger,
+                     cpus=cpus if kind == "spare" else None)
+        store.remove_job("bench")
+        return cpus
+    return fn
 
 
 def one_round(args, content: str, src_dir: Path, size: int, read_back: str, rep: int, full: bool) -> dict:
@@ -264,6 +307,32 @@ def one_round(args, content: str, src_dir: Path, size: int, read_back: str, rep:
         row["extract_s"], row["extract_cpu"], _ = timed(lambda: store.extract(image, dest))
         assert (dest / "pages-1.img").stat().st_size == size
         shutil.rmtree(dest)
+        # the extract's own floor here: writing the raw bytes into fresh tmpfs
+        fill = staging / "fill"
+        row["tmpfs_fill_s"], _ = run_tool(["dd", "if=/dev/zero", f"of={fill}", "bs=4M",
+                                           f"count={-(-size // (4 << 20))}"])
+        os.unlink(fill)
+        for threads, io in ((t, io) for t in args.read_threads for io in args.read_io):
+            variant = ImageStore(shared / "store", level=args.level, threads=threads, keep=1,
+                                 chunk_size=args.chunk_mib << 20, read_back=read_back)
+            real, real_seq, real_readers = pipeline.set_direct, pipeline.SEQUENTIAL_READS, pipeline.READERS
+            kind = io.rstrip("0123456789")
+            pipeline.SEQUENTIAL_READS = kind in ("seq", "seqbuf")  # else each worker reads its chunk
+            if io != kind:  # seq4: four reader threads
+                pipeline.READERS = int(io[len(kind):])
+            if kind in ("buffered", "seqbuf"):
+                pipeline.set_direct = lambda fd, on: (not on) and real(fd, on)
+            try:
+                drop_caches()
+                vs, vc, _ = timed(lambda: variant.verify(image))
+                drop_caches()
+                es, ec, _ = timed(lambda: variant.extract(image, dest))
+            finally:
+                pipeline.set_direct, pipeline.SEQUENTIAL_READS, pipeline.READERS = real, real_seq, real_readers
+            shutil.rmtree(dest)
+            row.setdefault("read_variants", []).append(
+                {"threads": threads, "io": io, "verify_s": vs, "verify_cpu": vc, "extract_s": es,
+                 "extract_cpu": ec, "verify_vs_cat": row["cat_s"] / vs, "extract_vs_cat": row["cat_s"] / es})
         row.update({"verify_vs_cat": row["cat_s"] / row["verify_s"],
                     "extract_vs_cat": row["cat_s"] / row["extract_s"],
                     "verify_cpu_per_gb": row["verify_cpu"] / sgb,
@@ -287,20 +356,21 @@ def bench_content(args, content: str, results: dict) -> None:
             rows.append(one_round(args, content, src_dir, size, read_back, rep, full=n == 0))
     for threads in args.job_threads if args.pin else []:
         store = ImageStore(shared / "store", level=args.level, threads=args.threads, keep=1,
-                           chunk_size=args.chunk_mib << 20, read_back=args.read_back[0],
+                           chunk_size=args.chunk_mib << 20, read_back=args.job_read_back,
                            background_cpus=args.background_cpus)
         cpus = sorted(os.sched_getaffinity(0))
-        job_cpu, commit_cpus = cpus[0], set(cpus[1:]) or None
-        for trigger in args.job_triggers:
-            def commit() -> None:
-                store.commit("bench", src_dir, epoch=0, uid=0, gid=0, node=platform.node(), trigger=trigger)
-                store.remove_job("bench")
-            series = slowdown_series(threads, commit, args.job_reps, job_cpu, commit_cpus)
-            row = {"content": content, "job_threads": threads, "trigger": trigger, "pinned": True,
-                   "job_cpu": job_cpu, "commit_cpus": sorted(commit_cpus or []), "read_back": args.read_back[0],
-                   "background_cpus": args.background_cpus, **series}
-            print(json.dumps(row), flush=True)
-            results.setdefault("job", []).append(row)
+        job_cpu = None if args.job_unbound else cpus[0]
+        commits = {kind: placed_commit(args, store, src_dir, kind) for kind in args.job_kinds}
+        series = slowdown_series(threads, commits, args.job_reps, job_cpu)
+        row = {"content": content, "job_threads": threads, "job_cpu": job_cpu, "read_back": args.job_read_back,
+               "background_cpus": args.background_cpus, **series}
+        print(json.dumps({k: v for k, v in row.items() if k not in ("alone_rates", "job_cpu_steal")}), flush=True)
+        for kind, d in series["kinds"].items():
+            sd = d["slowdown"]
+            print(f"{content} job x{threads} {kind:8s} slowed {sd['mean']:+.1%} (sd {sd['sd']:.1%}, 95% "
+                  f"{sd['ci95'][0]:+.1%}..{sd['ci95'][1]:+.1%}, n={sd['n']}) commit {d['commit_s']['mean']:.2f} s "
+                  f"cpus {d['commit_cpus']}", flush=True)
+        results.setdefault("job", []).append(row)
     for threads in args.job_threads if not args.pin else []:
         store = ImageStore(shared / "store", level=args.level, threads=args.threads, keep=1,
                            chunk_size=args.chunk_mib << 20, read_back=args.read_back[0],
@@ -346,10 +416,17 @@ def main() -> int:
                     help="ImageStore background_cpus for the periodic commit of --job-threads")
     ap.add_argument("--skip-io", action="store_true", help="only the --job-threads part")
     ap.add_argument("--job-reps", type=int, default=1)
-    ap.add_argument("--job-triggers", default="periodic,preempt")
+    ap.add_argument("--job-triggers", default="periodic,preempt", help="without --pin: the commits beside the job")
     ap.add_argument("--pin", action="store_true",
-                    help="job on the first CPU, the commit on the others; --job-reps rounds, mean and spread")
+                    help="job bound to the first CPU, --job-reps rounds of each --job-kinds, mean and spread")
+    ap.add_argument("--job-kinds", default="raw,any,spare,preempt", help="with --pin: see placed_commit()")
+    ap.add_argument("--job-read-back", default="auto", help="with --pin: the store's read_back")
+    ap.add_argument("--job-unbound", action="store_true", help="with --pin: leave the job unbound")
     ap.add_argument("--no-sha", action="store_true", help="skip the cold sha256sum (the old store's reference)")
+    ap.add_argument("--read-threads", default="", help="e.g. 2,4,8: also verify and extract with these threads")
+    ap.add_argument("--read-io", default="direct", help="with --read-threads: seq (spans read in order),"
+                    " direct (each worker reads its chunk, the default), buffered, seqbuf (seq through the page cache);"
+                    " seqN/seqbufN: with N reader threads")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -358,6 +435,9 @@ def main() -> int:
     args.read_back = args.read_back.split(",")
     args.job_threads = [int(x) for x in args.job_threads.split(",") if x]
     args.job_triggers = args.job_triggers.split(",")
+    args.job_kinds = args.job_kinds.split(",")
+    args.read_threads = [int(x) for x in args.read_threads.split(",") if x]
+    args.read_io = args.read_io.split(",")
     for d in (args.staging, args.shared):
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True, mode=0o711)

@@ -28,6 +28,9 @@ APT_PKGS=(munge slurmctld slurmd slurm-client libslurm-dev slurm-wlm-basic-plugi
           libbsd-dev uuid-dev protobuf-compiler libprotobuf-dev python3-protobuf)
 # Real applications the test suite runs as users' jobs (tests/test_real_apps.py).
 APT_PKGS+=(gromacs velvet bwa samtools lammps)
+# MPI jobs the suite runs (tests/test_slurm_mpi.py): Open MPI 4.1 on Debian 12, 5.0 on 13;
+# Slurm's mpi/pmix plugin is in slurmd's own packages on both.
+APT_PKGS+=(openmpi-bin libopenmpi-dev)
 missing=()
 for p in "${APT_PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")

@@ -165,6 +165,11 @@ class JobCheckpointer:
         """A fresh root-only directory on node-local staging space (or its free name)."""
         return root_only_dir(self.cfg.staging_dir / job_id / name, create=create)
 
+    def staging_beside(self, staging: Path, name: str) -> Path:
+        """A fresh root-only directory next to `staging`, on its filesystem (a GPU job's
+        staging is on tmpfs): what is made there joins `staging` by rename."""
+        return root_only_dir(staging.parent / name)
+
     def dump_staging(self, job_id: str, name: str, pids: list[int]) -> tuple[Path, str]:
         """Node-local staging when the tree's memory fits there ("async": the store commits
         while the job runs on), else a root-only directory on the shared store ("direct")."""
@@ -235,16 +240,22 @@ class JobCheckpointer:
                                      scratch=scratch)
 
     def dump(self, init_pid: int, staging: Path, *, leave_running: bool,
-             files: filestate.CaptureSpec | None = None, deadline: float | None = None) -> Dumped:
+             files: filestate.CaptureSpec | None = None, deadline: float | None = None,
+             leave_stopped: bool = False) -> Dumped:
         """CRIU (and the GPU's state) of the tree into `staging`; stopping dumps go first.
-        `deadline`: wall-clock time by which a hung criu is killed (a preempted job's grace end)."""
-        with self.criu_lock.hold(urgent=not leave_running):
+        `deadline`: wall-clock time by which a hung criu is killed (a preempted job's grace end).
+        `leave_stopped`: the tree stays SIGSTOPped after the dump (not a stopping dump: the
+        caller resumes it)."""
+        leave_running = leave_running and not leave_stopped
+        keeps_tree = leave_running or leave_stopped
+        with self.criu_lock.hold(urgent=not keeps_tree):
             timeout = dump_deadline.timeout(deadline, self.cfg.timeouts.checkpoint)
             # An ordinary dump gives way to a stopping one that waits (agent/criu_yield.py).
-            watch = yields_to_urgent(self.criu_lock, self.criu.binary, init_pid) if leave_running else nullcontext()
+            watch = yields_to_urgent(self.criu_lock, self.criu.binary, init_pid) if keeps_tree else nullcontext()
             with watch:
                 result = checkpoint_tree(init_pid, staging, leave_running=leave_running, gpu=self.gpu,
-                                         criu=self.criu, timeout=timeout, files=files)
+                                         criu=self.criu, timeout=timeout, files=files,
+                                         leave_stopped=leave_stopped)
         inventory = None
         if result.gpu_pids:
             found = gpu_inventory.read_inventory()
@@ -254,11 +265,13 @@ class JobCheckpointer:
                        "gpu_pids": result.gpu_pids, "files": result.files})
 
     def commit(self, job_id: str, dumped: Dumped, *, epoch: int, owner: Owner, trigger: str,
-               progress: Progress | None = None) -> Image:
-        """The dump as the job's newest durable image; then retention and unused pins go."""
+               progress: Progress | None = None, cpus: frozenset[int] | None = None) -> Image:
+        """The dump as the job's newest durable image; then retention and unused pins go.
+        cpus: where a periodic commit's threads run (None: anywhere)."""
         image = self.store.commit(job_id, dumped.staging, epoch=epoch, uid=owner.uid, gid=owner.gid,
                                   node=self.node, trigger=trigger, gpu=dumped.gpu_inventory,
-                                  criu_version=dumped.criu_version, extra=dumped.extra, progress=progress)
+                                  criu_version=dumped.criu_version, extra=dumped.extra, progress=progress,
+                                  cpus=cpus)
         self.store.gc(job_id)
         filestate.prune_pins(self.pin_root(job_id), {pin for img in self.store.images(job_id)
                                                      for pin in image_pins(img.manifest.extra)})

@@ -55,9 +55,13 @@ class Config:
     # priority (0 = no limit): even idle-priority work slows a job on the other vCPU of a VM.
     commit_background_cpus: float = 0.0
     # How a commit checks what it wrote: "cache" (buffered writes, read back through the
-    # page cache) or "device" (O_DIRECT writes and read-back from the storage: about half
-    # the CPU per GB, but a second pass over the disk).
-    commit_read_back: str = "cache"
+    # page cache), "device" (O_DIRECT writes and read-back from the storage: about half
+    # the CPU per GB, but a second pass over the disk) or "auto" (device for periodic
+    # commits, which share the node with jobs; cache for stopping ones, which race GraceTime).
+    commit_read_back: str = d.COMMIT_READ_BACK
+    # Where periodic commits run: "spare" (CPUs no job is bound to, else the idle ones) or
+    # "any" (wherever the scheduler puts them). Stopping commits always run anywhere.
+    commit_cpus: str = d.COMMIT_CPUS
     log_level: str = d.LOG_LEVEL
     # Jobs get their own mount namespace and /proc: needed for CUDA in a PID namespace
     # (docs/gpu-validation.md). auto = on nodes with GPU checkpointing.
@@ -177,8 +181,12 @@ def _value(key: str, raw: Any, default: Any, source: str) -> Any:
             raise ConfigError(f"{source}: '{key}' must be in [0, 1), got {raw!r}")
         return float(raw)
     if key == "commit_read_back":
-        if raw not in ("cache", "device"):
-            raise ConfigError(f"{source}: 'commit_read_back' must be cache or device, got {raw!r}")
+        if raw not in ("auto", "cache", "device"):
+            raise ConfigError(f"{source}: 'commit_read_back' must be auto, cache or device, got {raw!r}")
+        return raw
+    if key == "commit_cpus":
+        if raw not in ("spare", "any"):
+            raise ConfigError(f"{source}: 'commit_cpus' must be spare or any, got {raw!r}")
         return raw
     if key == "job_mount_namespace":
         if raw not in ("auto", "always", "never"):

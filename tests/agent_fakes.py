@@ -58,6 +58,7 @@ class FakeCheckpointer:
         self.tmp = tmp
         self.images = images or []
         self.calls: list[tuple] = []
+        self.commit_cpus: list = []  # the cpus= of each commit
         self.fail: dict[str, BaseException] = {}
         self.bad_images: set[int] = set()
         self.trees: list[FakeTree] = []
@@ -108,7 +109,7 @@ class FakeCheckpointer:
     def file_spec(self, job_id, owner, *, env, script, pin_name):
         return None
 
-    def dump(self, init_pid, staging, *, leave_running, files=None, deadline=None):
+    def dump(self, init_pid, staging, *, leave_running, files=None, deadline=None, leave_stopped=False):
         self.calls.append(("dump", leave_running))
         if "dump" in self.fail:
             raise self.fail["dump"]
@@ -116,8 +117,9 @@ class FakeCheckpointer:
             next(t for t in self.trees if t.init_pid == init_pid and not t.ended.is_set()).end(137)
         return SimpleNamespace(staging=staging, gpu_inventory=None, criu_version="4.2", extra={})
 
-    def commit(self, job_id, dumped, *, epoch, owner, trigger, progress=None):
+    def commit(self, job_id, dumped, *, epoch, owner, trigger, progress=None, cpus=None):
         self.calls.append(("commit", str(trigger)))
+        self.commit_cpus.append(cpus)
         if "commit" in self.fail:
             raise self.fail["commit"]
         image = fake_image(len(self.images) + 1, epoch=epoch, trigger=str(trigger))

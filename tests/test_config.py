@@ -32,7 +32,7 @@ def test_commit_read_back_reaches_the_store(tmp_path):
     cfg = config.load(write(tmp_path, f"checkpoint_root: {tmp_path}/ckpt\ncommit_read_back: device\n"))
     assert cfg.commit_read_back == "device"
     assert open_store(cfg).read_back == "device"
-    assert open_store(config.Config(checkpoint_root=tmp_path / "c")).read_back == "cache"
+    assert open_store(config.Config(checkpoint_root=tmp_path / "c")).read_back == "auto"
 
 
 def test_dump_round_trips(tmp_path):
@@ -52,7 +52,7 @@ def test_dump_round_trips(tmp_path):
     ("timeouts:\n  restore: -1\n", "'timeouts.restore' must be a positive number, got -1"),
     ("timeouts:\n  nap: 1\n", "unknown key 'timeouts.nap'"),
     ("log_level: loud\n", "'log_level' must be one of"),
-    ("commit_read_back: disk\n", "'commit_read_back' must be cache or device, got 'disk'"),
+    ("commit_read_back: disk\n", "'commit_read_back' must be auto, cache or device, got 'disk'"),
     ("- a\n- b\n", "top level must be a mapping"),
     ("keep_images: [\n", "not valid YAML"),
 ])

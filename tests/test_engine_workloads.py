@@ -285,6 +285,20 @@ def test_gpu_resume_follows_namespace_pids_after_restore(workload, tmp_path):
     assert gpu.calls[1][1] == [restored.ns_pids[2]] and restored.gpu_pids == [restored.ns_pids[2]]
 
 
+def test_image_with_gpu_state_is_refused_without_a_gpu_checkpointer(workload, tmp_path):
+    """Restored without the driver's restore, its CUDA processes would stay locked (hung):
+    such an image is refused before anything of it runs."""
+    w = workload("counter.py")
+    w.start()
+    images = tmp_path / "img"
+    w.checkpoint(images, leave_running=False, gpu=FakeGpu())
+    w.tree.wait(10)
+    with pytest.raises(RestoreFailed, match=r"GPU state of 1 process\(es\) .* without a GPU checkpointer"):
+        w.restore(images)
+    leftover = [p for p in os.listdir("/proc") if p.isdigit() and _cwd(p) == str(w.dir)]
+    assert leftover == [], "nothing of the refused tree runs"
+
+
 @both_layouts
 def test_restore_refuses_a_tree_that_is_not_the_owners(workload, tmp_path, engine_env, private_proc):
     w = workload("counter.py")

@@ -18,6 +18,7 @@ from conftest import testcluster as tc
 from slurm_jobs import (WORKLOAD, as_user, assert_no_lost_or_repeated_steps, image_names, logged_steps,
                         output, preempt_to_another_node, user_processes)
 from workloads.chain_job import chain
+from workloads import stream_pair
 
 pytestmark = pytest.mark.cluster
 PY = "/usr/bin/python3"
@@ -44,6 +45,59 @@ def preempt_and_finish(cluster, job_dir: Path, job: str, ready) -> dict[str, str
 
 def results(job_dir: Path) -> list[str]:
     return [l.split()[0] for l in output(job_dir).splitlines() if l.startswith("result=")]
+
+
+STREAM_LINES = 10000
+
+
+def submit_stream(cluster, job_dir: Path, interval: str = "10m") -> str:
+    """`srun producer | the script's own consumer`: the stream must come through whole."""
+    shutil.copy(stream_pair.__file__, job_dir / "stream_pair.py")
+    user = pwd.getpwnam(tc.USER)
+    os.chown(job_dir / "stream_pair.py", user.pw_uid, user.pw_gid)
+    body = ('echo "start $SLURM_JOB_ID $SLURMD_NODENAME" >> starts.txt\n'
+            f"srun -n1 {PY} stream_pair.py produce {STREAM_LINES} 0.02 | {PY} stream_pair.py consume stream.out\n"
+            'echo "pipeline rc=${PIPESTATUS[*]}"\n')
+    return submit(cluster, job_dir, body, interval=interval)
+
+
+def consumed(job_dir: Path) -> int:
+    try:
+        return int((job_dir / "progress.txt").read_text() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def assert_stream_whole(job_dir: Path, info: dict[str, str]) -> None:
+    out = output(job_dir)
+    assert info["JobState"] == "COMPLETED", out
+    assert "restored task 0 of step" in out, out
+    assert (job_dir / "stream.out").read_text() == stream_pair.expected(STREAM_LINES), out
+    assert len((job_dir / "starts.txt").read_text().splitlines()) == 1, out
+    assert out.count("pipeline rc=0 0") == 1, out
+
+
+def test_srun_step_piped_into_the_script_resumes_whole_after_preemption(cluster, job_dir):
+    job = submit_stream(cluster, job_dir)
+    info = preempt_and_finish(cluster, job_dir, job, lambda: consumed(job_dir) >= 2000)
+    assert_stream_whole(job_dir, info)
+
+
+def test_srun_step_piped_into_the_script_resumes_whole_from_a_periodic_image(cluster, job_dir):
+    job = submit_stream(cluster, job_dir, interval="5s")
+    node = tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)["BatchHost"]
+    tc.wait_for(lambda: len(image_names(cluster, job)) >= 2 and consumed(job_dir) >= 2000, 60,
+                "periodic images with the stream under way")
+    tc.kill_node(cluster, node)
+    try:
+        tc.wait_for(lambda: tc.job_info(cluster, job).get("Restarts") == "1", 90, "the requeue")
+        info = tc.wait_job(cluster, job, {"COMPLETED", "FAILED"}, timeout=150)
+    finally:
+        tc.start_node(cluster, node)
+        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], env=cluster.env(),
+                       capture_output=True)
+    assert info["BatchHost"] != node, info
+    assert_stream_whole(job_dir, info)
 
 
 def test_srun_n1_job_resumes_its_step_on_another_node(cluster, job_dir):

@@ -109,10 +109,77 @@ def test_step_task_whose_files_cannot_come_back_refuses_the_image_before_anythin
         made[-1].mkdir()
         return made[-1]
 
-    checkpointer = SimpleNamespace(staging=staging_dir, pin_root=lambda job: tmp_path / "pins")
+    checkpointer = SimpleNamespace(staging_beside=lambda near, name: staging_dir("7", name),
+                                   pin_root=lambda job: tmp_path / "pins")
     sup = SimpleNamespace(job_id="7", services=SimpleNamespace(checkpointer=checkpointer, node="n2"),
                           req=SimpleNamespace(owner=Owner(owner.pw_uid, owner.pw_gid, (owner.pw_gid,))))
     steps = JobSteps(sup)
     with pytest.raises(FileStateRefused, match=r"task 0 of step `srun app`: .*input.dat: size 100 -> 106"):
         steps.unpack(staging, {token: {"argv": ["app"], "ranks": [0]}})
     assert made and not any(p.exists() for p in made) and steps.unpacked == {}
+
+
+# ---------------------------------------------------------------- step output in flight
+
+def test_pipe_bytes_counts_what_waits_in_a_pipe_and_nothing_else(tmp_path):
+    from slurm_mm.agent.step_drain import pipe_bytes
+    r, w = os.pipe()
+    try:
+        os.write(w, b"x" * 1000)
+        assert pipe_bytes(w) == 1000 and pipe_bytes(r) == 1000
+        with open(tmp_path / "f", "wb") as f:
+            f.write(b"y" * 50)
+            assert pipe_bytes(f.fileno()) == 0
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_output_in_flight_until_the_task_pipe_is_read_empty():
+    from slurm_mm.agent.step_drain import in_flight
+    r, w = os.pipe()
+    try:
+        os.write(w, b"z" * 5000)
+        assert "5000 bytes of a task's output" in in_flight([w], [], 0.2)
+        reader = subprocess.Popen(["sh", "-c", "sleep 0.3; cat > /dev/null"], stdin=r)
+        os.close(r)
+        r = -1
+        started = time.monotonic()
+        assert in_flight([w], [], 5) is None
+        assert time.monotonic() - started >= 0.3
+    finally:
+        if r >= 0:
+            os.close(r)
+        os.close(w)
+    reader.wait(5)
+
+
+def test_an_srun_whose_destination_pipe_is_full_still_holds_output():
+    from slurm_mm.agent.step_drain import in_flight
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        while True:
+            os.write(w, b"q" * 4096)
+    except BlockingIOError:
+        pass
+    srun = subprocess.Popen(["sleep", "30"], stdout=w)
+    try:
+        assert "the pipe srun (pid" in in_flight([], [srun.pid], 0.3)
+        os.read(r, 65536)
+        assert in_flight([], [srun.pid], 2) is None
+    finally:
+        srun.kill()
+        srun.wait()
+        os.close(r)
+        os.close(w)
+
+
+def test_unfinished_names_the_processes_still_running_after_the_wait():
+    from slurm_mm.agent.step_drain import unfinished
+    quick, slow = subprocess.Popen(["true"]), subprocess.Popen(["sleep", "30"])
+    try:
+        assert unfinished([quick, slow], 0.5) == [slow]
+    finally:
+        slow.kill()
+        slow.wait()

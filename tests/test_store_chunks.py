@@ -390,3 +390,28 @@ def test_background_cpus_must_be_a_positive_number(base):
     with pytest.raises(ConfigError, match="background CPUs 0 is not a number"):
         ImageStore(base / "ckpt", background_cpus=0)
     assert ImageStore(base / "ckpt", background_cpus=0.5).background_cpus == 0.5
+
+
+def test_extract_and_verify_read_files_front_to_back_in_spans_and_check_every_chunk(base, monkeypatch):
+    """Spans never cross files or gaps and stay within SPAN_BYTES (one larger chunk alone);
+    with spans of a few chunks, many reads in flight, a damaged chunk is still named."""
+    monkeypatch.setattr(pipeline, "SPAN_BYTES", 3 * CHUNK)
+    monkeypatch.setattr(pipeline, "SEQUENTIAL_READS", True)
+    store = ImageStore(base / "ckpt", threads=4, chunk_size=CHUNK)
+    data = mixed(20)
+    image = commit(store, JOB, source(base, {"pages-1.img": data, "b.img": os.urandom(5 * CHUNK + 9)}))
+    store.verify(image)
+    store.extract(image, base / "out")
+    assert (base / "out" / "pages-1.img").read_bytes() == data
+    e = entry(image, "pages-1.img")
+    _, _, offset, chunk = e.chunk_spans()[13]
+    _flip(image.path / e.stored_name, offset + chunk.stored_size - 1)
+    with pytest.raises(ImageCorrupt, match=f"pages-1.img.zst chunk 13 at byte {offset} has xxh3-128"):
+        store.extract(image, base / "out2")
+    c = chunks.Chunk(CHUNK, False, "")
+    big = chunks.Chunk(4 * CHUNK, False, "")
+    work = [(0, (0, 0, 0, c, CHUNK)), (0, (1, 0, CHUNK, c, CHUNK)), (0, (2, 0, 2 * CHUNK, c, CHUNK)),
+            (0, (3, 0, 3 * CHUNK, c, CHUNK)), (0, (4, 0, 4 * CHUNK, big, 0)), (1, (0, 0, 0, c, CHUNK)),
+            (1, (1, 0, 2 * CHUNK, c, CHUNK))]
+    assert [(i, [item[0] for item in items]) for i, items in pipeline._spans(work)] == [
+        (0, [0, 1, 2]), (0, [3]), (0, [4]), (1, [0]), (1, [1])]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ import pytest
 from agent_fakes import GID, UID, FakeCheckpointer, FakeSlurm, fake_image, make_job
 
 from slurm_mm import config
-from slurm_mm.agent import protocol, supervisor as supervisor_mod
+from slurm_mm.agent import protocol, steps as steps_mod, supervisor as supervisor_mod
 from slurm_mm.agent.job_record import JobState, LaunchRequest
 from slurm_mm.agent.preemption import Preemption
 from slurm_mm.agent.services import JobRegistry, NodeServices
@@ -200,6 +201,15 @@ def test_suspend_moves_gpu_state_out_and_back_and_no_image_is_taken_meanwhile(ha
     assert h.sup.checkpoint(Trigger.PERIODIC) is not None
 
 
+def test_only_a_periodic_commit_is_placed_on_spare_cpus(harness):
+    h = harness()
+    h.sup.start()
+    assert h.sup.checkpoint(Trigger.PERIODIC) is not None
+    assert h.sup.checkpoint(Trigger.MANUAL) is not None
+    cpus = h.checkpointer.commit_cpus
+    assert len(cpus) == 2 and cpus[0] and cpus[0] <= os.sched_getaffinity(0) and cpus[1] is None
+
+
 # ---------------------------------------------------------------- checkpoints that fail
 
 def test_a_failed_dump_leaves_the_job_running(harness):
@@ -266,3 +276,108 @@ def test_checkpoints_of_one_job_are_serialised(harness):
     first.join(5)
     second.join(5)
     assert order == ["start", "end", "start", "end"]
+
+
+# ---------------------------------------------------------------- srun steps: dump order
+
+class FakeJobSteps:
+    """One running step whose real `srun` is `srun_argv` (a real process: its exit is waited on)."""
+
+    def __init__(self, order: list, srun_argv: list[str]) -> None:
+        self.order, self.stopping, self.dumped_tasks, self.held = order, False, 0, []
+        self.procs = [subprocess.Popen(srun_argv)]
+
+    def active(self) -> bool:
+        return True
+
+    def unsettled(self) -> None:
+        return None
+
+    def sruns(self) -> list:
+        return self.procs
+
+    def task_output_fds(self) -> list[int]:
+        return []
+
+    def task_pids(self) -> list[int]:
+        return []
+
+    def dump(self, staging, leave_running=False, leave_stopped=False) -> dict:
+        self.order.append(("steps", "left stopped" if leave_stopped else "ended"))
+        self.dumped_tasks = 1
+        return {"0123456789abcdef": {"ranks": [0]}}
+
+    def resume(self) -> None:
+        self.order.append("resume")
+
+    def unpack(self, staging, meta) -> None:
+        self.order.append("unpack")
+
+    def discard_unpacked(self) -> None:
+        pass
+
+    def restored(self, tree, meta) -> None:
+        self.order.append(("restored", self.stopping))
+
+    def cleanup(self) -> None:
+        pass
+
+
+def with_step(h: Harness, srun_argv: list[str]) -> list:
+    order: list = []
+    h.sup.steps.jobsteps = FakeJobSteps(order, srun_argv)
+    original = h.checkpointer.dump
+
+    def dump(pid, staging, *, leave_running, files=None, deadline=None, leave_stopped=False):
+        order.append(("batch", "left running" if leave_running else "ended"))
+        return original(pid, staging, leave_running=leave_running, files=files)
+
+    h.checkpointer.dump = dump
+    return order
+
+
+def test_a_stopping_image_dumps_the_step_tasks_first_and_the_batch_tree_once_srun_has_exited(harness):
+    h = harness()
+    h.sup.start()
+    order = with_step(h, ["true"])
+    image = h.sup.checkpoint(Trigger.DRAIN)
+    assert image is not None and order == [("steps", "ended"), ("batch", "ended")]
+    assert h.sup.steps.jobsteps.procs[0].poll() == 0  # srun had exited before the batch dump
+    assert h.checkpointer.calls[-1] == ("commit", "drain")
+    wait_for(lambda: h.slurm.requeues == [("77", False)])
+
+
+def test_a_stopping_image_whose_srun_does_not_exit_requeues_instead_of_writing_a_torn_image(harness, monkeypatch):
+    monkeypatch.setattr(steps_mod, "DRAIN_SECONDS", 0.2)
+    h = harness()
+    h.sup.start()
+    order = with_step(h, ["sleep", "30"])
+    assert h.sup.checkpoint(Trigger.DRAIN) is None
+    assert order == [("steps", "ended")]  # no batch image without the step's last output
+    assert h.sup.steps.jobsteps.procs[0].wait(5) == -signal.SIGKILL
+    assert "did not exit within 0.2 s" in h.told() and "requeueing the job to rerun from" in h.told()
+    assert h.sup.record.state == JobState.REQUEUED
+    wait_for(lambda: h.slurm.requeues == [("77", False)])
+
+
+def test_a_periodic_image_keeps_the_step_tasks_stopped_across_the_batch_tree_s_dump(harness):
+    h = harness()
+    h.sup.start()
+    order = with_step(h, ["sleep", "30"])
+    try:
+        assert h.sup.checkpoint(Trigger.PERIODIC) is not None
+    finally:
+        h.sup.steps.jobsteps.procs[0].kill()
+    assert order == [("steps", "left stopped"), ("batch", "left running"), "resume"]
+    assert h.sup.record.state == JobState.RUNNING
+
+
+def test_a_refused_commit_after_a_stopping_image_resumes_the_steps_here_too(harness):
+    h = harness()
+    h.sup.start()
+    order = with_step(h, ["true"])
+    h.checkpointer.fail["commit"] = StoreBusy("store full")
+    assert h.sup.checkpoint(Trigger.DRAIN) is None
+    assert order == [("steps", "ended"), ("batch", "ended"), "unpack", ("restored", False)]
+    assert "could not store the image (store full); the job resumed on this node" in h.told()
+    assert h.slurm.requeues == [] and h.sup.tree.name == "restored-in-place"

@@ -80,6 +80,7 @@ def handle_task_reattach(services: NodeServices, conn: socket.socket, pid: int, 
                 and isinstance(env, dict) and isinstance(cwd, str) and len(fds) == 3):
             raise PermissionDenied("step task reattach request is malformed")
         req = sup.req
+        task.stdio = list(fds)
         task.req = LaunchRequest(job=req.job, uid=req.uid, gid=req.gid, groups=req.groups, argv=argv, env=env,
                                  cwd=cwd, stdio=fds, cgroup_procs=step_cgroup_procs(pid), interval=0)
     except SlurmMMError as exc:

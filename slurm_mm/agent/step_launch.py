@@ -33,7 +33,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,13 +40,14 @@ from typing import Any
 from slurm_mm.agent import job_records, protocol
 from slurm_mm.agent.cgroups import step_cgroup_procs
 from slurm_mm.agent.job_record import ACTIVE, LaunchRequest
+from slurm_mm.agent.mpi import is_mpi_step
 from slurm_mm.agent.services import NodeServices, SupervisedJob
 from slurm_mm.checkpointer import ProcessTree, RestoreTarget
 from slurm_mm.engine.restore import RestoredTree
 from slurm_mm.config import agent_socket
 from slurm_mm.engine.proctree import tree_pids
 from slurm_mm.engine import filestate
-from slurm_mm.errors import FileStateRefused, PermissionDenied, SlurmMMError
+from slurm_mm.errors import CheckpointFailed, FileStateRefused, PermissionDenied, SlurmMMError
 from slurm_mm.store import Trigger
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class StepTask:
     rank: int
     tree: ProcessTree
     req: LaunchRequest | None = None  # what a dump records of the task's files comes from it
+    stdio: list[int] = field(default_factory=list)  # the task's fds from slurmstepd, until it ends
 
 
 @dataclass
@@ -82,6 +83,7 @@ class Step:
     proc: subprocess.Popen | None = None
     restoring: dict[int, Path] = field(default_factory=dict)  # rank -> image dir
     restored: set[int] = field(default_factory=set)
+    gpu: dict[int, dict[str, Any]] = field(default_factory=dict)  # rank -> GPU inventory of its image
 
     def meta(self) -> dict[str, Any]:
         return {"argv": self.argv, "env": self.env, "cwd": self.cwd, "standin_ns_pid": self.standin_ns_pid,
@@ -97,6 +99,8 @@ class JobSteps:
         self.steps: dict[str, Step] = {}
         self.stopping = False  # a stopping dump is ending the steps: their exits mean nothing
         self.unpacked: dict[str, dict[int, Path]] = {}  # token -> rank -> image, for a restore
+        self.dumped_tasks = 0  # task trees the last dump() went through
+        self.held: list[int] = []  # processes a leave-stopped dump left stopped, for resume()
 
     # -------------------------------------------------------- paths
 
@@ -121,10 +125,12 @@ class JobSteps:
         env["SLURM_MM_STEPS_SOCKET"] = str(agent_socket(self.services.config, self.services.node))
 
     def start_srun(self, argv: list[str], env: dict[str, str], cwd: str, fds: list[int], ns_pid: int,
-                   token: str | None = None, restoring: dict[int, Path] | None = None) -> Path:
-        """Run the real srun for the job; returns the exit file the stand-in waits on."""
+                   token: str | None = None, restoring: dict[int, Path] | None = None,
+                   gpu: dict[int, dict[str, Any]] | None = None) -> Path:
+        """Run the real srun for the job; returns the exit file the stand-in waits on.
+        `gpu`: per rank being restored, the GPU inventory its image was dumped with."""
         token = token or secrets.token_hex(8)
-        step = Step(token, argv, env, cwd, ns_pid, restoring=restoring or {})
+        step = Step(token, argv, env, cwd, ns_pid, restoring=restoring or {}, gpu=gpu or {})
         exit_file = self.exit_dir() / token
         self.exit_dir().mkdir(parents=True, exist_ok=True, mode=0o755)
         exit_file.unlink(missing_ok=True)
@@ -214,10 +220,12 @@ class JobSteps:
     def _wait_srun(self, step: Step, exit_file: Path) -> None:
         rc = step.proc.wait()
         code = rc if rc >= 0 else 128 - rc
-        with self.lock:
-            self.steps.pop(step.token, None)
+        with self.lock:  # a step relaunched in place after a refused commit has the same token
+            mine = self.steps.get(step.token) is step
+            if mine:
+                del self.steps[step.token]
         records = self._records()
-        if records is not None:
+        if records is not None and mine:
             records.remove_status(self.sup.job_id, srun_key(step.token))
         self.persist()
         for path in step.restoring.values():
@@ -264,7 +272,7 @@ class JobSteps:
         key = task_key(token, rank)
         if image is not None:
             try:
-                tree = checkpointer.restore(image, RestoreTarget.of(task_req), None,
+                tree = checkpointer.restore(image, RestoreTarget.of(task_req), step.gpu.get(rank),
                                             pin_root=checkpointer.pin_root(self.sup.job_id),
                                             **self._status_args(key))
             except SlurmMMError as exc:
@@ -276,7 +284,7 @@ class JobSteps:
                 self.sup.tell(f"file {line} (task {rank})")
         else:
             tree = checkpointer.launch(task_req, **self._status_args(key, launch=True))
-        task = StepTask(rank, tree, task_req)
+        task = StepTask(rank, tree, task_req, list(fds))
         with self.lock:
             step.ntasks = max(step.ntasks, ntasks)
             step.tasks[rank] = task
@@ -308,11 +316,15 @@ class JobSteps:
             with self.lock:
                 if step.tasks.get(rank) is task:
                     del step.tasks[rank]
+                task.stdio = []
+                stopping = self.stopping
             records = self._records()
             if records is not None:
                 records.remove_status(self.sup.job_id, task_key(step.token, rank))
             self.persist()
-            send({"op": "exit", "status": status})
+            # A stopping dump ended the task: its srun's exit is nobody's, and an error line
+            # from it would land in the job's output inside the batch tree's image.
+            send({"op": "exit", "status": 0 if stopping else status})
             for fd in fds:
                 os.close(fd)
 
@@ -360,29 +372,71 @@ class JobSteps:
         with self.lock:
             return bool(self.steps)
 
-    def dump(self, staging: Path, leave_running: bool) -> dict[str, Any]:
-        """Dump every step task into `staging` (after the batch tree); the manifest's record.
+    def task_pids(self) -> list[int]:
+        """Host PIDs of every running step task's tree (what a dump of them must fit)."""
+        with self.lock:
+            inits = [task.tree.init_pid for step in self.steps.values() for task in step.tasks.values()]
+        return [pid for init in inits for pid in tree_pids(init)]
+
+    def sruns(self) -> list[KeptSrun]:
+        """The real `srun` of each running step."""
+        with self.lock:
+            return [KeptSrun(s.proc, ["srun", *s.argv]) for s in self.steps.values() if s.proc is not None]
+
+    def task_output_fds(self) -> list[int]:
+        """stdout/stderr of every running task, as slurmstepd gave them (for their fill)."""
+        with self.lock:
+            return [fd for s in self.steps.values() for t in s.tasks.values() for fd in t.stdio[1:3]]
+
+    def resume(self) -> None:
+        """Let the tasks a leave-stopped dump left stopped run again."""
+        held, self.held = self.held, []
+        for pid in held:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+    def dump(self, staging: Path, leave_running: bool = False, leave_stopped: bool = False) -> dict[str, Any]:
+        """Dump every step task into `staging` (before the batch tree); the manifest's record.
+        Without `leave_running` or `leave_stopped` the dumps end the tasks; with
+        `leave_stopped` the tasks stay stopped until resume() (processes that were stopped
+        already stay so). `dumped_tasks` counts the trees done, also when one fails.
         Each task's files are captured with it as the batch tree's are (engine.filestate,
         at CRIU's post-dump action), pinned under the job's pin root as
-        `<image's dump>@<token>@<rank>`; `files` keeps each task's summary."""
+        `<image's dump>@<token>@<rank>`; `files` keeps each task's summary. A task's GPU
+        state goes through the same CUDA checkpoint as the batch tree's (checkpointer.dump);
+        `gpu` keeps, per rank that had any, the inventory its restore must be given."""
         with self.lock:
             steps = [(s, dict(s.tasks)) for s in self.steps.values()]
         checkpointer, record = self.services.checkpointer, {}
+        self.dumped_tasks = 0
         for step, tasks in steps:
             meta = {**step.meta(), "ranks": sorted(tasks), "files": {}}  # a stopping dump ends the tasks
             for rank, task in sorted(tasks.items()):
-                scratch = checkpointer.staging(self.sup.job_id, f"step-{step.token}-{rank}-{int(time.time() * 1000)}")
+                # Beside the image's staging (a GPU job's is on tmpfs): its files move there by rename.
+                scratch = checkpointer.staging_beside(staging, f"{staging.name}@step-{step.token}-{rank}")
                 req = task.req or self.sup.req
                 files = checkpointer.file_spec(self.sup.job_id, req.owner, env=req.env, script=req.argv[0],
                                                pin_name=f"{staging.name}@{step.token}@{rank}")
                 try:
-                    dumped = checkpointer.dump(task.tree.init_pid, scratch, leave_running=leave_running, files=files)
+                    before = _stopped(tree_pids(task.tree.init_pid)) if leave_stopped else set()
+                    dumped = checkpointer.dump(task.tree.init_pid, scratch, leave_running=leave_running,
+                                               leave_stopped=leave_stopped, files=files)
+                    self.dumped_tasks += 1
+                    if leave_stopped:
+                        self.held += [p for p in tree_pids(task.tree.init_pid) if p not in before]
                     for path in scratch.iterdir():
-                        os.rename(path, staging / f"{FILE_PREFIX}{step.token}@{rank}@{path.name}")
+                        try:
+                            os.rename(path, staging / f"{FILE_PREFIX}{step.token}@{rank}@{path.name}")
+                        except OSError as exc:
+                            raise CheckpointFailed(f"task {rank}'s image cannot join the job's: {exc}") from None
                 finally:
                     shutil.rmtree(scratch, ignore_errors=True)
                 summary = dumped.extra.get("files", {})
                 meta["files"][str(rank)] = summary
+                if dumped.gpu_inventory:
+                    meta.setdefault("gpu", {})[str(rank)] = dumped.gpu_inventory
                 for note in summary.get("notes", []):
                     self.sup.tell(f"task {rank} of step `srun {' '.join(step.argv)[:60]}`: {note}")
             record[step.token] = meta
@@ -406,7 +460,7 @@ class JobSteps:
             images: dict[int, Path] = {}
             self.unpacked[str(token)] = images
             for rank in meta.get("ranks", []):
-                kept = checkpointer.staging(self.sup.job_id, f"restore-step-{token}-{int(rank)}")
+                kept = checkpointer.staging_beside(staging, f"{staging.name}@step-{token}-{int(rank)}")
                 images[int(rank)] = kept
                 prefix = f"{FILE_PREFIX}{token}@{int(rank)}@"
                 for path in staging.iterdir():
@@ -442,7 +496,7 @@ class JobSteps:
             try:
                 self.start_srun(list(meta["argv"]), dict(meta["env"]), str(meta["cwd"]),
                                 fds or self.sup.req.stdio, int(meta.get("standin_ns_pid", 0)),
-                                token=str(token), restoring=images)
+                                token=str(token), restoring=images, gpu=_rank_gpu(meta))
             except (SlurmMMError, KeyError, TypeError, ValueError) as exc:
                 for path in images.values():
                     shutil.rmtree(path, ignore_errors=True)
@@ -456,6 +510,23 @@ class JobSteps:
 
     def cleanup(self) -> None:
         shutil.rmtree(self.exit_dir(), ignore_errors=True)
+
+
+def steps_gpu_inventory(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The GPU inventory of a step task in a dump's step record (None: no task had GPU
+    state): the image's manifest records it when the batch tree itself has none."""
+    for meta in record.values():
+        for inventory in (meta.get("gpu") or {}).values() if isinstance(meta, dict) else ():
+            if isinstance(inventory, dict):
+                return inventory
+    return None
+
+
+def _rank_gpu(meta: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    gpu = meta.get("gpu")
+    if not isinstance(gpu, dict):
+        return {}
+    return {int(rank): inv for rank, inv in gpu.items() if str(rank).isdigit() and isinstance(inv, dict)}
 
 
 # ---------------------------------------------------------------- agent entry points
@@ -476,6 +547,9 @@ def handle_srun(services: NodeServices, conn: socket.socket, pid: int, uid: int,
             and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
             and isinstance(cwd, str) and len(fds) == 3):
         protocol.send(conn, {"op": "error", "message": "malformed srun request"})
+        return
+    if is_mpi_step(argv, env):  # Slurm starts MPI ranks itself; the job is refused checkpoints meanwhile
+        protocol.send(conn, {"op": "unprotected"})
         return
     exit_file = sup.steps.jobsteps.start_srun(argv, env, cwd, fds, _ns_pid(pid))
     protocol.send(conn, {"op": "srun-started", "exit_file": str(exit_file)})
@@ -510,6 +584,44 @@ def handle_task_start(services: NodeServices, conn: socket.socket, pid: int, uid
 
 # ---------------------------------------------------------------- helpers
 
+class KeptSrun:
+    """A step's real srun as a Popen would show it: it runs under its keeper
+    (slurm_mm/srun_keeper.py), whose end is srun's end; `pid` is srun's own."""
+
+    def __init__(self, keeper: Any, args: list[str]) -> None:
+        self.keeper, self.args = keeper, args
+
+    @property
+    def pid(self) -> int:
+        keeper = self.keeper.pid
+        try:
+            with open(f"/proc/{keeper}/task/{keeper}/children", encoding="ascii") as f:
+                children = f.read().split()
+        except OSError:
+            children = []
+        return int(children[0]) if children else keeper
+
+    def poll(self) -> int | None:
+        return self.keeper.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        try:
+            return self.keeper.wait(timeout)
+        except TimeoutError:  # an adopted keeper's
+            raise subprocess.TimeoutExpired(self.args, timeout) from None
+
+    def kill(self) -> None:
+        """srun itself (its keeper then records 137), or the keeper when srun is gone."""
+        pid = self.pid
+        try:
+            if pid == self.keeper.pid:
+                self.keeper.kill()
+            else:
+                os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def srun_key(token: str) -> str:
     """The status file key of a step's srun keeper."""
     return f"srun-{token}"
@@ -518,6 +630,19 @@ def srun_key(token: str) -> str:
 def task_key(token: str, rank: int) -> str:
     """The status file key of a step task's tree."""
     return f"step-{token}-{int(rank)}"
+
+
+def _stopped(pids: list[int]) -> set[int]:
+    """Those of `pids` in a stopped state (T) now: a resume must not wake them."""
+    found = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                    found.add(pid)
+        except (OSError, IndexError):
+            pass
+    return found
 
 
 def _ns_pid(pid: int) -> int:

@@ -3,9 +3,10 @@
 An image holds the job's batch tree on its batch host and nothing else. Work outside
 that tree would be lost by a restore without anyone noticing:
 - a job allocated more than one node (its tasks on the other nodes are not in the image);
-- an `srun` step: the batch tree holds only the `srun` client, the step's tasks run under
-  their own slurmstepd. A restored client finds its step gone and may exit 0, which
-  turns lost work into a COMPLETED job.
+- MPI (agent/mpi.py): ranks hold links to their process manager and to each other;
+- an `srun` step not run through slurm_mm's stand-in: the batch tree holds only the
+  `srun` client, the step's tasks run under their own slurmstepd. A restored client
+  finds its step gone and may exit 0, which turns lost work into a COMPLETED job.
 Such a checkpoint is refused with one line in the job's stderr (and in `slurm-mm
 status`). A stopping trigger (preemption, drain, requeue) then requeues the job without
 an image: it reruns from its last whole image, or from the start, as Slurm would rerun it.
@@ -25,15 +26,20 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
+from slurm_mm.agent import dump_deadline, step_drain
 from slurm_mm.agent.job_record import REQUEUED_EXIT, JobState
+from slurm_mm.agent.mpi import REFUSAL_PREFIX as MPI_REFUSAL, mpi_processes, mpi_reason
 from slurm_mm.agent.services import SupervisedJob
 from slurm_mm.agent.step_launch import JobSteps
 from slurm_mm.engine.proctree import tree_pids
-from slurm_mm.errors import SlurmMMError
+from slurm_mm.errors import CheckpointFailed, SlurmMMError
 from slurm_mm.slurm.version import slurm_requeues_preempted_job_on_exit
 from slurm_mm.store import Trigger
+
+if TYPE_CHECKING:
+    from slurm_mm.checkpointer import Dumped
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +47,8 @@ STEP_CLIENTS = frozenset({"srun"})
 STOPPING_SETTLE_SECONDS = 5.0
 # A notice comes from the watcher's poll (every poll interval) or a relayed signal (< 1 s).
 NOTICE_SLACK_SECONDS = 1.5
+DRAIN_SECONDS = 5.0  # a stopping dump's wait for each step's srun to write out and exit
+QUIET_SECONDS = 3.0  # a periodic dump's wait for stopped tasks' output to land
 
 
 # ---------------------------------------------------------------- what cannot be captured
@@ -158,7 +166,11 @@ class StepGuard:
         if self.job_reason:
             return self.job_reason
         tree = self.sup.tree
-        clients = step_clients(tree_pids(tree.init_pid)) if tree is not None else []
+        pids = tree_pids(tree.init_pid) if tree is not None else []
+        mpi = mpi_processes([*pids, *self.jobsteps.task_pids()])
+        if mpi:
+            return mpi_reason(mpi)
+        clients = step_clients(pids)
         if clients:
             return steps_reason(clients)
         deadline = time.monotonic() + (STOPPING_SETTLE_SECONDS if stopping else 0)
@@ -168,26 +180,65 @@ class StepGuard:
                 return None if unsettled is None else f"not checkpointed now: {unsettled}"
             time.sleep(0.2)
 
-    def holds_steps(self) -> bool:
-        return self.jobsteps.active()
-
-    def dump_steps(self, staging, stopping: bool) -> dict:
-        """After the batch tree (dumped leaving it running): each step task. For a stopping
-        checkpoint the steps end with their dump, then the batch tree is ended."""
-        if not self.jobsteps.active():
-            return {}
-        self.jobsteps.stopping = stopping
+    def dump(self, staging, trigger: str, stopping: bool, deadline: float | None,
+             dump_batch: Callable[[bool], Dumped]) -> Dumped:
+        """The step tasks, then the batch tree (`dump_batch(leave_running)`), into one image
+        in which every byte a task's image counts as written is on the batch tree's side
+        too (agent/step_drain.py). Stopping: the tasks' dumps end them, their `srun`s
+        write out what the tasks wrote and exit, then the batch tree is dumped and ends.
+        Periodic: the tasks stay stopped until the batch tree's dump is done."""
+        jobsteps = self.jobsteps
+        if not jobsteps.active():
+            dumped = dump_batch(not stopping)
+            dumped.extra["steps"] = {}
+            return dumped
+        if stopping:
+            return self._dump_stopping(staging, trigger, deadline, dump_batch)
         try:
-            record = self.jobsteps.dump(staging, leave_running=not stopping)
-        except BaseException:
-            self.jobsteps.stopping = False
+            record = jobsteps.dump(staging, leave_stopped=True)
+            moving = step_drain.in_flight(jobsteps.task_output_fds(), [p.pid for p in jobsteps.sruns()],
+                                          QUIET_SECONDS)
+            if moving:
+                raise CheckpointFailed(f"the steps' output did not settle within {QUIET_SECONDS:.0f} s "
+                                       f"of their tasks' dump ({moving})")
+            dumped = dump_batch(True)
+        finally:
+            jobsteps.resume()
+        dumped.extra["steps"] = record
+        return dumped
+
+    def _dump_stopping(self, staging, trigger: str, deadline: float | None,
+                       dump_batch: Callable[[bool], Dumped]) -> Dumped:
+        jobsteps = self.jobsteps
+        sruns = jobsteps.sruns()
+        jobsteps.stopping = True
+        try:
+            record = jobsteps.dump(staging)
+        except SlurmMMError as exc:
+            if jobsteps.dumped_tasks:
+                self.refuse(trigger, True, f"a step task's dump failed after {jobsteps.dumped_tasks} "
+                            f"task(s) of the job's steps were dumped and ended ({exc})")
+            else:
+                jobsteps.stopping = False  # nothing ended: the job runs on as after any failed dump
             raise
-        if stopping and self.sup.tree is not None:
-            try:
-                os.kill(self.sup.tree.init_pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        return record
+        wait = DRAIN_SECONDS if deadline is None else min(
+            DRAIN_SECONDS, max(1.0, deadline - time.time() - dump_deadline.FLOOR))
+        late = step_drain.unfinished(sruns, wait)
+        if late:
+            for proc in late:
+                proc.kill()
+            reason = (f"srun {' '.join(map(str, late[0].args[1:]))[:60]} did not exit within {wait:.1f} s of "
+                      "its tasks' dump, so their last output may not have reached the job script")
+            self.refuse(trigger, True, reason)
+            raise CheckpointFailed(reason)
+        try:
+            dumped = dump_batch(False)
+        except SlurmMMError as exc:
+            self.refuse(trigger, True, f"the batch tree's dump failed after its steps' tasks were dumped "
+                        f"and ended ({exc})")
+            raise
+        dumped.extra["steps"] = record
+        return dumped
 
     def unpack(self, staging, extra) -> None:
         """Before the batch tree's restore: the step tasks' images set aside and their files
@@ -200,7 +251,9 @@ class StepGuard:
         self.jobsteps.discard_unpacked()
 
     def restored(self, tree, extra) -> None:
-        """The batch tree is back: bring back the steps it waits on."""
+        """The batch tree is back (also here, after a refused commit): bring back the
+        steps it waits on."""
+        self.jobsteps.stopping = False
         steps_meta = extra.get("steps") if isinstance(extra, dict) else None
         if steps_meta:
             self.jobsteps.restored(tree, steps_meta)
@@ -213,7 +266,9 @@ class StepGuard:
         if not stopping:
             if reason == self.job_reason:
                 return  # told at start
-            self._tell_once(reason + "; periodic checkpoints resume once no step runs")
+            if not reason.startswith(MPI_REFUSAL):
+                reason += "; periodic checkpoints resume once no step runs"
+            self._tell_once(reason)
             return
         last = sup.record.last_image.get("name") or _stored_latest(sup)
         where = f"its last whole image {last}" if last else "the beginning (no whole image exists)"

@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from slurm_mm.agent import dump_deadline, enrollment, job_comment, job_records, metrics, protocol, quota
+from slurm_mm.agent import commit_cpus, dump_deadline, enrollment, job_comment, job_records, metrics, protocol, quota
 from slurm_mm.agent.job_record import REQUEUED_EXIT, CheckpointProgress, JobRecord, JobState, LaunchRequest
 from slurm_mm.agent.preemption import PreemptNotice
 from slurm_mm.agent.services import NodeServices
+from slurm_mm.agent.step_launch import steps_gpu_inventory
 from slurm_mm.agent.steps import StepGuard
 from slurm_mm.checkpointer import ProcessTree, RestoreTarget
 from slurm_mm.config import RESTORE_POLICIES
@@ -234,7 +235,10 @@ class JobSupervisor:
 
     def _periodic(self) -> None:
         while not self.stopped.wait(self.req.interval):
-            self.checkpoint(Trigger.PERIODIC)
+            try:
+                self.checkpoint(Trigger.PERIODIC)
+            except Exception:  # noqa: BLE001 - one failed image must not end the job's periodic ones
+                log.exception("job %s: periodic checkpoint failed", self.job_id)
 
     def on_signal(self, signum: int) -> None:
         """A signal Slurm sent the batch task, relayed by slurm-mm-run: a preemption notice
@@ -286,7 +290,8 @@ class JobSupervisor:
             try:
                 quota.check(self.services.config, self.checkpointer.store, self.job_id, self.req.uid)
                 staging, mode = self.checkpointer.dump_staging(
-                    self.job_id, f"dump-{int(time.time() * 1000)}", tree_pids(self.tree.init_pid))
+                    self.job_id, f"dump-{int(time.time() * 1000)}",
+                    tree_pids(self.tree.init_pid) + self.steps.jobsteps.task_pids())
                 self.record.progress.mode = mode
                 image = self._dump_and_commit(staging, trigger, stopping)
             except SlurmMMError as exc:
@@ -336,28 +341,45 @@ class JobSupervisor:
         files = self.checkpointer.file_spec(self.job_id, self.req.owner, env=self.req.env,
                                             script=self.req.argv[0], pin_name=staging.name)
         deadline = dump_deadline.grace_end(self.services.slurm, self.job_id) if trigger == Trigger.PREEMPT else None
-        dumped = self.checkpointer.dump(self.tree.init_pid, staging, deadline=deadline,
-                                        leave_running=not stopping or self.steps.holds_steps(), files=files)
+        tree = self.tree
+        dumped = self.steps.dump(staging, trigger, stopping, deadline, lambda leave_running: self.checkpointer.dump(
+            tree.init_pid, staging, deadline=deadline, leave_running=leave_running, files=files))
         for note in dumped.extra.get("files", {}).get("notes", []):
             self.tell(note)
-        dumped.extra["steps"] = self.steps.dump_steps(staging, stopping)
+        dumped.gpu_inventory = dumped.gpu_inventory or steps_gpu_inventory(dumped.extra["steps"])
         try:
             self.record.progress.phase = "writing"
             return self.checkpointer.commit(self.job_id, dumped, epoch=self.epoch, owner=self.req.owner,
-                                            trigger=trigger, progress=self._progress)
+                                            trigger=trigger, progress=self._progress,
+                                            cpus=self._background_cpus(trigger))
         except SlurmMMError as exc:
             if stopping:  # the dump ended the tree: bring it back from the local image
-                self._restore_in_place(staging, dumped.gpu_inventory, exc)
+                self._restore_in_place(staging, dumped.gpu_inventory, exc, dumped.extra)
             raise
 
-    def _restore_in_place(self, staging: Path, gpu: dict[str, Any] | None, cause: SlurmMMError) -> None:
-        """Nothing lost when the store refuses an image: the job resumes here from it, once
-        the dumped tree is gone (never two copies of the job at once)."""
+    def _background_cpus(self, trigger: Trigger) -> frozenset[int] | None:
+        """Where a periodic commit runs: off the CPUs of the node's jobs (commit_cpus.py)."""
+        if trigger != Trigger.PERIODIC or self.services.config.commit_cpus != "spare":
+            return None
+        pids = [tree.init_pid for _, sup in self.services.jobs.items()
+                if (tree := getattr(sup, "tree", None)) is not None]
+        return commit_cpus.spare_cpus(pids)
+
+    def _restore_in_place(self, staging: Path, gpu: dict[str, Any] | None, cause: SlurmMMError,
+                          extra: dict[str, Any]) -> None:
+        """Nothing lost when the store refuses an image: the job resumes here from it, its
+        steps too, once the dumped tree is gone (never two copies of the job at once)."""
         try:
             if not self.stopped.wait(OLD_TREE_GONE_SECONDS):
                 raise RestoreFailed(f"the dumped tree is still there after {OLD_TREE_GONE_SECONDS:.0f} s")
-            self.tree = self.checkpointer.restore(staging, RestoreTarget.of(self.req), gpu,
-                                                  pin_root=self.pin_root(), job_id=self.job_id)
+            self.steps.unpack(staging, extra)
+            try:
+                self.tree = self.checkpointer.restore(staging, RestoreTarget.of(self.req), gpu,
+                                                      pin_root=self.pin_root(), job_id=self.job_id)
+            except SlurmMMError:
+                self.steps.discard_unpacked()
+                raise
+            self.steps.restored(self.tree, extra)
         except SlurmMMError as exc:
             self.tell(f"could not store the image ({cause}) nor resume the job here ({exc}); "
                       "requeueing it to resume from its last stored image")

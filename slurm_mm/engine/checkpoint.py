@@ -173,6 +173,7 @@ def checkpoint_tree(
     extra_criu_args: Sequence[str] = (),
     timeout: float | None = None,
     files: filestate.CaptureSpec | None = None,
+    leave_stopped: bool = False,
 ) -> CheckpointResult:
     """Checkpoint the tree whose namespace init has host PID `init_pid` into `images_dir`.
 
@@ -182,7 +183,9 @@ def checkpoint_tree(
     (dump.log unless `log_path`) and engine.json (what restore_tree needs) into
     `images_dir`, which is created (0700) if missing. `files`: record the tree's files
     with the image (filestate.capture, run while CRIU holds the tree frozen); its
-    init_pid and images_dir are filled in here.
+    init_pid and images_dir are filled in here. `leave_stopped` (without `leave_running`):
+    CRIU leaves the tree SIGSTOPped for the caller to resume; a tree with GPU state is
+    left running instead (its GPU resume would hang on a stopped process).
     Raises CheckpointFailed, the job still running.
     """
     criu = criu or Criu()
@@ -217,7 +220,10 @@ def checkpoint_tree(
                                                 "images_dir": str(images_dir)})
                 action = filestate.post_dump_script(Path(work), spec)
                 ghost_limit = max(files.budget, 1 << 20)
-            stats = criu.dump(init_pid, images_dir, leave_running=leave_running, log_path=log_path,
+            if leave_stopped and gpu_pids:
+                leave_running = True
+            stats = criu.dump(init_pid, images_dir, leave_running=leave_running,
+                              leave_stopped=leave_stopped, log_path=log_path,
                               mount_ns=mount_ns, external_files=sorted(external),
                               action_script=action, ghost_limit=ghost_limit,
                               extra_args=extra_criu_args, timeout=timeout)

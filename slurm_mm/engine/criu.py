@@ -211,6 +211,7 @@ class Criu:
         images_dir: str | os.PathLike,
         *,
         leave_running: bool,
+        leave_stopped: bool = False,
         log_path: str | os.PathLike | None = None,
         mount_ns: bool = False,
         external_files: Sequence[str] = (),
@@ -221,7 +222,8 @@ class Criu:
     ) -> DumpStats:
         """Dump the tree rooted at `pid` into `images_dir` (which must exist).
 
-        Without `leave_running` CRIU kills the tree once its image is written. On failure
+        Without `leave_running` CRIU kills the tree once its image is written;
+        `leave_stopped` leaves it SIGSTOPped instead (the caller resumes it). On failure
         CheckpointFailed carries CRIU's log excerpt; CRIU then lets the tree run on.
         `mount_ns`: the tree has its own mount namespace; `external_files`: keys
         (external_file_key) of files open in the tree that live outside it.
@@ -235,6 +237,8 @@ class Criu:
                 "--log-file", str(log_path), "-v4", *COMMON_FLAGS]
         if leave_running:
             args.append("--leave-running")
+        elif leave_stopped:
+            args.append("--leave-stopped")
         if mount_ns:
             args.extend(MNTNS_DUMP_FLAGS)
         for key in external_files:

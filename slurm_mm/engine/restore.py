@@ -268,6 +268,11 @@ def restore_tree(
     meta: dict[str, Any] = {}
     if any(fd is not None for fd in fds.values()) or gpu is not None or (images_dir / METADATA).exists():
         meta = read_metadata(images_dir)
+    gpu_ns = [int(p) for p in meta.get("gpu_ns_pids", []) if isinstance(p, int)]
+    if gpu is None and gpu_ns:
+        # Restored without the driver's restore, they would stay locked: hung, not failed.
+        raise RestoreFailed(f"the image holds the GPU state of {len(gpu_ns)} process(es) but was restored "
+                            "without a GPU checkpointer: refused before anything of it runs")
     opened: list[int] = []
 
     def devnull() -> int:
@@ -285,7 +290,6 @@ def restore_tree(
     tree = RestoredTree(init_pid=root, ns_pids=proctree.ns_pid_map(root), gpu_pids=[], keeper=keeper)
     tree.timings["restore"] = time.monotonic() - started
 
-    gpu_ns = [int(p) for p in meta.get("gpu_ns_pids", []) if isinstance(p, int)]
     if gpu is not None and gpu_ns:
         t = time.monotonic()
         missing = [p for p in gpu_ns if p not in tree.ns_pids]

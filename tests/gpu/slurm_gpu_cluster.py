@@ -75,8 +75,8 @@ def start(c, preempt_mode: str = "requeue", *, grace: int = 90, cpus: int = 4) -
     if tc.read_pid(c.pid_file("slurmctld")):
         raise RuntimeError(f"a test cluster is already running in {c.state}; stop it first")
     tc.ensure_user()
-    if Path("/usr/include/slurm/spank.h").exists():
-        tc.build_spank()  # on the GPU machine the plugin comes prebuilt (no Slurm headers)
+    tc.check_installed()  # the cluster runs the installed plugin (run_under_slurm.sh, install-deps.sh)
+    tc.clean_run_dir(c)
     write_configs(c, preempt_mode, gpu=has_gpu(), grace=grace, cpus=cpus)
     if cgroup_mode() == "v2":
         # Where systemd would put Slurm's scopes; without systemd nobody else makes it.

@@ -10,6 +10,10 @@ outside Slurm at the same time (the reference):
   scancel   job C is checkpointed and requeued by its owner (`slurm-mm checkpoint
             --requeue`), restored, then scancel'ed: Slurm says CANCELLED, its
             processes and their GPU memory are gone;
+  steps     job D's script runs the training as an `srun` step (`srun python train_job.py`):
+            its step task's GPU memory is in its periodic images, it is preempted to
+            another node and its step restored there, and it ends with the reference's
+            weights;
   suspend   (cluster restarted with PreemptMode=SUSPEND,GANG) job B is suspended by a
             high job: its GPU memory is released while it is suspended (nvidia-smi),
             it makes no progress, and after the resume it ends with the reference's weights.
@@ -17,7 +21,7 @@ Every observation, timing and verdict goes to OUT/report.json; the exit status i
 if every check passed. Without a GPU (dry run on the CPU machine) the same flow runs
 with the plain-Python workload and the GPU checks are reported as skipped.
 
-    slurm_gpu_scenario.py --out DIR [--python PY] [--steps N] [--phases requeue,suspend]
+    slurm_gpu_scenario.py --out DIR [--python PY] [--steps N] [--phases requeue,steps,suspend]
 """
 
 from __future__ import annotations
@@ -159,7 +163,9 @@ def image_facts(c, job: str, watch: ImageWatch) -> list[dict]:
             "image_bytes": m.extra.get("image_bytes"), "stored_bytes": m.stored_size,
             "durable_after_s": round(seen - start, 2) if seen else None,
             "commit_s": round(seen - m.created, 2) if seen else None,
-            "gpu": bool(m.gpu)})
+            "gpu": bool(m.gpu),
+            "step_gpu_ranks": {token[:6]: sorted((meta.get("gpu") or {}))
+                               for token, meta in (m.extra.get("steps") or {}).items()}})
     return facts
 
 
@@ -204,8 +210,10 @@ class Scenario:
         path = os.environ.get("LD_LIBRARY_PATH", "")
         return f"export LD_LIBRARY_PATH='{path}'\n" if path and "'" not in path else ""
 
-    def submit(self, name: str, ballast: float, interval: str, partition: str = "low") -> str:
+    def submit(self, name: str, ballast: float, interval: str, partition: str = "low", srun: bool = False) -> str:
         script = f"#!/bin/bash\n{self.preamble()}exec {self.command(name, ballast)}\n"
+        if srun:  # the usual GPU batch script: the training is a step, the script waits on it
+            script = f"#!/bin/bash\n{self.preamble()}srun {self.command(name, ballast)}\necho \"step exit $?\"\n"
         opts = ["-p", partition, "-J", name, "-o", str(self.dir / f"{name}.out"),
                 f"--checkpoint-interval={interval}"]
         if self.gpu:
@@ -378,6 +386,62 @@ class Scenario:
         r.note("observations", "A_out_tail", self.tail("A", 25))
         r.note("observations", "C_out_tail", self.tail("C", 15))
 
+    def phase_steps(self, reference_proc: subprocess.Popen) -> None:
+        """Job D: `srun python train_job.py` in a plain bash script, periodic images that hold
+        the step task's GPU state, REQUEUE preemption to another node, same final weights."""
+        c, r, a = self.c, self.report, self.args
+        if not tc.read_pid(c.pid_file("slurmctld")):
+            gc.start(c, "requeue", grace=a.grace, cpus=a.cpus)
+        if self.watch is None:
+            self.watch = ImageWatch(c.checkpoint_root)
+            self.watch.start()
+        job_d = self.submit("D", a.ballast_a, a.interval, srun=True)
+        node_d = tc.wait_job(c, job_d, {"RUNNING"}, 60)["BatchHost"]
+        self.wait_progress_after("D", 0, 120)
+        tc.wait_for(lambda: any(f["step_gpu_ranks"] for f in self.images(job_d)), 150,
+                    "D's first periodic image with its step")
+        first = next(f for f in self.images(job_d) if f["step_gpu_ranks"])
+        gpu_in_image = first["gpu"] and all(first["step_gpu_ranks"].values()) if self.gpu else None
+        r.check("D_step_gpu_state_in_periodic_image", gpu_in_image,
+                first if self.gpu else f"no GPU here: {first}")
+        r.note("observations", "gpu_D_running", gpu_snapshot())
+        t_preempt = time.time()
+        urgent = self.urgent(node_d, a.urgent_seconds, gres=True)
+        tc.wait_for(lambda: any(f["trigger"] == "preempt" for f in self.images(job_d)),
+                    a.grace + 60, "D's preemption image")
+        pre = [f for f in self.images(job_d) if f["trigger"] == "preempt"][-1]
+        r.check("D_preempt_checkpoint_with_step", bool(pre["step_gpu_ranks"]) and (pre["gpu"] or not self.gpu), pre)
+        info = self.wait_restarts(job_d, 1, a.grace + 120)
+        t_start2 = slurm_time(info.get("StartTime"))
+        moved = info.get("BatchHost") != node_d
+        first_after = self.wait_progress_after("D", t_start2 or t_preempt, 180)
+        restored = agent_events(c, f"job {job_d}: (restored from|restored task|relaunched step)")
+        r.check("D_requeued_to_another_node_and_step_restored",
+                moved and any("restored task" in e[1] for e in restored),
+                {"node": f"{info.get('BatchHost')} (was {node_d})", "events": [e[1] for e in restored][-4:]})
+        r.note("timings", "D_restore", {
+            "node_before": node_d, "node_after": info.get("BatchHost"),
+            "urgent_submitted_to_D_running_again_s": round((t_start2 or 0) - t_preempt, 1),
+            "slurm_start_to_first_progress_s": round(first_after[0] - t_start2, 2) if t_start2 else None,
+            "first_step_after_restore": first_after[1]})
+        r.note("observations", "gpu_D_restored", gpu_snapshot())
+        tc.wait_job(c, urgent, {"COMPLETED", "CANCELLED", "FAILED"}, a.urgent_seconds + 60)
+        tc.wait_for(lambda: self.poll_images(job_d) and tc.job_info(c, job_d).get("JobState") in
+                    ("COMPLETED", "FAILED", "CANCELLED"), a.steps * (a.sleep + 0.05) + 300, "D to end", interval=1)
+        end_d = tc.job_info(c, job_d)
+        r.check("D_completed", end_d["JobState"] == "COMPLETED" and "step exit 0" in "\n".join(self.tail("D", 5)),
+                f"{end_d['JobState']} exit {end_d.get('ExitCode')} restarts {end_d.get('Restarts')}, "
+                f"tail {self.tail('D', 2)}")
+        reference_proc.wait(timeout=max(10, a.steps * (a.sleep + 0.05)))
+        self.same_as_reference("D", self.result("ref"))
+        self.steps_continuous("D")
+        r.note("observations", "D_out_tail", self.tail("D", 15))
+        # Not a check yet (a known file-state defect, docs/gpu-validation.md run 22): images
+        # of the restored run, and why the agent says any failed.
+        r.note("observations", "D_images_after_restore", {
+            "images": [f["image"] for f in self.known.get(job_d, {}).values() if f["epoch"] >= 1],
+            "failed": [e[1][-220:] for e in agent_events(c, f"job {job_d}: periodic checkpoint failed")][:3]})
+
     def phase_suspend(self, reference_proc: subprocess.Popen) -> None:
         c, r, a = self.c, self.report, self.args
         gc.stop(c)
@@ -473,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ballast-a", type=float, default=1.0)
     p.add_argument("--ballast-b", type=float, default=6.0)
     p.add_argument("--ballast-c", type=float, default=0.25)
-    p.add_argument("--phases", default="requeue,suspend")
+    p.add_argument("--phases", default="requeue,steps,suspend")
     p.add_argument("--cpus", type=int, default=4, help="CPUs of each node")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -492,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
         reference = s.start_reference()
         if "requeue" in phases:
             s.phase_requeue(reference)
+        if "steps" in phases:
+            s.phase_steps(reference)
         if "suspend" in phases:
             s.phase_suspend(reference)
     except (TimeoutError, RuntimeError, subprocess.CalledProcessError, OSError) as exc:
@@ -499,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if s.watch:
             s.watch.done.set()
-        for name in ("A", "B", "C", "ref"):
+        for name in ("A", "B", "C", "D", "ref"):
             if s.out(name).exists():
                 shutil.copy(s.out(name), args.out / f"{name}.out")
         gc.stop(s.c)

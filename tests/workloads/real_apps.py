@@ -66,8 +66,8 @@ echo "align done"
 """,
 }
 # Not in the suite: the same alignment with bwa as an `srun` step whose output is a pipe
-# into samtools (fails after a preemption: the stream loses what the step wrote between
-# the batch tree's dump and its own), and with the step writing its own file.
+# into samtools (failed after a preemption while the batch tree was dumped before the
+# step's tasks), and with the step writing its own file.
 SCRIPTS["align-srun"] = SCRIPTS["align"].replace("bwa mem -t 2", "srun -n1 bwa mem -t 2")
 # The step's task writes its output itself; samtools sorts the file after the step.
 SCRIPTS["align-srunfile"] = SCRIPTS["align"].replace(
