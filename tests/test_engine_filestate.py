@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from engine_fixtures import both_layouts, engine_env, needs_root, workload  # noqa: F401
-from slurm_mm.engine import filestate, wait_gone
+from slurm_mm.engine import checkpoint_tree, filestate, wait_gone
 from slurm_mm.errors import FileStateRefused
 
 pytestmark = needs_root
@@ -115,22 +115,60 @@ def test_closed_scratch_files_come_back_on_a_node_without_them(workload, tmp_pat
     assert (scratch / "stage" / "a.out").stat().st_uid == w.env.user.pw_uid
 
 
-def test_file_the_owner_cannot_create_is_handed_over_at_its_offset(workload, tmp_path, engine_env):
-    # Like the batch script in slurmd's spool dir of another node: root-owned directory.
+def spool_job_dir(engine_env):
+    """Like the batch script in slurmd's spool dir of another node: a root-owned directory
+    (its job directory writable only while the job sets its file up)."""
     spool = engine_env.base / f"spool-{os.getpid()}-{time.monotonic_ns()}"
     spool.mkdir(mode=0o755)
     os.chown(spool, 0, 0)
     scratch = spool / "job1"
     scratch.mkdir()
-    scratch.chmod(0o777)  # the job may write here (only to set up the file)
+    scratch.chmod(0o777)
+    return spool, scratch
+
+
+def gone_but_not_creatable(scratch: Path) -> None:
+    shutil.rmtree(scratch)
+    scratch.mkdir(mode=0o755)  # it exists again, but the owner cannot create the file in it
+
+
+def test_file_the_owner_cannot_create_is_handed_over_at_its_offset(workload, tmp_path, engine_env):
+    spool, scratch = spool_job_dir(engine_env)
     w = workload("file_state.py", "local", str(scratch), "fd-only")
     w.start()
     w.checkpoint(tmp_path / "img", leave_running=False, files=spec(w, node_local=[spool]))
     w.tree.wait(10)
-    shutil.rmtree(scratch)
-    scratch.mkdir(mode=0o755)  # it exists again, but the owner cannot create the file in it
+    gone_but_not_creatable(scratch)
     code, out, report = restore_with_files(w, tmp_path / "img", tmp_path, node="n2")
     assert "handed over from the image" in " ".join(report), report
+    assert code == 0 and "PASS" in out, out
+
+
+@both_layouts
+def test_a_handed_over_file_is_handed_over_again_at_the_next_image(workload, tmp_path, engine_env, private_proc):
+    # A job restored on a node with another spool directory holds its script through the
+    # handed-over copy: in its own mount namespace that copy is on a mount CRIU cannot
+    # find, so it is dumped as external and handed in again from the image's copy.
+    spool, scratch = spool_job_dir(engine_env)
+    w = workload("file_state.py", "local", str(scratch), "fd-only")
+    w.start(private_proc=private_proc)
+    w.checkpoint(tmp_path / "img1", leave_running=False, files=spec(w, node_local=[spool]))
+    w.tree.wait(10)
+    gone_but_not_creatable(scratch)
+    u = w.env.user
+    prepared = filestate.prepare(tmp_path / "img1", node="n2", uid=u.pw_uid, gids=[u.pw_gid], pin_root=None,
+                                 work=tmp_path / "handed1")
+    try:
+        restored = w.restore(tmp_path / "img1", extra_inherit=prepared.inherit)
+    finally:
+        prepared.close()
+    result = checkpoint_tree(restored.init_pid, tmp_path / "img2", criu=w.env.criu, leave_running=False,
+                             files=spec(w, node_local=[spool]))
+    restored.wait(10)
+    assert wait_gone(result.pids, 5, zombies_count=False) == []
+    code, out, report = restore_with_files(w, tmp_path / "img2", tmp_path, node="n3")
+    if private_proc:
+        assert "handed over again from the image" in " ".join(report), report
     assert code == 0 and "PASS" in out, out
 
 

@@ -96,8 +96,8 @@ def outside_files(init_pid: int, pids: Sequence[int]) -> dict[tuple[int, int], t
     """Files open in the tree whose mount is not in its mount namespace.
 
     (host pid, fd) -> (CRIU external key, path). Only what CRIU dumps by path (regular
-    files, directories, devices other than terminals); pipes, sockets, memfds and the
-    like live on kernel-internal mounts and are dumped otherwise.
+    files, deleted ones too, directories, devices other than terminals); pipes, sockets,
+    memfds and the like live on kernel-internal mounts and are dumped otherwise.
     """
     inside = _mount_ids(init_pid)
     found: dict[tuple[int, int], tuple[str, str]] = {}
@@ -110,7 +110,7 @@ def outside_files(init_pid: int, pids: Sequence[int]) -> dict[tuple[int, int], t
             continue
         for fd in fds:
             f = proctree.open_file(pid, fd)
-            if f is None or f.kind != "file" or f.target.startswith("/memfd:"):
+            if f is None or f.kind not in ("file", "deleted") or f.target.startswith("/memfd:"):
                 continue
             mnt = _fd_mount_id(pid, fd)
             if mnt is None or mnt in inside:

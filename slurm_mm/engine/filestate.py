@@ -31,6 +31,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shlex
 import stat
 import subprocess
@@ -57,6 +58,7 @@ SYSTEM_PREFIXES = ("/usr/", "/lib/", "/lib32/", "/lib64/", "/bin/", "/sbin/", "/
 ALWAYS_TRACKED = ("/dev/shm/",)
 DELETED = " (deleted)"
 MAPPED_WRITABLE = -1  # note()'s flags for a shared writable mapping (no fd, no offset)
+EXTERNAL_KEY = re.compile(r"file\[[0-9a-f]+:[0-9a-f]+\]")  # criu.external_file_key's form
 HASH_LIMIT = 64 << 20  # node-local files not saved are still hashed up to this size
 
 
@@ -83,6 +85,7 @@ class FileRecord:
     sha256: str | None = None  # of the saved copy
     pin: str | None = None  # name of the hard link under the pin directory
     held: bool = True  # False: a closed file of the job's node-local scratch (scratch_files.py)
+    external: str | None = None  # CRIU's key when the file lives outside the tree's mount namespace
 
     @classmethod
     def from_json(cls, d: Any) -> FileRecord:
@@ -100,6 +103,8 @@ class FileRecord:
             raise ImageCorrupt(f"{STATE_FILE}: bad saved copy name {str(rec.saved)[:80]!r}")
         if rec.pin is not None and (not isinstance(rec.pin, str) or not rec.pin.isdigit()):
             raise ImageCorrupt(f"{STATE_FILE}: bad pin name {str(rec.pin)[:80]!r}")
+        if rec.external is not None and not (isinstance(rec.external, str) and EXTERNAL_KEY.fullmatch(rec.external)):
+            raise ImageCorrupt(f"{STATE_FILE}: bad external key {str(rec.external)[:80]!r}")
         return rec
 
 
@@ -327,6 +332,7 @@ def capture(spec: CaptureSpec, pids: Sequence[int]) -> FileState:
         except OSError:
             pass
 
+    _mark_external(spec.init_pid, pids, by_inode)
     stdio = _stdio_inodes(spec.init_pid)
     for key in stdio:
         by_inode.pop(key, None)  # the job's stdio: the restorer hands the new run's in its place
@@ -349,6 +355,22 @@ def capture(spec: CaptureSpec, pids: Sequence[int]) -> FileState:
         state.pins = None
     _write_json(images / STATE_FILE, state.to_json())
     return state
+
+
+def _mark_external(init_pid: int, pids: Sequence[int], by_inode: dict[tuple[int, int], FileRecord]) -> None:
+    """Files the tree holds from outside its mount namespace (a file handed over at an
+    earlier restore, unlinked, on the host's mount): CRIU dumps them as external, so the
+    image must carry their content and the restore hands a new copy in by the same key."""
+    from slurm_mm.engine.checkpoint import outside_files  # noqa: PLC0415
+
+    for (pid, fd), (key, _path) in outside_files(init_pid, pids).items():
+        try:
+            st = os.stat(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        rec = by_inode.get((st.st_dev, st.st_ino))
+        if rec is not None and stat.S_ISREG(st.st_mode):
+            rec.external = key
 
 
 def _dir_mode(path: str) -> int:
@@ -379,10 +401,10 @@ def _save_and_pin(spec: CaptureSpec, state: FileState, by_inode: dict[tuple[int,
         if rec.node_local:
             parent = os.path.dirname(rec.path)
             dirs.setdefault(parent, _dir_mode(parent))
-        if rec.deleted:
+        if rec.deleted and not rec.external:
             continue  # CRIU keeps its content (ghost file); only its directory must exist
         readable = owner_can_read(os.stat(handles[key]), spec.owner_uid, spec.owner_gids)
-        if (rec.node_local or rec.read_write) and readable and rec.size <= budget:
+        if (rec.node_local or rec.read_write or rec.external) and readable and rec.size <= budget:
             rec.saved, rec.sha256 = _copy(handles[key], images, n, rec.size)
             budget -= rec.size
             state.saved_bytes += rec.size
@@ -605,7 +627,8 @@ def plan(state: FileState, images_dir: Path, *, node: str, uid: int, gids: Seque
     live = [r for r in state.records if not r.deleted]
     hashes = [r.path for r in live if r.node_local and r.sha256]
     seen = _probe([r.path for r in live], uid, gids, hashes)
-    for d in state.dirs + sorted({os.path.dirname(r.path) for r in state.records if r.deleted or r.node_local}):
+    for d in state.dirs + sorted({os.path.dirname(r.path) for r in state.records
+                                  if (r.deleted or r.node_local) and not r.external}):
         if not any(a.op == "mkdir" and a.path == d for a in out.actions):
             out.actions.append(Action("mkdir", d, mode=state.dir_modes.get(d, 0o700), why="directory the job had"))
     for rec in live:
@@ -720,6 +743,14 @@ def prepare(images_dir: Path, *, node: str, uid: int, gids: Sequence[int], pin_r
         raise FileStateRefused("; ".join(p.problems[:5]) + (f" (and {len(p.problems) - 5} more)"
                                                              if len(p.problems) > 5 else ""))
     results = _apply(p.actions, uid, gids)
+    for rec in state.records:
+        if rec.external:
+            if rec.saved is None:
+                prepared.close()
+                raise FileStateRefused(f"{rec.path}: held from outside the job's mount namespace "
+                                       "and not saved in the image")
+            prepared.inherit[_stand_in(rec, images_dir, uid, gids, work)] = rec.external
+            prepared.report.append(f"{rec.path}: handed over again from the image")
     by_path = {r.path: r for r in state.records}
     for action, result in zip(p.actions, results):
         if result.get("ok"):
@@ -773,18 +804,21 @@ def _stand_in(rec: FileRecord, images_dir: Path, uid: int, gids: Sequence[int], 
     path = work / f"file-{rec.ino}-{os.urandom(4).hex()}"
     fd_src = os.open(images_dir / str(rec.saved), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        made = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             while chunk := os.read(fd_src, 1 << 20):
-                os.write(fd, chunk)
-            os.fchown(fd, uid, (list(gids) or [uid])[0])
-            os.fchmod(fd, stat.S_IMODE(rec.mode) & 0o777)  # never a set-id copy
+                os.write(made, chunk)
+            os.fchown(made, uid, (list(gids) or [uid])[0])
+            os.fchmod(made, stat.S_IMODE(rec.mode) & 0o777)  # never a set-id copy
+            # Reopened through the fd just made (no path lookup) and with the job's own
+            # flags only: an O_NOFOLLOW kept in the fd's flags would make CRIU fail to
+            # reopen it at the next restore (it reopens files through /proc/self/fd).
+            flags = rec.flags & (os.O_ACCMODE | os.O_APPEND)
+            fd = os.open(f"/proc/self/fd/{made}", flags)
         finally:
-            os.close(fd)
+            os.close(made)
     finally:
         os.close(fd_src)
-    flags = rec.flags & (os.O_ACCMODE | os.O_APPEND)
-    fd = os.open(path, flags | os.O_NOFOLLOW)
     os.unlink(path)  # the job holds an owner-owned file of its own, reachable by no path of root's
     if not flags & os.O_APPEND:
         os.lseek(fd, rec.pos, os.SEEK_SET)

@@ -123,12 +123,14 @@ def read_metadata(images_dir: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def _inherit_map(meta: dict, fds: Mapping[int, int | None], devnull: Callable[[], int] | None = None) -> dict[int, str]:
+def _inherit_map(meta: dict, fds: Mapping[int, int | None], devnull: Callable[[], int] | None = None,
+                 given_keys: frozenset[str] = frozenset()) -> dict[int, str]:
     """fd in this process -> CRIU key of the job's file it replaces.
 
     Files dumped as external (engine.json `external_files`) must all be covered: by the
-    new fd of the stdio role that held them, or, for /dev/null, by `devnull()` (an fd
-    of /dev/null opened by the caller); RestoreFailed names any other.
+    new fd of the stdio role that held them, by an fd the caller hands in for the key
+    (`given_keys`: file state's copies), or, for /dev/null, by `devnull()` (an fd of
+    /dev/null opened by the caller); RestoreFailed names any other.
     """
     out: dict[int, str] = {}
     keys: set[str] = set()
@@ -154,6 +156,8 @@ def _inherit_map(meta: dict, fds: Mapping[int, int | None], devnull: Callable[[]
         keys.add(key)
         out[new_fd] = key
     for key, target in sorted(external.items()):
+        if key in given_keys:
+            continue
         given = [fds[r] for r in sorted(fds) if fds[r] is not None
                  and (meta.get("stdio", {}).get(str(r)) or {}).get("criu_key") == key]
         if target == "/dev/null" and devnull is not None:
@@ -280,7 +284,7 @@ def restore_tree(
         return opened[-1]
 
     try:
-        inherit = _inherit_map(meta, fds, devnull) if meta else {}
+        inherit = _inherit_map(meta, fds, devnull, frozenset((extra_inherit or {}).values())) if meta else {}
         inherit.update(extra_inherit or {})
         root, keeper = _criu_restore(criu, images_dir, meta, inherit, join_cgroups, owner_uid, owner_gids,
                                      log_path, extra_criu_args, timeout, libexec, status_fd)
