@@ -83,19 +83,24 @@ def test_srun_step_piped_into_the_script_resumes_whole_after_preemption(cluster,
     assert_stream_whole(job_dir, info)
 
 
+def kill_node_until_the_job_ends(cluster, job: str, node: str) -> dict:
+    """The job's node dies; the requeued job runs to its end elsewhere; the node comes back."""
+    tc.kill_node(cluster, node)
+    try:
+        tc.wait_for(lambda: tc.job_info(cluster, job).get("Restarts") == "1", 90, "the requeue")
+        return tc.wait_job(cluster, job, {"COMPLETED", "FAILED"}, timeout=150)
+    finally:
+        tc.start_node(cluster, node)
+        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], env=cluster.env(),
+                       capture_output=True)
+
+
 def test_srun_step_piped_into_the_script_resumes_whole_from_a_periodic_image(cluster, job_dir):
     job = submit_stream(cluster, job_dir, interval="5s")
     node = tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)["BatchHost"]
     tc.wait_for(lambda: len(image_names(cluster, job)) >= 2 and consumed(job_dir) >= 2000, 60,
                 "periodic images with the stream under way")
-    tc.kill_node(cluster, node)
-    try:
-        tc.wait_for(lambda: tc.job_info(cluster, job).get("Restarts") == "1", 90, "the requeue")
-        info = tc.wait_job(cluster, job, {"COMPLETED", "FAILED"}, timeout=150)
-    finally:
-        tc.start_node(cluster, node)
-        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], env=cluster.env(),
-                       capture_output=True)
+    info = kill_node_until_the_job_ends(cluster, job, node)
     assert info["BatchHost"] != node, info
     assert_stream_whole(job_dir, info)
 
@@ -218,14 +223,7 @@ def test_steps_of_every_shape_resume_from_a_periodic_image_after_a_node_failure(
     node = tc.wait_job(cluster, job, {"RUNNING"}, timeout=30)["BatchHost"]
     tc.wait_for(lambda: len(image_names(cluster, job)) >= 2 and len(logged_steps(job_dir, "chain.1")) >= 8,
                 60, "periodic images with the steps under way")
-    tc.kill_node(cluster, node)
-    try:
-        tc.wait_for(lambda: tc.job_info(cluster, job).get("Restarts") == "1", 90, "the requeue")
-        info = tc.wait_job(cluster, job, {"COMPLETED", "FAILED"}, timeout=150)
-    finally:
-        tc.start_node(cluster, node)
-        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], env=cluster.env(),
-                       capture_output=True)
+    info = kill_node_until_the_job_ends(cluster, job, node)
     out = output(job_dir)
     assert info["JobState"] == "COMPLETED" and info["BatchHost"] != node, out
     assert "restored task 0 of step" in out and "restored task 1 of step" in out, out
