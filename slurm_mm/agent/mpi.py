@@ -22,10 +22,11 @@ anything else). Never reads or acts on a process outside the pids it is given.
 from __future__ import annotations
 
 import functools
-import os
 import subprocess
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
+
+from slurm_mm.engine.proctree import exe_name
 
 # Launchers of several ranks (Open MPI 4 `mpirun` is `orterun`, 5 is `prterun`; MPICH and
 # Intel MPI use Hydra). Not `orted`/`prted` alone: an MPI program started as a plain
@@ -50,13 +51,6 @@ class MpiProcess:
         return f"`{self.program}` ({self.evidence})"
 
 
-def _program(pid: int) -> str:
-    try:
-        return os.path.basename(os.readlink(f"/proc/{pid}/exe")).removesuffix(" (deleted)")
-    except OSError:
-        return ""
-
-
 def _words(path: str) -> list[str]:
     try:
         with open(path, "rb") as f:
@@ -79,7 +73,7 @@ def mpi_processes(pids: Iterable[int]) -> list[MpiProcess]:
     MPI plugin (a vanished process is none), in pid order."""
     found = []
     for pid in sorted(set(pids)):
-        program = _program(pid)
+        program = exe_name(pid)
         if not program:
             continue
         if program in MPI_LAUNCHERS:

@@ -33,7 +33,7 @@ from slurm_mm.agent.job_record import REQUEUED_EXIT, JobState
 from slurm_mm.agent.mpi import REFUSAL_PREFIX as MPI_REFUSAL, mpi_processes, mpi_reason
 from slurm_mm.agent.services import SupervisedJob
 from slurm_mm.agent.step_launch import JobSteps
-from slurm_mm.engine.proctree import tree_pids
+from slurm_mm.engine.proctree import exe_name, tree_pids
 from slurm_mm.errors import CheckpointFailed, SlurmMMError
 from slurm_mm.slurm.version import slurm_requeues_preempted_job_on_exit
 from slurm_mm.store import Trigger
@@ -84,15 +84,15 @@ class StepClient:
 
 
 def _program(pid: int) -> str:
-    """The executable's name: /proc/PID/exe, which argv[0] games cannot change."""
+    """The executable's name (proctree.exe_name), else the process's comm."""
+    name = exe_name(pid)
+    if name:
+        return name
     try:
-        return os.path.basename(os.readlink(f"/proc/{pid}/exe")).removesuffix(" (deleted)")
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+            return f.read().strip()
     except OSError:
-        try:
-            with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
-                return f.read().strip()
-        except OSError:
-            return ""
+        return ""
 
 
 def _command(pid: int, limit: int = 120) -> str:

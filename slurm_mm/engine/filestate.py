@@ -43,6 +43,7 @@ from typing import Any, Iterable, Sequence
 if __name__ == "__main__":  # run by CRIU as a script: use the package this file is part of
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from slurm_mm.engine.outside_files import outside_files  # noqa: E402
 from slurm_mm.engine.scratch_files import MAX_ENTRIES, ClosedFile, closed_files  # noqa: E402
 from slurm_mm.errors import FileStateRefused, ImageCorrupt  # noqa: E402
 
@@ -361,8 +362,6 @@ def _mark_external(init_pid: int, pids: Sequence[int], by_inode: dict[tuple[int,
     """Files the tree holds from outside its mount namespace (a file handed over at an
     earlier restore, unlinked, on the host's mount): CRIU dumps them as external, so the
     image must carry their content and the restore hands a new copy in by the same key."""
-    from slurm_mm.engine.checkpoint import outside_files  # noqa: PLC0415
-
     for (pid, fd), (key, _path) in outside_files(init_pid, pids).items():
         try:
             st = os.stat(f"/proc/{pid}/fd/{fd}")

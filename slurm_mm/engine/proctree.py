@@ -175,6 +175,15 @@ def open_file(pid: int, fd: int) -> OpenFile | None:
     return OpenFile(fd, target, "file", target.lstrip("/"))
 
 
+def exe_name(pid: int) -> str:
+    """The executable's name from /proc/PID/exe, which argv[0] games cannot change;
+    "" when it cannot be read (the process is gone, or not ours to read)."""
+    try:
+        return os.path.basename(os.readlink(f"/proc/{pid}/exe")).removesuffix(" (deleted)")
+    except OSError:
+        return ""
+
+
 def alive(pid: int) -> bool:
     """True while `pid` exists and is not a zombie."""
     text = _read(f"/proc/{pid}/stat")
