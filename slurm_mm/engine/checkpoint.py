@@ -28,7 +28,7 @@ from typing import Iterable, Protocol, Sequence
 
 from slurm_mm.engine import filestate, proctree
 from slurm_mm.engine.criu import Criu, ImageFiles
-from slurm_mm.engine.outside_files import outside_files
+from slurm_mm.engine.outside_files import outside_files, own_mount_ns
 from slurm_mm.errors import CheckpointFailed, GpuError
 
 METADATA = "engine.json"
@@ -63,15 +63,6 @@ class CheckpointResult:
     mount_ns: bool = False  # the tree had a mount namespace of its own
     external_files: dict[str, str] = field(default_factory=dict)  # CRIU key -> path, to hand back at restore
     files: dict = field(default_factory=dict)  # file state summary: count, saved_bytes, same_node_only, notes, pins
-
-
-def own_mount_ns(pid: int) -> bool:
-    """Whether `pid` lives in another mount namespace than this process."""
-    try:
-        theirs, ours = os.stat(f"/proc/{pid}/ns/mnt"), os.stat("/proc/self/ns/mnt")
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino)
 
 
 def _tree_snapshot(
@@ -148,7 +139,7 @@ def checkpoint_tree(
     if not proctree.alive(init_pid):
         raise CheckpointFailed(f"no running process {init_pid} to checkpoint")
     mount_ns = own_mount_ns(init_pid)
-    outside = outside_files(init_pid, proctree.tree_pids(init_pid)) if mount_ns else {}
+    outside = outside_files(init_pid, proctree.tree_pids(init_pid))
     pids, ns_pids, stdio, processes = _tree_snapshot(init_pid, outside)
     external = {key: path for key, path in outside.values()}
     _refuse_unfit(pids, gpu)

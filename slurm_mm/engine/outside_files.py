@@ -15,6 +15,15 @@ from slurm_mm.engine import proctree
 from slurm_mm.engine.criu import external_file_key
 
 
+def own_mount_ns(pid: int) -> bool:
+    """Whether `pid` lives in another mount namespace than this process."""
+    try:
+        theirs, ours = os.stat(f"/proc/{pid}/ns/mnt"), os.stat("/proc/self/ns/mnt")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino)
+
+
 def _mount_ids(pid: int) -> set[int]:
     try:
         with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="replace") as f:
@@ -39,8 +48,11 @@ def outside_files(init_pid: int, pids: Sequence[int]) -> dict[tuple[int, int], t
 
     (host pid, fd) -> (CRIU external key, path). Only what CRIU dumps by path (regular
     files, deleted ones too, directories, devices other than terminals); pipes, sockets,
-    memfds and the like live on kernel-internal mounts and are dumped otherwise.
+    memfds and the like live on kernel-internal mounts and are dumped otherwise. A tree
+    in this process's mount namespace has none (and its fds are not walked).
     """
+    if not own_mount_ns(init_pid):
+        return {}
     inside = _mount_ids(init_pid)
     found: dict[tuple[int, int], tuple[str, str]] = {}
     if not inside:
