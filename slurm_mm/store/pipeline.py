@@ -461,12 +461,22 @@ class ChunkError(Exception):
 
 SPAN_BYTES = 16 << 20
 READERS = 2
-SEQUENTIAL_READS = False
+SEQUENTIAL_MIN_WORKERS = 4
+SEQUENTIAL_READS: bool | None = None
 """True: read_files reads each file front to back in spans of consecutive chunks up to
 SPAN_BYTES, by READERS threads, and leaves the checking to the workers (the pattern of
-`cat`). Measured on a 2-vCPU VM's virtio disk it was no faster than every worker reading
-its own chunk (verify 0.47-0.83x of a cold cat against 0.71-0.84x), so it is off; it is kept
-for measuring other storage (store_bench.py --read-io seq2)."""
+`cat`); False: every worker reads its own chunk. None (the default) chooses by the
+workers: sequential from SEQUENTIAL_MIN_WORKERS on. Measured (docs/benchmarks.md, "Fourth
+pass"): on a 16-core H200 machine's virtio disk, 8 GiB, sequential verify ran at 1.04-1.05x
+of a cold `cat` and extract at 0.87-0.98x, per-chunk reads at 0.72-0.77x and 0.70-0.78x;
+on a 2-vCPU VM (2 workers) sequential was no faster (verify 0.47-0.83x against 0.71-0.84x),
+so two workers keep per-chunk reads."""
+
+
+def _sequential(workers: int) -> bool:
+    if SEQUENTIAL_READS is not None:
+        return SEQUENTIAL_READS
+    return workers >= SEQUENTIAL_MIN_WORKERS
 
 
 def read_files(files: list[ReadFile], *, workers: int, on_bytes: Callable[[int], None] | None = None,
@@ -531,7 +541,7 @@ def read_files(files: list[ReadFile], *, workers: int, on_bytes: Callable[[int],
         guarded(file_index, item, run)
 
     work = [(i, item) for i, f in enumerate(files) for item in f.chunks]
-    if not SEQUENTIAL_READS or workers <= 1 or len(work) <= 1:
+    if not _sequential(workers) or workers <= 1 or len(work) <= 1:
         if workers <= 1 or len(work) <= 1:
             for i, item in work:
                 one(i, item)
