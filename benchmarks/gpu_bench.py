@@ -41,7 +41,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
+
 import threading
 import time
 import zipfile
@@ -52,7 +52,6 @@ REPO = HERE.parent
 for p in (str(HERE), str(REPO)):
     if p not in sys.path:
         sys.path.insert(0, p)
-
 
 def _wheels() -> str:
     """Make zstandard/filelock importable from benchmarks/out/wheels if they are missing."""
@@ -80,9 +79,7 @@ def _wheels() -> str:
         return f"missing ({exc})"
     return f"from {site}"
 
-
 WHEELS = _wheels()
-
 
 def find_criu(explicit: str | None) -> str:
     for c in (explicit, os.environ.get("SLURM_MM_CRIU"), str(REPO / ".carry/criu/criu"),
@@ -91,9 +88,7 @@ def find_criu(explicit: str | None) -> str:
             return c
     raise SystemExit("gpu_bench: no CRIU found (--criu, $SLURM_MM_CRIU, .carry/criu/criu)")
 
-
 ARGS = None
-
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -115,14 +110,13 @@ def parse(argv=None):
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     return args
 
-
 args = parse() if __name__ == "__main__" else None
 CRIU_PATH = find_criu(args.criu if args else None)
 os.environ["SLURM_MM_BENCH_CRIU"] = CRIU_PATH
 
 import raw  # noqa: E402
 from app import read_stats  # noqa: E402
-from report import Figure, median, table  # noqa: E402
+from report import Figure, table  # noqa: E402
 from slurm_mm.engine.checkpoint import checkpoint_tree  # noqa: E402
 from slurm_mm.engine.criu import Criu  # noqa: E402
 from slurm_mm.engine.gpu import GpuCheckpointer  # noqa: E402
@@ -137,15 +131,12 @@ T0 = time.monotonic()
 WORKLOAD = HERE / "gpu_workload.py"
 CRIU = Criu(CRIU_PATH, prlimit_shim=None)  # the workload runs as root: no shim needed
 
-
 def say(*parts) -> None:
     print(f"[{time.monotonic() - T0:6.1f}s]", *parts, flush=True)
-
 
 def become_subreaper() -> None:
     """Orphans of dumped/restored trees come to us, not to a PID 1 that reaps late."""
     ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-
 
 class GpuJob:
     """gpu_workload.py as a session leader (what CRIU needs without -j)."""
@@ -230,11 +221,9 @@ class GpuJob:
         self.proc = None
         self.pid = pid
 
-
 def free_bytes(path: Path) -> int:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
-
 
 class Results:
     def __init__(self, out: Path) -> None:
@@ -261,7 +250,6 @@ class Results:
         tmp.write_text(json.dumps(data, indent=1, default=str))
         tmp.replace(self.out)
 
-
 def machine() -> dict:
     def cmd(argv):
         try:
@@ -281,13 +269,11 @@ def machine() -> dict:
             "shared": f"{args.shared} ({cmd(['df', '--output=fstype,size,avail', '-h', str(args.shared)])})",
             "staging": f"{args.staging} ({cmd(['df', '--output=fstype,size,avail', '-h', str(args.staging)])})"}
 
-
 def commit(store, images: Path, job_id: str) -> tuple[float, int]:
     t0 = time.monotonic()
     image = store.commit(job_id, images, epoch=0, uid=0, gid=0, node=os.uname().nodename, trigger="periodic",
                          criu_version=CRIU.version())
     return time.monotonic() - t0, sum(f.stored_size for f in image.manifest.files)
-
 
 class RawGpu:
     """The GPU step by hand: NVIDIA's cuda-checkpoint tool if installed, else the plain
@@ -307,7 +293,6 @@ class RawGpu:
             self.gc.suspend([pid])
         else:
             self.gc.resume([pid])
-
 
 def run() -> int:
     become_subreaper()
@@ -343,7 +328,6 @@ def run() -> int:
     shutil.rmtree(args.staging, ignore_errors=True)
     shutil.rmtree(args.shared, ignore_errors=True)
     return 1 if failures else 0
-
 
 def one_size(res: Results, gc, store, rawgpu: RawGpu, gb: float, overhead: bool) -> None:
     late = lambda: time.monotonic() - T0 > args.deadline  # noqa: E731
@@ -530,7 +514,6 @@ def one_size(res: Results, gc, store, rawgpu: RawGpu, gb: float, overhead: bool)
         shutil.rmtree(a_img, ignore_errors=True)
         if store is not None:
             store.remove_job(jid)
-
 
 if __name__ == "__main__":
     sys.exit(run())

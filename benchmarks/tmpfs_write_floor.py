@@ -80,7 +80,6 @@ def way_mmap(path: Path, total: int, threads: int, src: bytes, populate: bool = 
             src_addr = ctypes.cast(ctypes.c_char_p(src), ctypes.c_void_p).value
             with ThreadPoolExecutor(threads) as pool:  # ctypes calls release the GIL
                 list(pool.map(lambda p: copy(m, base, src_addr, p), _pieces(total)))
-            del base
             m.close()
         finally:
             os.close(fd)

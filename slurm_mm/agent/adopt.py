@@ -24,7 +24,7 @@ import threading
 from typing import Callable, Protocol
 
 from slurm_mm.agent import auth, job_records, metrics, protocol, step_adopt
-from slurm_mm.agent.adopted import LOST_STATUS, AdoptedTree, continue_stopped  # noqa: F401  (re-exported)
+from slurm_mm.agent.adopted import AdoptedTree, continue_stopped  # noqa: F401  (re-exported)
 from slurm_mm.agent.job_record import ACTIVE, JobState, LaunchRequest
 from slurm_mm.agent.services import JobRegistry, NodeServices
 from slurm_mm.agent.supervisor import REQUEUED_EXIT, JobSupervisor

@@ -371,8 +371,8 @@ class ImageStore:
             listing = tree.walk(sfd, source)
             if not listing.files:
                 raise ImageError(f"{source} holds no files to store")
-            for d in listing.dirs:
-                src_dirs.fd(d)
+            for rel_dir in listing.dirs:
+                src_dirs.fd(rel_dir)
             names = [name for name, _ in listing.files]
             sizes = [size for _, size in listing.files]
             zst_modes = [size > self.chunk_size and self._worth_compressing(src_dirs, source, name)
@@ -382,8 +382,8 @@ class ImageStore:
             try:
                 _phase("tmp-created")
                 self._grant(tfd, uid, gid, directory=True, path=tmp_path)
-                for d in listing.dirs:
-                    self._grant(dst_dirs.make(d, 0o750), uid, gid, directory=True, path=tmp_path / d)
+                for rel_dir in listing.dirs:
+                    self._grant(dst_dirs.make(rel_dir, 0o750), uid, gid, directory=True, path=tmp_path / rel_dir)
                 tracker = _Progress(sum(sizes), progress)
 
                 def stored_name(i: int, zst: bool) -> tuple[int, str]:
@@ -559,8 +559,8 @@ class ImageStore:
                     out_dirs = tree.DirFds(tfd, dest.parent / tmp)
                     try:
                         self._check_listing(dfd, image.manifest, image.path)
-                        for d in image.manifest.dirs:
-                            out_dirs.make(d, 0o700)
+                        for rel_dir in image.manifest.dirs:
+                            out_dirs.make(rel_dir, 0o700)
                         tracker = _Progress(image.manifest.total_size, progress)
                         self._check_files(dfd, image.manifest, image.path, out_dirs, tracker)
                         os.rename(tmp, dest.name, src_dir_fd=pfd, dst_dir_fd=pfd)

@@ -601,17 +601,22 @@ def _read_sequential(files, work, direct, workers, errors, read, process, guarde
                 buffers.put(buf)
                 errors.add(exc)
 
+    def process_piece(i: int, item: tuple, view: memoryview, rel: int, have: int) -> None:
+        piece = view[rel:rel + have]
+        try:
+            process(i, item, piece, have)
+        finally:
+            piece.release()
+
     def check_span(i: int, items: list, buf: mmap.mmap, view: memoryview, got: int, start: int) -> None:
         try:
             for item in items:
                 rel = item[2] - start
                 size = item[3].stored_size
-                piece = view[rel:rel + size]
                 have = max(0, min(size, got - rel))
-                guarded(i, item, lambda: process(i, item, piece[:have], have))
-                del piece
+                guarded(i, item, lambda: process_piece(i, item, view, rel, have))
         finally:
-            del view
+            view.release()
             buffers.put(buf)
 
     futures: list[Future] = []
