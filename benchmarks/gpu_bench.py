@@ -41,7 +41,6 @@ import shutil
 import signal
 import subprocess
 import sys
-
 import threading
 import time
 import zipfile
@@ -52,6 +51,7 @@ REPO = HERE.parent
 for p in (str(HERE), str(REPO)):
     if p not in sys.path:
         sys.path.insert(0, p)
+
 
 def _wheels() -> str:
     """Make zstandard/filelock importable from benchmarks/out/wheels if they are missing."""
@@ -79,7 +79,9 @@ def _wheels() -> str:
         return f"missing ({exc})"
     return f"from {site}"
 
+
 WHEELS = _wheels()
+
 
 def find_criu(explicit: str | None) -> str:
     for c in (explicit, os.environ.get("SLURM_MM_CRIU"), str(REPO / ".carry/criu/criu"),
@@ -88,7 +90,9 @@ def find_criu(explicit: str | None) -> str:
             return c
     raise SystemExit("gpu_bench: no CRIU found (--criu, $SLURM_MM_CRIU, .carry/criu/criu)")
 
+
 ARGS = None
+
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -109,6 +113,7 @@ def parse(argv=None):
     args.sizes = [float(x) for x in args.gb.split(",") if x.strip()]
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     return args
+
 
 args = parse() if __name__ == "__main__" else None
 CRIU_PATH = find_criu(args.criu if args else None)
@@ -131,12 +136,15 @@ T0 = time.monotonic()
 WORKLOAD = HERE / "gpu_workload.py"
 CRIU = Criu(CRIU_PATH, prlimit_shim=None)  # the workload runs as root: no shim needed
 
+
 def say(*parts) -> None:
     print(f"[{time.monotonic() - T0:6.1f}s]", *parts, flush=True)
+
 
 def become_subreaper() -> None:
     """Orphans of dumped/restored trees come to us, not to a PID 1 that reaps late."""
     ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
 
 class GpuJob:
     """gpu_workload.py as a session leader (what CRIU needs without -j)."""
@@ -221,9 +229,11 @@ class GpuJob:
         self.proc = None
         self.pid = pid
 
+
 def free_bytes(path: Path) -> int:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
+
 
 class Results:
     def __init__(self, out: Path) -> None:
@@ -250,6 +260,7 @@ class Results:
         tmp.write_text(json.dumps(data, indent=1, default=str))
         tmp.replace(self.out)
 
+
 def machine() -> dict:
     def cmd(argv):
         try:
@@ -269,11 +280,13 @@ def machine() -> dict:
             "shared": f"{args.shared} ({cmd(['df', '--output=fstype,size,avail', '-h', str(args.shared)])})",
             "staging": f"{args.staging} ({cmd(['df', '--output=fstype,size,avail', '-h', str(args.staging)])})"}
 
+
 def commit(store, images: Path, job_id: str) -> tuple[float, int]:
     t0 = time.monotonic()
     image = store.commit(job_id, images, epoch=0, uid=0, gid=0, node=os.uname().nodename, trigger="periodic",
                          criu_version=CRIU.version())
     return time.monotonic() - t0, sum(f.stored_size for f in image.manifest.files)
+
 
 class RawGpu:
     """The GPU step by hand: NVIDIA's cuda-checkpoint tool if installed, else the plain
@@ -293,6 +306,7 @@ class RawGpu:
             self.gc.suspend([pid])
         else:
             self.gc.resume([pid])
+
 
 def run() -> int:
     become_subreaper()
@@ -328,6 +342,7 @@ def run() -> int:
     shutil.rmtree(args.staging, ignore_errors=True)
     shutil.rmtree(args.shared, ignore_errors=True)
     return 1 if failures else 0
+
 
 def one_size(res: Results, gc, store, rawgpu: RawGpu, gb: float, overhead: bool) -> None:
     late = lambda: time.monotonic() - T0 > args.deadline  # noqa: E731
@@ -514,6 +529,7 @@ def one_size(res: Results, gc, store, rawgpu: RawGpu, gb: float, overhead: bool)
         shutil.rmtree(a_img, ignore_errors=True)
         if store is not None:
             store.remove_job(jid)
+
 
 if __name__ == "__main__":
     sys.exit(run())
