@@ -58,9 +58,14 @@ def engine_env() -> EngineEnv:
                        check=True, capture_output=True)
     for p in [work, *work.iterdir()]:
         p.chmod(0o755)
-    criu = Criu(libexec=NATIVE)
+    # The helpers as an install has them: where the job's user can reach them (a clone in
+    # root's 0700 home cannot be; the restore's owner check refuses what the user could not map).
+    libexec = base / "libexec"
+    shutil.copytree(NATIVE, libexec, ignore=shutil.ignore_patterns("*.c", "*.h", "*.o", "Makefile"))
+    libexec.chmod(0o755)
+    criu = Criu(libexec=libexec)
     criu.check()
-    yield EngineEnv(user, NATIVE, criu, work, base)
+    yield EngineEnv(user, libexec, criu, work, base)
     shutil.rmtree(base, ignore_errors=True)
 
 

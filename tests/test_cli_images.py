@@ -23,7 +23,7 @@ from pathlib import Path
 import filelock
 import pytest
 
-from engine_fixtures import NATIVE, REPO, USER, engine_env, needs_root, workload  # noqa: F401
+from engine_fixtures import REPO, USER, engine_env, needs_root, workload  # noqa: F401
 from slurm_mm.engine import launch, wait_gone
 from slurm_mm.engine.proctree import children, task_ids
 from slurm_mm.store import ImageStore
@@ -70,7 +70,7 @@ def cli(engine_env, tmp_path) -> Cli:
     base.mkdir(mode=0o755)
     config = base / "config.yaml"
     staging = base / "staging"
-    config.write_text(f"staging_dir: {staging}\nlibexec_dir: {NATIVE}\nkeep_images: 5\n"
+    config.write_text(f"staging_dir: {staging}\nlibexec_dir: {engine_env.libexec}\nkeep_images: 5\n"
                       "timeouts:\n  lock: 1\n")
     return Cli(config, staging, base)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -77,6 +78,24 @@ def test_deleted_intermediate_is_brought_back_from_its_pin(workload, tmp_path, p
     assert code == 0 and "PASS" in out, out
     assert any("inter.dat: deleted since the image: brought back" in line for line in report), report
     assert not (w.dir / "inter.dat").exists(), "the restored job deleted it again, as it did the first time"
+
+
+def test_deleted_intermediate_on_another_filesystem_than_the_pins_comes_back_from_its_copy(workload, tmp_path):
+    """A store whose pins cannot hard-link the job's files (a home on NFS, the store on
+    Lustre): the owner's file is copied into the image instead. Before, the restore was
+    refused ("deleted since the image, and the image holds no copy of it")."""
+    pins = Path(tempfile.mkdtemp(prefix="slurm_mm-pins-", dir="/dev/shm"))
+    try:
+        w = workload("file_state.py", "intermediate")
+        assert os.stat(w.dir).st_dev != os.stat(pins).st_dev
+        w.start()
+        image_then_move_on(w, tmp_path / "img", spec(w, pin_root=pins))
+        assert not (w.dir / "inter.dat").exists()
+        code, out, report = restore_with_files(w, tmp_path / "img", tmp_path, pin_root=pins)
+        assert code == 0 and "PASS" in out, out
+        assert any("inter.dat: deleted since the image: its saved content put back" in line for line in report), report
+    finally:
+        shutil.rmtree(pins, ignore_errors=True)
 
 
 def started_with_scratch(workload, mode: str = "local"):

@@ -11,7 +11,8 @@ those files (docs/design.md, "File state"):
   files (`node_local` prefixes: /tmp, the Slurm spool dir, ...) into the image (mmfile-N),
   within a byte budget; it pins shared files with a hard link (same filesystem as the
   store, no bytes copied) and copies files opened read-write (rewritten in place) within
-  the same budget. Past the budget the image is marked same-node-only.
+  the same budget, then, with what is left of it, the owner's shared files it could not
+  pin (another filesystem). Past the budget the image is marked same-node-only.
 - plan() and prepare() run before CRIU restores the image: every recorded file is
   checked, as the job's owner, against its record; grown files the job wrote are cut
   back, deleted or replaced files are brought back from their pin or copy, node-local
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -393,6 +395,7 @@ def _save_and_pin(spec: CaptureSpec, state: FileState, by_inode: dict[tuple[int,
     ones first, smallest first, within the budget) and pin shared files."""
     pin_dir = _make_pin_dir(spec)
     budget = spec.budget
+    unpinned: list[tuple[int, int]] = []
     numbered = {key: n for n, key in enumerate(sorted(by_inode, key=lambda k: by_inode[k].path))}
     # Held files first, then smallest first: a budget that cannot hold everything keeps as many as it can.
     for key in sorted(by_inode, key=lambda k: (not by_inode[k].held, by_inode[k].size, by_inode[k].path)):
@@ -419,7 +422,18 @@ def _save_and_pin(spec: CaptureSpec, state: FileState, by_inode: dict[tuple[int,
                 pin_inode(handles[key], rec, os.path.join(pin_dir, str(n)))
                 rec.pin = str(n)
             except OSError:
-                pass  # e.g. a filesystem without hard links: change detection still holds
+                pass  # e.g. a filesystem without hard links: a copy below, or change detection
+        if not rec.node_local and rec.pin is None and rec.saved is None and rec.uid == spec.owner_uid and readable:
+            unpinned.append(key)
+    # The owner's shared files that could not be pinned (another filesystem than the
+    # store's, as a home on NFS beside a store on Lustre) are copied with what the budget
+    # has left: an intermediate the job deletes after the image must still come back.
+    for key in unpinned:
+        rec = by_inode[key]
+        if rec.size <= budget:
+            rec.saved, rec.sha256 = _copy(handles[key], images, numbered[key], rec.size)
+            budget -= rec.size
+            state.saved_bytes += rec.size
     if pin_dir is None:
         state.pins = None
 
@@ -586,12 +600,19 @@ def _probe(paths: Sequence[str], uid: int, gids: Sequence[int], hash_paths: Sequ
     return _as_owner({"op": "probe", "paths": list(paths), "hash": list(hash_paths)}, uid, gids, ())
 
 
+@functools.lru_cache(maxsize=1)
+def _owner_files_source() -> str:
+    """owner_files.py's text, read by root and handed over in argv: the owner needs no
+    right to slurm_mm's own files (an install or checkout only root can read)."""
+    return OWNER_FILES.read_text()
+
+
 def _as_owner(request: dict[str, Any], uid: int, gids: Sequence[int], fds: Sequence[int]) -> dict[str, Any]:
     """Run owner_files.py with the owner's credentials and a fixed environment."""
     gids = list(gids) or [uid]
     try:
         res = subprocess.run(
-            [sys.executable, "-I", str(OWNER_FILES)], input=json.dumps(request), capture_output=True,
+            [sys.executable, "-I", "-c", _owner_files_source()], input=json.dumps(request), capture_output=True,
             text=True, timeout=600, env={"PATH": "/usr/bin:/bin", "LANG": "C"}, cwd="/",
             user=uid, group=gids[0], extra_groups=gids, pass_fds=tuple(fds))
     except (OSError, subprocess.SubprocessError) as exc:
@@ -673,14 +694,15 @@ def _plan_shared(rec: FileRecord, now: dict[str, Any], images_dir: Path, state: 
         return
     copy = str(images_dir / rec.saved) if rec.saved else None
     if same_inode:
-        if copy:
+        grown = rec.writer and int(now.get("size", -1)) >= rec.size
+        if copy and (rec.read_write or (rec.writer and not grown)):
             out.actions.append(Action("write", rec.path, copy, rec.size, rec.mode, rec.mtime_ns,
                                       "rewritten since the image: its saved content put back"))
-        elif rec.writer and int(now.get("size", -1)) >= rec.size:
+        elif grown:
             if now.get("size") != rec.size:
                 out.actions.append(Action("truncate", rec.path, size=rec.size, mtime_ns=rec.mtime_ns,
                                           why=f"cut back from {now.get('size')} to {rec.size} bytes"))
-        else:
+        else:  # a file the job only read: its copy serves if it is deleted, never over another's edit
             out.problems.append(f"{rec.path}: {_describe(rec, now)} (the job only read it; "
                                 "another party changed it)")
         return
