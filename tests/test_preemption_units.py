@@ -75,7 +75,9 @@ class Harness:
 
 
 @pytest.fixture
-def harness(tmp_path):
+def harness(tmp_path, monkeypatch):
+    # Slurm before 24.05 (the agent requeues); the machine's own Slurm must not decide.
+    monkeypatch.setattr(steps_mod, "slurm_requeues_preempted_job_on_exit", lambda: False)
     made: list[Harness] = []
 
     def make(record) -> Harness:
@@ -101,6 +103,17 @@ def test_script_failing_while_this_run_is_preempted_and_noticed_is_requeued(harn
     h.checkpointer.trees[0].end(143)
     assert _requeued(h) and h.sup.record.state == JobState.REQUEUED
     assert "exit code 143 while this run was being preempted (USR1 to the batch task" in h.told()
+
+
+def test_from_slurm_24_05_on_the_failing_script_is_left_to_slurm_s_own_requeue(harness, monkeypatch):
+    # 24.05+ requeues a job whose script ends in its grace time; a requeue of ours would
+    # leave the preemption mark set and requeue the next run once more (docs/slurm-versions.md).
+    monkeypatch.setattr(steps_mod, "slurm_requeues_preempted_job_on_exit", lambda: True)
+    h = harness(RUN)
+    h.sup.preempt_notice.saw("USR1 to the batch task")
+    assert h.end_tree(143) == {"op": "exit", "status": steps_mod.REQUEUED_EXIT}
+    assert h.sup.record.state == JobState.REQUEUED and h.slurm.requeues == []
+    assert "Slurm requeues the job to rerun from the beginning" in h.told()
 
 
 def test_a_notice_arriving_just_after_the_exit_still_counts(harness):
