@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from slurm_mm.agent import mpi
 from slurm_mm.agent.mpi import mpi_processes, mpi_reason, requested_mpi, srun_mpi_type
 
 
@@ -25,6 +26,16 @@ from slurm_mm.agent.mpi import mpi_processes, mpi_reason, requested_mpi, srun_mp
 ])
 def test_srun_mpi_type(argv, env, default, kind):
     assert srun_mpi_type(argv, env, default) == kind
+
+
+@pytest.mark.parametrize("argv, env, expected", [
+    (["-n2", "./app"], {"SLURM_MPI_TYPE": "(null)"}, False),  # Slurm 24.11 inside a step
+    (["--mpi=(null)", "./app"], {}, False),
+    (["-n2", "./app"], {"SLURM_MPI_TYPE": "pmix"}, True),
+])
+def test_slurm_s_null_mpi_type_is_no_mpi(argv, env, expected, monkeypatch):
+    monkeypatch.setattr(mpi, "slurm_mpi_default", lambda: "none")
+    assert mpi.is_mpi_step(argv, env) is expected
 
 
 def _wait_until(check) -> None:

@@ -111,8 +111,13 @@ def srun_mpi_type(argv: Sequence[str], env: Mapping[str, str], default: str | No
     return requested_mpi(argv, env) or default or "none"
 
 
+NO_MPI = ("none", "", "(null)")
+"""What srun and its environment say for "no MPI plugin": Slurm 24.11 exports
+SLURM_MPI_TYPE=(null) into a step that asked for none (an srun inside it inherits it)."""
+
+
 def _is_mpi(kind: str) -> bool:
-    return kind.strip().lower() not in ("none", "")
+    return kind.strip().lower() not in NO_MPI
 
 
 def is_mpi_step(argv: Sequence[str], env: Mapping[str, str]) -> bool:
