@@ -79,6 +79,15 @@ class Preemption:
             log.warning("job %s: cannot ask Slurm whether it is being preempted: %s", job_id, exc)
             return False
 
+    def describe(self, job_id: str) -> str:
+        """What selected_in_run() looks at, for a log line that says why not."""
+        try:
+            job = self.slurm.job(job_id)
+        except SlurmMMError as exc:
+            return f"Slurm cannot say: {exc}"
+        return (f"state {job.state}, restart count {job.restart_count}, start_time {job.start_time}, "
+                f"preempt_time {job.preempt_time}")
+
     def mode(self, partition: str) -> str:
         with self._lock:
             mode = self._modes.get(partition)

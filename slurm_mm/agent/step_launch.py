@@ -342,6 +342,9 @@ class JobSteps:
             self.sup.preempt_notice.saw("SIGTERM to a step task")
             threading.Thread(target=self.sup.checkpoint, args=(Trigger.PREEMPT,), daemon=True).start()
             return
+        if signum == signal.SIGTERM:
+            log.info("job %s: SIGTERM to a step task passed on: Slurm shows no preemption of this run (%s)",
+                     self.sup.job_id, self.services.preemption.describe(self.sup.job_id))
         tree.signal(signum)
 
     def fail_job(self, reason: str, tree: ProcessTree | None = None) -> None:
