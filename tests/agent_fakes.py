@@ -3,7 +3,8 @@ job trees. Shared by the agent's unit tests; they record what was asked of them.
 
 from __future__ import annotations
 
-import os
+import atexit
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -17,12 +18,28 @@ UID, GID = 4242, 4242
 
 # ---------------------------------------------------------------- fakes at the boundaries
 
+_stand_in: subprocess.Popen | None = None
+
+
+def stand_in_pid() -> int:
+    """A childless process of the tests' own for fake trees' init: /proc reads of a tree see
+    it, and a kill the code under test sends a tree (a restored tree holding an srun is
+    SIGKILLed) hits it. Never the test process: the cluster's daemons and the sruns they run
+    are its descendants, and on 24.11 a unit test's "restored tree" found one and killed the
+    whole suite."""
+    global _stand_in
+    if _stand_in is None or _stand_in.poll() is not None:
+        _stand_in = subprocess.Popen(["sleep", "86400"])
+        atexit.register(_stand_in.kill)
+    return _stand_in.pid
+
+
 class FakeTree:
     """A job tree: ends when told to (or when a stopping dump ends it)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.init_pid = os.getpid()  # /proc reads of the tree see this (harmless) process
+        self.init_pid = stand_in_pid()
         self.ended = threading.Event()
         self.status = 0
         self.signals: list[int] = []

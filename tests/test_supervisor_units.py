@@ -196,7 +196,7 @@ def test_suspend_moves_gpu_state_out_and_back_and_no_image_is_taken_meanwhile(ha
     h.sup.on_signal(signal.SIGTSTP)
     assert h.sup.checkpoint(Trigger.PERIODIC) is None and "suspended" in h.sup.record.last_error
     h.sup.on_signal(signal.SIGCONT)
-    assert ("suspend_gpu",) in h.checkpointer.calls and ("resume_gpu", [os.getpid()]) in h.checkpointer.calls
+    assert ("suspend_gpu",) in h.checkpointer.calls and ("resume_gpu", [h.checkpointer.trees[0].init_pid]) in h.checkpointer.calls
     assert h.checkpointer.trees[0].signals == [signal.SIGCONT]
     assert h.sup.checkpoint(Trigger.PERIODIC) is not None
 
