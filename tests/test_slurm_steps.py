@@ -57,7 +57,9 @@ def test_preempted_srun_job_reruns_and_completes_with_its_result(cluster, job_di
     info = preempt_to_another_node(cluster, job, job_dir)
     out = output(job_dir)
     assert info["JobState"] == "COMPLETED", out
-    assert "slurm_mm: preempt: " in out and "requeueing the job to rerun from the beginning" in out, out
+    # Slurm < 24.05: the agent requeues ("requeueing the job ..."); 24.05+: Slurm's own
+    # requeue of a job ending in its grace time ("Slurm requeues the job ...").
+    assert "slurm_mm: preempt: " in out and "the job to rerun from the beginning" in out, out
     assert_correct_result(job_dir, steps)
     _restarted_log(job_dir, steps)
 
