@@ -645,7 +645,9 @@ def plan(state: FileState, images_dir: Path, *, node: str, uid: int, gids: Seque
         return out
     _plan_sockets(state.sockets, uid, gids, out)
     live = [r for r in state.records if not r.deleted]
-    hashes = [r.path for r in live if r.node_local and r.sha256]
+    # A file written through a shared mapping may keep its size and mtime (tmpfs updates no
+    # mtime for such writes): where the image holds a copy of a mapped file, content decides.
+    hashes = [r.path for r in live if r.sha256 and (r.node_local or (r.mapped and r.saved))]
     seen = _probe([r.path for r in live], uid, gids, hashes)
     for d in state.dirs + sorted({os.path.dirname(r.path) for r in state.records
                                   if (r.deleted or r.node_local) and not r.external}):
@@ -690,7 +692,8 @@ def _plan_local(rec: FileRecord, now: dict[str, Any], images_dir: Path, out: Pla
 def _plan_shared(rec: FileRecord, now: dict[str, Any], images_dir: Path, state: FileState,
                  pin_root: Path | None, out: Plan) -> None:
     same_inode = now.get("dev") == rec.dev and now.get("ino") == rec.ino
-    if same_inode and now.get("size") == rec.size and now.get("mtime_ns") == rec.mtime_ns:
+    if same_inode and now.get("size") == rec.size and now.get("mtime_ns") == rec.mtime_ns and (
+            not now.get("sha256") or now.get("sha256") == rec.sha256):
         return
     copy = str(images_dir / rec.saved) if rec.saved else None
     if same_inode:
