@@ -63,7 +63,10 @@ def test_mpi_job_across_two_nodes_is_refused_and_slurm_reruns_it(cluster, job_di
     # mpirun starts its daemon on the second node through Slurm (`srun orted`). (`srun
     # --mpi=pmix -N2` cannot run on this one-host cluster: Slurm's PMIx plugin puts its
     # socket at the unexpanded `SlurmdSpoolDir/%n`, shared by every node here.)
-    job = submit(cluster, job_dir, "mpirun -np 2 --map-by node", "-N2", "--ntasks-per-node=1")
+    # The two "nodes" are one host: ranks talk over loopback, which Open MPI 5's TCP
+    # transport leaves out unless told ("Unable to find reachable pairing").
+    job = submit(cluster, job_dir, "OMPI_MCA_btl_tcp_if_include=lo mpirun -np 2 --map-by node", "-N2",
+                 "--ntasks-per-node=1")
     out = assert_refused_then_rerun(cluster, job, job_dir, "slurm_mm: this job was allocated 2 nodes",
                                     another_node=False)
     rerun = [l.split()[-1] for l in out.splitlines() if l.startswith("rank ")][-2:]
