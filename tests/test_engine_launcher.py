@@ -201,7 +201,7 @@ def test_private_proc_gives_the_tree_its_own_mounts_and_proc(engine_env):
         for pid in (tree.init_pid, app):
             for fd in (0, 1, 2):
                 assert _mnt_id(pid, fd) in inside, f"fd {fd} of {pid} was reopened in the job's mounts"
-        assert os.readlink(f"/proc/{tree.init_pid}/exe") == MM_INIT
+        assert os.readlink(f"/proc/{tree.init_pid}/exe") == str(engine_env.libexec / "mm-init")
         assert proctree.task_ids(app).uids[0] == engine_env.user.pw_uid
     finally:
         tree.kill()
