@@ -74,3 +74,48 @@ def job_dir(user_home: Path, request) -> Path:
     for p in (path.parent, path):
         os.chown(p, pw.pw_uid, pw.pw_gid)
     return path
+
+
+LOG_LINES_ON_FAILURE = 60
+_LOG_START = pytest.StashKey[dict]()
+
+
+def _cluster_log_dir() -> Path:
+    return Path(os.environ.get("SLURM_MM_TEST_CLUSTER_DIR", "/tmp/slurm_mm-test-cluster")) / "log"
+
+
+def _log_sizes() -> dict[Path, int]:
+    try:
+        return {p: p.stat().st_size for p in _cluster_log_dir().glob("*.log")}
+    except OSError:
+        return {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """Remember where the cluster's logs stood, so a failure can show what this test wrote."""
+    item.stash[_LOG_START] = _log_sizes()
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed cluster test carries the agents' and slurmctld's lines from its own run:
+    CI shows only the report, and a flaky failure is not seen again to be looked at."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed or _LOG_START not in item.stash:
+        return
+    start = item.stash[_LOG_START]
+    for path in sorted(_cluster_log_dir().glob("*.log")):
+        if not path.name.startswith(("agent-", "slurmctld")):
+            continue
+        try:
+            with path.open("rb") as f:
+                f.seek(start.get(path, 0))
+                lines = f.read().decode(errors="replace").splitlines()
+        except OSError:
+            continue
+        if lines:
+            report.sections.append((f"cluster log {path.name} (last {LOG_LINES_ON_FAILURE} lines of this test)",
+                                    "\n".join(lines[-LOG_LINES_ON_FAILURE:])))

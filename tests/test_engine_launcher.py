@@ -58,7 +58,8 @@ def test_app_runs_as_the_user_under_a_root_init_of_its_own_pid_namespace(engine_
         _wait_exec(app, "sleep")
         init_ids, app_ids = proctree.task_ids(tree.init_pid), proctree.task_ids(app)
         assert init_ids.ns_pid == 1 and set(init_ids.uids) == {0}
-        assert app_ids.ns_pid == 2 and set(app_ids.uids) == {engine_env.user.pw_uid}
+        assert app_ids.ns_pid > 300 and set(app_ids.uids) == {engine_env.user.pw_uid}, \
+            "the app starts at a random PID of its namespace, never at 2"
         assert set(app_ids.gids) == {engine_env.user.pw_gid} and app_ids.cap_eff == 0
         assert os.getsid(tree.init_pid) == tree.init_pid, "the init leads its own session"
         assert os.getpgid(app) == app, "the app has its own process group"
@@ -66,6 +67,22 @@ def test_app_runs_as_the_user_under_a_root_init_of_its_own_pid_namespace(engine_
     finally:
         tree.kill()
         tree.wait(10)
+
+
+def test_jobs_on_a_node_start_at_different_pids_as_on_any_node(engine_env, tmp_path):
+    """`/tmp/out.$$` and Open MPI's session directories are named by PID: in fresh PID
+    namespaces every job would be PID 2, and a rerun would meet its killed run's files."""
+    for i in range(3):
+        (tmp_path / str(i)).mkdir()
+    trees = [_start(engine_env, ["sleep", "30"], tmp_path / str(i)) for i in range(3)]
+    try:
+        apps = [_wait_children(t.init_pid, 1)[0] for t in trees]
+        ns_pids = [proctree.task_ids(app).ns_pid for app in apps]
+        assert len(set(ns_pids)) == 3 and min(ns_pids) > 300, ns_pids
+    finally:
+        for t in trees:
+            t.kill()
+            t.wait(10)
 
 
 def test_sigterm_reaches_the_app_through_both_inits(engine_env, tmp_path):

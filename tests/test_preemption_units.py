@@ -20,9 +20,11 @@ from slurm_mm import config
 from slurm_mm.agent import protocol
 from slurm_mm.agent import steps as steps_mod
 from slurm_mm.agent.job_record import JobState, LaunchRequest
+from slurm_mm.agent import preemption as preemption_mod
 from slurm_mm.agent.preemption import Preemption, selected_in_run
 from slurm_mm.agent.services import JobRegistry, NodeServices
 from slurm_mm.agent.supervisor import JobSupervisor
+from slurm_mm.errors import SlurmError
 
 POLL = 0.2
 RUN = make_job(2, preempt_time=1030, start_time=1000)
@@ -41,6 +43,29 @@ RUN = make_job(2, preempt_time=1030, start_time=1000)
 ])
 def test_only_a_selection_of_this_run_counts(change, epoch, expected):
     assert selected_in_run(replace(RUN, **change), epoch) is expected
+
+
+class _BusySlurm(FakeSlurm):
+    """slurmctld that times out `busy` times before it answers."""
+
+    def __init__(self, job, busy: int) -> None:
+        super().__init__(job)
+        self.busy, self.asked = busy, 0
+
+    def job(self, job_id):
+        self.asked += 1
+        if self.asked <= self.busy:
+            raise SlurmError("Socket timed out on send/recv operation")
+        return super().job(job_id)
+
+
+@pytest.mark.parametrize("busy, expected", [(0, True), (2, True), (3, False)])
+def test_a_busy_slurmctld_is_asked_again_before_a_notice_is_taken_for_a_plain_signal(monkeypatch, busy, expected):
+    """Taken for a plain signal, a preemption notice ends the job without its image."""
+    monkeypatch.setattr(preemption_mod, "ASK_PAUSE", 0.01)
+    slurm = _BusySlurm(RUN, busy)
+    assert Preemption(slurm).job_ends_run("77", 2) is expected
+    assert slurm.asked == min(busy + 1, preemption_mod.ASK_TRIES)
 
 
 class Harness:

@@ -66,14 +66,18 @@ def yields_to_urgent(gate: CriuGate, criu: Path, init_pid: int, *, after: float 
             waited_since = waited_since or time.monotonic()
             if time.monotonic() - waited_since < after:
                 continue
+            killed = False
             for pid in _own_criu_dumps(criu, init_pid):
                 log.warning("a stopping dump waits for CRIU: killing the ordinary dump of pid %d (criu %d)",
                             init_pid, pid)
                 try:
                     os.kill(pid, signal.SIGKILL)
+                    killed = True
                 except ProcessLookupError:
                     pass
-            return
+            if killed:
+                return
+            # Between two criu runs (or before the first): the next one is cut short.
 
     thread = threading.Thread(target=watch, name=f"criu-yield-{init_pid}", daemon=True)
     thread.start()

@@ -25,6 +25,9 @@ from slurm_mm.slurm.model import Job, SlurmClient
 
 log = logging.getLogger(__name__)
 
+ASK_TRIES = 3
+ASK_PAUSE = 1.0  # seconds between tries
+
 
 def selected_in_run(job: Job, epoch: int) -> bool:
     """slurmctld selected run `epoch` of `job` for preemption (any mode)."""
@@ -72,12 +75,18 @@ class Preemption:
         return "SUSPEND" not in mode and "GANG" not in mode
 
     def job_ends_run(self, job_id: str, epoch: int) -> bool:
-        """ends_run() of the job as Slurm reports it now; False if Slurm cannot say."""
-        try:
-            return self.ends_run(self.slurm.job(job_id), epoch)
-        except SlurmMMError as exc:
-            log.warning("job %s: cannot ask Slurm whether it is being preempted: %s", job_id, exc)
-            return False
+        """ends_run() of the job as Slurm reports it now; False if Slurm cannot say, asked
+        ASK_TRIES times: a busy slurmctld's one timeout must not turn a preemption notice
+        into a plain signal that ends the job without its image (grace is tens of seconds)."""
+        for attempt in range(1, ASK_TRIES + 1):
+            try:
+                return self.ends_run(self.slurm.job(job_id), epoch)
+            except SlurmMMError as exc:
+                log.warning("job %s: cannot ask Slurm whether it is being preempted (try %d of %d): %s",
+                            job_id, attempt, ASK_TRIES, exc)
+                if attempt < ASK_TRIES:
+                    time.sleep(ASK_PAUSE)
+        return False
 
     def describe(self, job_id: str) -> str:
         """What selected_in_run() looks at, for a log line that says why not."""

@@ -110,6 +110,15 @@ class DumpStats:
     log_path: Path
 
 
+OUTPUT_TAIL = 64 << 10  # bytes of criu's stdout/stderr kept (its log file has the rest)
+
+
+def _tail_text(f) -> str:
+    f.seek(0, os.SEEK_END)
+    f.seek(max(0, f.tell() - OUTPUT_TAIL))
+    return f.read().decode(errors="replace")
+
+
 class Criu:
     """One CRIU installation.
 
@@ -164,16 +173,23 @@ class Criu:
 
     def _run(self, args: Sequence[str], *, preload: bool = False, timeout: float | None = None,
              socket_owner: SocketOwner | None = None, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [str(self.binary), *args],
-            env=self._env(preload=preload, socket_owner=socket_owner),
-            cwd="/",
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=self.timeout if timeout is None else timeout,
-            **kw,
-        )
+        """criu's stdout and stderr go to files, not pipes: the post-dump action script (and
+        anything it starts) inherits them, and a pipe it held would keep the caller waiting
+        for EOF after criu itself was killed (timeout, a stopping dump's turn), with the
+        node's CRIU gate held."""
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            res = subprocess.run(
+                [str(self.binary), *args],
+                env=self._env(preload=preload, socket_owner=socket_owner),
+                cwd="/",
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                timeout=self.timeout if timeout is None else timeout,
+                **kw,
+            )
+            res.stdout, res.stderr = (_tail_text(f) for f in (out, err))
+        return res
 
     def version(self) -> str:
         """CRIU's version, e.g. "4.2.1"; NodeIncompatible if criu is missing or unreadable."""
@@ -261,6 +277,9 @@ class Criu:
         seconds = time.monotonic() - started
         if res.returncode != 0:
             excerpt = log_excerpt(log_path) or (res.stdout + res.stderr).strip()[-2000:]
+            if res.returncode < 0:  # killed: its log's last error line is not why
+                raise CheckpointFailed(f"criu dump of pid {pid} was killed by "
+                                       f"{signal.Signals(-res.returncode).name}", excerpt)
             raise CheckpointFailed(
                 f"criu dump of pid {pid} failed (exit {res.returncode}): {_headline(excerpt)}", excerpt
             )

@@ -14,7 +14,8 @@
  *           writes nothing anywhere and keeps none of the job's stdio open (a byte
  *           written into the job's output would break the restore: CRIU refuses a
  *           regular file whose size changed).
- *   PID 1   ROOT-owned init of the namespace: setsid(), starts the app, forwards
+ *   PID 1   ROOT-owned init of the namespace: setsid(), starts the app (at a random
+ *           PID of the namespace: spread_pids() below), forwards
  *           signals to the app's process group, reaps every child, and exits with
  *           the app's status (128+N when the app was killed by signal N).
  *           With --private-proc it first enters a mount namespace of its own (see
@@ -596,6 +597,39 @@ static void exec_app(const struct options *o)
 	die(errno == ENOENT ? EXIT_NOT_FOUND : EXIT_CANNOT_EXEC, "%s: %s", o->argv[0], strerror(errno));
 }
 
+/*
+ * Start the app at a random PID of the namespace, as on any node. In a fresh namespace
+ * every job's script would otherwise be PID 2 and its first children 3, 4, ...: names
+ * made of a PID (`/tmp/out.$$`, Open MPI's PRRTE session directory) then collide
+ * between jobs on a node's shared /tmp, and a rerun finds its killed run's leftovers.
+ * PID 1 is alone in the namespace and root in it, so writing ns_last_pid cannot race.
+ * Best effort: without it the PIDs are sequential, which is still correct.
+ */
+static void spread_pids(void)
+{
+	unsigned int r = 0;
+	long max = 32768;
+	char buf[32];
+	FILE *f;
+	int n;
+
+	f = fopen("/proc/sys/kernel/pid_max", "re");
+	if (f) {
+		if (fscanf(f, "%ld", &max) != 1 || max > 32768)
+			max = 32768;  /* five digits, as tools that print PIDs expect */
+		fclose(f);
+	}
+	if (max < 8192 || syscall(SYS_getrandom, &r, sizeof(r), 0) != (long)sizeof(r))
+		return;
+	/* Above the kernel's reserved 300, and room for 4096 PIDs before any wrap. */
+	n = snprintf(buf, sizeof(buf), "%ld", 300 + (long)(r % (unsigned long)(max - 300 - 4096)));
+	f = fopen("/proc/sys/kernel/ns_last_pid", "we");
+	if (!f)
+		return;
+	fwrite(buf, 1, (size_t)n, f);
+	fclose(f);
+}
+
 /* PID 1 of the namespace. Never returns. */
 static void run_init(const struct options *o, const sigset_t *waitset)
 {
@@ -606,6 +640,7 @@ static void run_init(const struct options *o, const sigset_t *waitset)
 
 	if (setsid() < 0)
 		die(EXIT_SELF, "setsid: %s", strerror(errno));
+	spread_pids();
 	app = fork();
 	if (app < 0)
 		die(EXIT_SELF, "fork: %s", strerror(errno));
