@@ -333,7 +333,9 @@ class JobSupervisor:
             return "; the job keeps running"
         last = self.record.last_image.get("name")
         if last:
-            return f"; the job will resume from the last periodic image {last}"
+            # Another notice (the batch task's signal, the agent's poll) may still try again
+            # within the grace time and succeed: this is what happens if none does.
+            return f"; unless a later image is taken before Slurm stops it, the job will resume from {last}"
         return "; no earlier image exists: a requeued run starts from the beginning"
 
     def _dump_and_commit(self, staging: Path, trigger: Trigger, stopping: bool) -> Image:
