@@ -183,8 +183,8 @@ def test_bwa_samtools_job_on_killed_node_resumes_from_periodic_image(cluster, jo
     if "File exists" in out:
         # The documented limit (docs/user-guide.md, docs/real-apps.md): spill files the lost
         # run created on the shared filesystem after the image stay. samtools opens them
-        # O_EXCL: 1.16 took another name and its BAM was still equal; 1.21 keeps that
-        # block in memory, and its merge may order reads of equal position otherwise.
+        # O_EXCL: 1.16 took another name and its BAM was still equal; 1.21 reports the
+        # failed create, exits 0, and reads are missing from its BAM.
         late = [p.name for p in (job.dir / "sorttmp").glob("part.*") if p.stat().st_mtime >= imaged_at]
         assert late, f"samtools met files that are not the lost run's late spill files:\n{out}"
         if info["JobState"] != "COMPLETED" or real_apps.results(job.app, job.dir) != reference.results:
