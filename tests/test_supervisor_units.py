@@ -114,7 +114,15 @@ def test_requeued_run_restores_the_newest_image_that_restores(harness):
     assert "not restoring ckpt-000003: not older" in told  # this run's own image: never
     assert "cannot restore ckpt-000002: ckpt-000002: chunk 3 does not match" in told
     assert "restored from ckpt-000001" in told
+    assert "the run after that image was lost" in told, "a periodic image: the run went on past it"
     assert ("launch",) not in h.checkpointer.calls
+
+
+def test_a_run_that_ended_with_its_preemption_image_is_not_called_lost(harness):
+    h = harness(restart_count=1, images=[fake_image(1, trigger="preempt")])
+    assert h.sup.start() == "restored"
+    told = h.told()
+    assert "restored from ckpt-000001" in told and "was lost" not in told
 
 
 def test_another_owners_image_is_never_restored(harness):

@@ -103,6 +103,8 @@ class JobSupervisor:
                           f"on {image.manifest.node}, trigger {image.manifest.trigger})")
                 for line in getattr(self.tree, "files_report", []):
                     self.tell(f"file {line}")
+                if image.manifest.trigger == Trigger.PERIODIC:
+                    self.tell(LOST_RUN_NOTE)
                 break
             else:
                 if tried:
@@ -404,6 +406,14 @@ class JobSupervisor:
             self.send({"op": "exit", "status": REQUEUED_EXIT})
         except SlurmMMError as exc:
             self.tell(f"requeue failed ({exc}); Slurm's own preemption or the admin must requeue it")
+
+
+# A periodic image is never the end of a run: the run went on past it and was lost (its
+# node failed, or it was stopped without a newer image). What slurm_mm cannot bring back
+# of that run is said where the user looks, not only in docs.
+LOST_RUN_NOTE = ("the run after that image was lost: its work since the image is redone; files it "
+                 "created, appended to or deleted on shared filesystems after closing them are as it "
+                 "left them (docs/user-guide.md, \"Not covered\")")
 
 
 def _age(created: float) -> str:
