@@ -248,7 +248,8 @@ class JobCheckpointer:
         caller resumes it)."""
         leave_running = leave_running and not leave_stopped
         keeps_tree = leave_running or leave_stopped
-        with self.criu_lock.hold(urgent=not keeps_tree):
+        kind = "a stopping dump" if not keeps_tree else "an ordinary dump"
+        with self.criu_lock.hold(urgent=not keeps_tree, what=f"{kind} of pid {init_pid}"):
             timeout = dump_deadline.timeout(deadline, self.cfg.timeouts.checkpoint)
             # An ordinary dump gives way to a stopping one that waits (agent/criu_yield.py).
             watch = yields_to_urgent(self.criu_lock, self.criu.binary, init_pid) if keeps_tree else nullcontext()
@@ -325,7 +326,7 @@ class JobCheckpointer:
                                      pin_root=pin_root, work=images / ".handed")
         status_fd = self._status_fd(job_id, status_key)
         try:
-            with self.criu_lock.hold():
+            with self.criu_lock.hold(what=f"a restore of job {job_id}" if job_id else f"a restore of {images}"):
                 tree = restore_tree(images, stdin=target.stdio[0], stdout=target.stdio[1],
                                     stderr=target.stdio[2], join_cgroups=[str(p) for p in target.cgroup_procs],
                                     owner_uid=owner.uid, owner_gids=list(owner.groups),

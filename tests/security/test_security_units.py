@@ -360,6 +360,61 @@ def test_an_ordinary_dump_gives_criu_up_to_a_waiting_stopping_dump(tmp_path):
             proc.wait()
 
 
+def test_a_stopping_dump_that_waits_between_two_criu_runs_gets_the_next_one_cut_short(tmp_path):
+    """The ordinary dump holds the gate but runs no criu when the stopping dump starts to
+    wait (its GPU step, its file capture): its next criu is the one killed."""
+    import subprocess
+    import sys
+    import threading
+
+    from slurm_mm.agent.criu_gate import CriuGate
+    from slurm_mm.agent.criu_yield import yields_to_urgent
+
+    (tmp_path / "dump").write_text("import time\ntime.sleep(30)\n")
+    fake_criu = "/opt/fake/criu"
+    gate, served, hung = CriuGate(), threading.Event(), None
+
+    def stopping_dump() -> None:
+        with gate.hold(urgent=True):
+            served.set()
+
+    try:
+        with gate.hold(), yields_to_urgent(gate, Path(fake_criu), 123, after=0.2):
+            threading.Thread(target=stopping_dump, daemon=True).start()
+            time.sleep(1.0)  # the watcher looked, found no criu, and must go on looking
+            hung = subprocess.Popen([fake_criu, "dump", "--tree", "123"], executable=sys.executable,
+                                    cwd=tmp_path)
+            assert hung.wait(timeout=5) == -9, "the next criu of the ordinary dump was killed"
+        assert served.wait(5)
+    finally:
+        if hung is not None and hung.poll() is None:
+            hung.kill()
+            hung.wait()
+
+
+def test_a_long_wait_for_criu_names_the_holder_in_the_log(caplog, monkeypatch):
+    import threading
+
+    from slurm_mm.agent import criu_gate
+
+    monkeypatch.setattr(criu_gate, "WAIT_REPORT", 0.2)
+    gate, served = criu_gate.CriuGate(), threading.Event()
+
+    def stopping_dump() -> None:
+        with gate.hold(urgent=True, what="a stopping dump of pid 7"):
+            served.set()
+
+    with caplog.at_level("WARNING", logger="slurm_mm.agent.criu_gate"):
+        with gate.hold(what="an ordinary dump of pid 5"):
+            waiter = threading.Thread(target=stopping_dump, daemon=True)
+            waiter.start()
+            time.sleep(0.6)
+        assert served.wait(5)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("a stopping dump of pid 7 has waited") and "held by an ordinary dump of pid 5" in lines[0]
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="checks run as another user")
 def test_socket_directories_are_checked_as_the_owner_before_criu_binds():
     import shutil
