@@ -158,3 +158,10 @@ def test_prlimit_shim_lets_root_read_a_user_process_rlimits(engine_env):
     finally:
         user.kill()
         user.wait()
+
+
+def test_a_killed_criu_is_named_by_its_signal_even_without_a_python_name():
+    from slurm_mm.engine.criu import _signal_name
+
+    assert _signal_name(9) == "SIGKILL"
+    assert _signal_name(35) == "signal 35"  # SIGRTMIN+1: not in signal.Signals

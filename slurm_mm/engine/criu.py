@@ -119,6 +119,14 @@ def _tail_text(f) -> str:
     return f.read().decode(errors="replace")
 
 
+def _signal_name(number: int) -> str:
+    """SIGKILL for 9; real-time signals have no name of their own in Python's enum."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 class Criu:
     """One CRIU installation.
 
@@ -278,8 +286,8 @@ class Criu:
         if res.returncode != 0:
             excerpt = log_excerpt(log_path) or (res.stdout + res.stderr).strip()[-2000:]
             if res.returncode < 0:  # killed: its log's last error line is not why
-                raise CheckpointFailed(f"criu dump of pid {pid} was killed by "
-                                       f"{signal.Signals(-res.returncode).name}", excerpt)
+                raise CheckpointFailed(f"criu dump of pid {pid} was killed by {_signal_name(-res.returncode)}",
+                                       excerpt)
             raise CheckpointFailed(
                 f"criu dump of pid {pid} failed (exit {res.returncode}): {_headline(excerpt)}", excerpt
             )
@@ -395,8 +403,7 @@ class Criu:
                                     log_excerpt(log_path))
             if text != "0":
                 proc.wait()
-                out.seek(0)
-                excerpt = log_excerpt(log_path) or out.read().decode(errors="replace").strip()[-2000:]
+                excerpt = log_excerpt(log_path) or _tail_text(out).strip()[-2000:]
                 raise RestoreFailed(
                     f"criu restore from {images_dir} failed (exit {text or proc.returncode}): {_headline(excerpt)}",
                     excerpt)
